@@ -1,0 +1,244 @@
+//! `ApiError`: every error a client can see, rendered as the OpenAI error body with the
+//! status the official SDKs map to the right exception.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::providers::{ErrorClass, UpstreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidJson { message: String },
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    UnsupportedMediaType { message: String },
+    #[error("{message}")]
+    Unauthorized { message: String },
+    #[error("The model `{model}` does not exist or you do not have access to it.")]
+    ModelNotFound { model: String },
+    #[error("{message}")]
+    WrongModelKind { message: String },
+    #[error("Unknown route {path}")]
+    RouteNotFound { path: String },
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    /// An upstream failure that survived retries and fallbacks.
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    /// The gateway itself failed. Never for anything a client sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: param.into(),
+        }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson { .. } | ApiError::InvalidRequest { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::WrongModelKind { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Upstream(e) => upstream_status(e.class),
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI `type` field.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::InvalidJson { .. }
+            | ApiError::InvalidRequest { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType { .. }
+            | ApiError::WrongModelKind { .. }
+            | ApiError::ModelNotFound { .. }
+            | ApiError::RouteNotFound { .. }
+            | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
+            ApiError::Unauthorized { .. } => "authentication_error",
+            ApiError::Upstream(e) => match e.class {
+                ErrorClass::RateLimited => "rate_limit_error",
+                ErrorClass::BadRequest | ErrorClass::ContentFilter => "invalid_request_error",
+                ErrorClass::Overloaded
+                | ErrorClass::Timeout
+                | ErrorClass::Server
+                | ErrorClass::Connection
+                | ErrorClass::Auth
+                | ErrorClass::NotFound
+                | ErrorClass::InvalidResponse => "upstream_error",
+            },
+            ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    /// The OpenAI `code` field: precise and stable, for clients to branch on.
+    pub fn code(&self) -> &str {
+        match self {
+            ApiError::InvalidJson { .. } => "invalid_json",
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            ApiError::Unauthorized { .. } => "invalid_api_key",
+            ApiError::ModelNotFound { .. } => "model_not_found",
+            ApiError::WrongModelKind { .. } => "model_not_supported",
+            ApiError::RouteNotFound { .. } => "unknown_url",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::Upstream(e) => match e.class {
+                // A provider's own code is the most precise thing to say about a bad request.
+                ErrorClass::BadRequest => e.code.as_deref().unwrap_or("upstream_bad_request"),
+                ErrorClass::ContentFilter => "content_filter",
+                ErrorClass::RateLimited => "upstream_rate_limited",
+                ErrorClass::Overloaded => "upstream_overloaded",
+                ErrorClass::Timeout => "upstream_timeout",
+                ErrorClass::Server => "upstream_error",
+                ErrorClass::Connection => "upstream_unreachable",
+                ErrorClass::Auth => "upstream_auth_failed",
+                ErrorClass::NotFound => "upstream_model_not_found",
+                ErrorClass::InvalidResponse => "upstream_invalid_response",
+            },
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::ModelNotFound { .. } | ApiError::WrongModelKind { .. } => Some("model"),
+            ApiError::Upstream(e) => e.param.as_deref(),
+            ApiError::InvalidJson { .. }
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType { .. }
+            | ApiError::Unauthorized { .. }
+            | ApiError::RouteNotFound { .. }
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::Internal(_) => None,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::Upstream(e) if e.class == ErrorClass::RateLimited => e.retry_after,
+            _ => None,
+        }
+    }
+
+    /// The message shown to clients. Upstream messages are kept (they help the caller fix
+    /// the request) but prefixed so nobody mistakes them for the gateway's own words.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::Upstream(e) => match e.class {
+                ErrorClass::BadRequest | ErrorClass::ContentFilter => {
+                    format!("upstream {} refused the request: {}", e.provider, e.message)
+                }
+                _ => format!(
+                    "upstream {} failed after retries and fallbacks ({}): {}",
+                    e.provider,
+                    e.class.as_str(),
+                    e.message
+                ),
+            },
+            other => other.to_string(),
+        }
+    }
+
+    /// The JSON body, also used for in-stream error events.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message(),
+                "type": self.error_type(),
+                "code": self.code(),
+                "param": self.param(),
+            }
+        })
+    }
+}
+
+fn upstream_status(class: ErrorClass) -> StatusCode {
+    match class {
+        ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorClass::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorClass::Server
+        | ErrorClass::Connection
+        | ErrorClass::Auth
+        | ErrorClass::NotFound
+        | ErrorClass::InvalidResponse => StatusCode::BAD_GATEWAY,
+        ErrorClass::BadRequest | ErrorClass::ContentFilter => StatusCode::BAD_REQUEST,
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        ApiError::Upstream(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status_code(), Json(self.body())).into_response();
+        if let Some(after) = self.retry_after() {
+            let secs = after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_shape() {
+        let e = ApiError::invalid("messages must not be empty", Some("messages".to_string()));
+        assert_eq!(e.status_code(), StatusCode::BAD_REQUEST);
+        let b = e.body();
+        assert_eq!(b["error"]["code"], "invalid_request");
+        assert_eq!(b["error"]["param"], "messages");
+        assert_eq!(b["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn upstream_classes_map_to_sdk_statuses() {
+        let mk = |class| ApiError::Upstream(UpstreamError::new(class, "openai", "x"));
+        assert_eq!(mk(ErrorClass::RateLimited).status_code(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(mk(ErrorClass::Overloaded).status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(mk(ErrorClass::Timeout).status_code(), StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(mk(ErrorClass::Server).status_code(), StatusCode::BAD_GATEWAY);
+        assert_eq!(mk(ErrorClass::BadRequest).status_code(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn rate_limited_response_carries_retry_after() {
+        let mut u = UpstreamError::new(ErrorClass::RateLimited, "openai", "slow down");
+        u.retry_after = Some(Duration::from_millis(1200));
+        let r = ApiError::Upstream(u).into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,16 @@
+//! Sluice: a production gateway for LLM APIs, as a library. The `sluice` binary only
+//! parses its command line and calls into here.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod providers;
+pub mod retry;
+pub mod routing;
+pub mod server;
+pub mod telemetry;
+pub mod wire;
+
+pub use config::Config;
+pub use error::ApiError;

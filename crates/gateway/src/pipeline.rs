@@ -1,0 +1,611 @@
+//! The request pipeline: every `/v1` request walks the same checklist, in this order.
+//!
+//! 1. **authenticate** — key -> [`Principal`]; unknown keys stop here (401).
+//! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
+//! 3. **route** — the requested model's chain: the model, its fallbacks, its template.
+//! 4. **dispatch** — call the chain; retryable failures are retried with backoff and
+//!    jitter within the retry budget, then the next model is tried ([`Retrier`]).
+//!    Streams are committed only once their first chunk arrived, so a failure before it
+//!    still retries and falls back.
+//! 5. **fallback** — when every model failed, the requested model's template answers.
+//! 6. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
+//! 7. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
+//!    via [`RecordGuard`], also when a stream breaks or the client hangs up.
+//!
+//! Later stages (limits, guards, prompts, cache, budgets) slot in between these, here.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Principal, authenticate};
+use crate::config::{Config, ModelKind};
+use crate::error::ApiError;
+use crate::providers::{ChatCall, ChunkStream, ErrorClass, UpstreamError};
+use crate::retry::{Attempts, Retrier};
+use crate::routing::{Chain, Route, Router, TemplateContext};
+use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder};
+use crate::wire::{
+    ChatMessage, ChatRequest, ChatResponse, Choice, EmbeddingsRequest, StreamChunk, Usage,
+};
+
+pub const HEADER_REQUEST_ID: &str = "x-sluice-request-id";
+pub const HEADER_MODEL: &str = "x-sluice-model";
+pub const HEADER_FALLBACK: &str = "x-sluice-fallback";
+pub const HEADER_FEATURE: &str = "x-sluice-feature";
+pub const HEADER_USER: &str = "x-sluice-user";
+
+/// Everything a request needs, shared by all requests.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub retrier: Arc<Retrier>,
+    pub recorder: Recorder,
+    /// Stream forwarders run here, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>, recorder: Recorder, tasks: TaskTracker) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self {
+            router: Router::new(config.clone())?,
+            retrier: Retrier::new(config.retry.clone()),
+            config,
+            recorder,
+            tasks,
+        }))
+    }
+
+    fn record(&self, endpoint: Endpoint, started: Instant) -> RecordGuard {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        RecordGuard::new(self.recorder.clone(), format!("req_{id}"), endpoint, started)
+    }
+}
+
+/// A failed request: the error, plus what to record about it.
+fn fail(record: RecordGuard, error: ApiError) -> Response {
+    let outcome = match &error {
+        ApiError::Upstream(_) | ApiError::Internal(_) => Outcome::ApiError,
+        ApiError::InvalidJson { .. }
+        | ApiError::InvalidRequest { .. }
+        | ApiError::PayloadTooLarge { .. }
+        | ApiError::UnsupportedMediaType { .. }
+        | ApiError::Unauthorized { .. }
+        | ApiError::ModelNotFound { .. }
+        | ApiError::WrongModelKind { .. }
+        | ApiError::RouteNotFound { .. }
+        | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
+    };
+    if let ApiError::Internal(message) = &error {
+        tracing::error!(request_id = record.request_id(), %message, "internal error");
+    }
+    let code = error.code().to_string();
+    let mut response = error.into_response();
+    set_header(&mut response, HEADER_REQUEST_ID, record.request_id());
+    let status = response.status().as_u16();
+    record.finish(outcome, status, Some(code));
+    response
+}
+
+fn set_header(response: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(name, v);
+    }
+}
+
+/// Parse a JSON body: syntax errors are `invalid_json` with the position, type errors
+/// `invalid_request` with the offending field as `param`.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize::<_, T>(&mut de);
+    if value.is_ok() {
+        de.end().map_err(|e| ApiError::InvalidJson {
+            message: format!("request body is not valid JSON: {e}"),
+        })?;
+    }
+    value.map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => ApiError::InvalidRequest {
+                message: if path == "." {
+                    format!("invalid request body: {inner}")
+                } else {
+                    format!("invalid value for `{path}`: {inner}")
+                },
+                param: (path != ".").then_some(path),
+            },
+            serde_json::error::Category::Syntax
+            | serde_json::error::Category::Eof
+            | serde_json::error::Category::Io => ApiError::InvalidJson {
+                message: format!("request body is not valid JSON: {inner}"),
+            },
+        }
+    })
+}
+
+/// Who and what the request is for, from headers and the body's `sluice` extras.
+fn tag_request(record: &mut RecordGuard, headers: &HeaderMap, user: Option<&str>, feature: Option<&str>, model: &str) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let user = user.map(str::to_string).or_else(|| header(HEADER_USER));
+    let feature = feature.map(str::to_string).or_else(|| header(HEADER_FEATURE));
+    let model = model.to_string();
+    record.update(|r| {
+        r.user = user;
+        r.feature = feature;
+        r.model_requested = Some(model);
+    });
+}
+
+// ---------------------------------------------------------------- chat completions
+
+pub async fn chat_completions(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes, ApiError>) -> Response {
+    let started = Instant::now();
+    let mut record = gw.record(Endpoint::ChatCompletions, started);
+
+    // 1. authenticate
+    let _principal: Principal = match authenticate(&headers, &gw.config) {
+        Ok(p) => p,
+        Err(e) => return fail(record, e),
+    };
+    // 2. parse + check
+    let request = match body.and_then(|b| parse_chat(&b)) {
+        Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    let sluice = request.sluice.clone().unwrap_or_default();
+    tag_request(&mut record, &headers, request.user.as_deref(), sluice.feature.as_deref(), &request.model);
+    record.update(|r| r.stream = request.is_stream());
+    // 3. route
+    let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
+        Ok(c) => c,
+        Err(e) => return fail(record, e),
+    };
+    // 4-6. dispatch, fallback, respond (7. record happens inside, exactly once)
+    if request.is_stream() {
+        stream_chat(gw, record, request, chain).await
+    } else {
+        complete_chat(gw, record, request, chain).await
+    }
+}
+
+fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let request: ChatRequest = parse_body(body)?;
+    if request.model.trim().is_empty() {
+        return Err(ApiError::invalid("`model` must not be empty", Some("model".to_string())));
+    }
+    if request.messages.is_empty() {
+        return Err(ApiError::invalid("`messages` must contain at least one message", Some("messages".to_string())));
+    }
+    Ok(request)
+}
+
+async fn complete_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatRequest, chain: Chain) -> Response {
+    let mut attempts = Attempts::default();
+    let result = gw
+        .retrier
+        .run_chain(&chain.routes, &mut attempts, |route| {
+            let request = &request;
+            async move {
+                let call = ChatCall {
+                    request,
+                    upstream_model: &route.upstream_model,
+                    timeouts: route.timeouts,
+                };
+                match tokio::time::timeout(route.timeouts.total, route.provider.chat(call)).await {
+                    Err(_) => Err(UpstreamError::timeout(route.provider.kind(), "complete answer", route.timeouts.total)),
+                    Ok(r) => r.map(|response| (route, response)),
+                }
+            }
+        })
+        .await;
+    note_attempts(&mut record, &attempts);
+    match result {
+        Ok((route, response)) => {
+            let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
+            let usage = response.usage;
+            record_usage(&mut record, usage, || estimate_chat(&request, &response));
+            respond_json(record, &route, fallback, &response)
+        }
+        Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
+            Some(text) => {
+                let response = template_completion(&request.model, &text, record.request_id());
+                record.update(|r| {
+                    r.model = Some(request.model.clone());
+                    r.fallback = Some(FallbackKind::Template);
+                });
+                let mut http = axum::Json(&response).into_response();
+                finish_ok(record, &mut http, &request.model, Some(FallbackKind::Template));
+                http
+            }
+            None => fail(record, ApiError::Upstream(error)),
+        },
+    }
+}
+
+fn note_attempts(record: &mut RecordGuard, attempts: &Attempts) {
+    let a = attempts.clone();
+    record.update(|r| {
+        r.retries = a.retries;
+        r.upstream_calls = a.calls;
+    });
+}
+
+fn record_usage(record: &mut RecordGuard, usage: Option<Usage>, estimate: impl FnOnce() -> Usage) {
+    let (usage, estimated) = match usage {
+        Some(u) => (u, false),
+        None => (estimate(), true),
+    };
+    record.update(|r| {
+        r.prompt_tokens = usage.prompt_tokens;
+        r.completion_tokens = usage.completion_tokens;
+        r.tokens_estimated = estimated;
+    });
+}
+
+/// A rough estimate for upstreams that report no usage: about four characters a token.
+fn estimate_tokens(text: &str) -> u32 {
+    u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
+}
+
+fn estimate_chat(request: &ChatRequest, response: &ChatResponse) -> Usage {
+    let prompt: u32 = request.messages.iter().map(|m| estimate_tokens(&m.text())).sum();
+    let completion: u32 = response.choices.iter().map(|c| estimate_tokens(&c.message.text())).sum();
+    Usage::new(prompt, completion)
+}
+
+fn respond_json<T: serde::Serialize>(mut record: RecordGuard, route: &Route, fallback: Option<FallbackKind>, body: &T) -> Response {
+    record.update(|r| {
+        r.model = Some(route.model.clone());
+        r.provider = Some(route.provider_name.clone());
+        r.fallback = fallback;
+    });
+    let mut response = match serde_json::to_vec(body) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => return fail(record, ApiError::Internal(format!("cannot encode response: {e}"))),
+    };
+    finish_ok(record, &mut response, &route.model, fallback);
+    response
+}
+
+fn finish_ok(record: RecordGuard, response: &mut Response, model: &str, fallback: Option<FallbackKind>) {
+    set_header(response, HEADER_REQUEST_ID, record.request_id());
+    set_header(response, HEADER_MODEL, model);
+    if let Some(f) = fallback {
+        set_header(response, HEADER_FALLBACK, fallback_name(f));
+    }
+    record.finish(Outcome::Ok, response.status().as_u16(), None);
+}
+
+fn fallback_name(f: FallbackKind) -> &'static str {
+    match f {
+        FallbackKind::Model => "model",
+        FallbackKind::Template => "template",
+    }
+}
+
+/// The template's text when the chain failed in a way a template should cover.
+fn template_fallback(gw: &Gateway, chain: &Chain, request: &ChatRequest, record: &RecordGuard, error: &UpstreamError) -> Option<String> {
+    let name = chain.template.as_deref()?;
+    if !error.class.may_fall_back() {
+        return None;
+    }
+    let sluice = request.sluice.clone().unwrap_or_default();
+    let input = request.last_user_text();
+    let ctx = TemplateContext {
+        model: &request.model,
+        user: request.user.as_deref(),
+        feature: sluice.feature.as_deref(),
+        input: &input,
+        variables: &sluice.variables,
+    };
+    match gw.router.render_template(name, &ctx) {
+        Ok(text) => {
+            tracing::warn!(request_id = record.request_id(), model = %request.model, error = %error, "all models failed; answering from the template fallback");
+            Some(text)
+        }
+        Err(e) => {
+            tracing::error!(request_id = record.request_id(), error = %e, "template fallback failed");
+            None
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn template_completion(model: &str, text: &str, request_id: &str) -> ChatResponse {
+    ChatResponse {
+        id: format!("chatcmpl-{request_id}"),
+        object: "chat.completion".into(),
+        created: unix_now(),
+        model: model.to_string(),
+        choices: vec![Choice {
+            index: 0,
+            message: ChatMessage::assistant(text),
+            finish_reason: Some("stop".into()),
+            extra: Default::default(),
+        }],
+        usage: Some(Usage::new(0, 0)),
+        extra: Default::default(),
+    }
+}
+
+// ---------------------------------------------------------------- streaming
+
+/// A stream whose first chunk has arrived: from here on it is the client's.
+struct Opened {
+    route: Arc<Route>,
+    first: StreamChunk,
+    rest: ChunkStream,
+    deadline: tokio::time::Instant,
+    ttft_ms: f64,
+}
+
+async fn stream_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatRequest, chain: Chain) -> Response {
+    let mut attempts = Attempts::default();
+    let started = Instant::now();
+    let result = gw
+        .retrier
+        .run_chain(&chain.routes, &mut attempts, |route| {
+            let request = &request;
+            async move {
+                let kind = route.provider.kind();
+                let deadline = tokio::time::Instant::now() + route.timeouts.total;
+                let first_byte = route.timeouts.first_byte;
+                let open = async {
+                    let call = ChatCall {
+                        request,
+                        upstream_model: &route.upstream_model,
+                        timeouts: route.timeouts,
+                    };
+                    let mut rest = route.provider.chat_stream(call).await?;
+                    match rest.next().await {
+                        Some(Ok(first)) => Ok((first, rest)),
+                        Some(Err(e)) => Err(e),
+                        None => Err(UpstreamError::new(ErrorClass::Connection, kind, "stream ended before its first chunk")),
+                    }
+                };
+                match tokio::time::timeout(first_byte, open).await {
+                    Err(_) => Err(UpstreamError::timeout(kind, "first stream chunk", first_byte)),
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok((first, rest))) => Ok(Opened {
+                        route: route.clone(),
+                        first,
+                        rest,
+                        deadline,
+                        ttft_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    }),
+                }
+            }
+        })
+        .await;
+    note_attempts(&mut record, &attempts);
+    match result {
+        Ok(opened) => {
+            let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
+            record.update(|r| {
+                r.model = Some(opened.route.model.clone());
+                r.provider = Some(opened.route.provider_name.clone());
+                r.fallback = fallback;
+                r.ttft_ms = Some(opened.ttft_ms);
+            });
+            let model = opened.route.model.clone();
+            let request_id = record.request_id().to_string();
+            let (tx, rx) = mpsc::channel::<Bytes>(32);
+            let wants_usage = request.wants_stream_usage();
+            let prompt_estimate: u32 = request.messages.iter().map(|m| estimate_tokens(&m.text())).sum();
+            gw.tasks.spawn(forward_stream(opened, tx, record, wants_usage, prompt_estimate));
+            sse_response(rx, &request_id, &model, fallback)
+        }
+        Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
+            Some(text) => {
+                let request_id = record.request_id().to_string();
+                record.update(|r| {
+                    r.model = Some(request.model.clone());
+                    r.fallback = Some(FallbackKind::Template);
+                });
+                let (tx, rx) = mpsc::channel::<Bytes>(8);
+                for frame in template_stream(&request.model, &text, &request_id, request.wants_stream_usage()) {
+                    // The channel holds all frames of a template answer, so this never waits.
+                    let _ = tx.try_send(frame);
+                }
+                drop(tx);
+                record.finish(Outcome::Ok, 200, None);
+                sse_response(rx, &request_id, &request.model, Some(FallbackKind::Template))
+            }
+            None => fail(record, ApiError::Upstream(error)),
+        },
+    }
+}
+
+fn sse_frame(data: &str) -> Bytes {
+    let mut buf = Vec::with_capacity(data.len() + 8);
+    buf.extend_from_slice(b"data: ");
+    buf.extend_from_slice(data.as_bytes());
+    buf.extend_from_slice(b"\n\n");
+    Bytes::from(buf)
+}
+
+const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
+
+fn sse_response(rx: mpsc::Receiver<Bytes>, request_id: &str, model: &str, fallback: Option<FallbackKind>) -> Response {
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx)) });
+    let mut response = Response::new(Body::from_stream(body));
+    *response.status_mut() = StatusCode::OK;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    set_header(&mut response, HEADER_REQUEST_ID, request_id);
+    set_header(&mut response, HEADER_MODEL, model);
+    if let Some(f) = fallback {
+        set_header(&mut response, HEADER_FALLBACK, fallback_name(f));
+    }
+    response
+}
+
+/// Forward chunks as they arrive until the upstream ends, fails, runs out of time, or
+/// the client goes away (then the upstream stream is dropped, which cancels the call).
+async fn forward_stream(opened: Opened, tx: mpsc::Sender<Bytes>, mut record: RecordGuard, wants_usage: bool, prompt_estimate: u32) {
+    let Opened { first, mut rest, deadline, .. } = opened;
+    let mut usage: Option<Usage> = None;
+    let mut content_chunks = 0u32;
+    let mut next = Some(Ok(first));
+    loop {
+        let item = match next.take() {
+            Some(item) => Some(item),
+            None => {
+                tokio::select! {
+                    biased;
+                    _ = tx.closed() => {
+                        note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                        return; // the guard records client_cancelled
+                    }
+                    item = tokio::time::timeout_at(deadline, rest.next()) => match item {
+                        Ok(item) => item,
+                        Err(_) => Some(Err(UpstreamError::new(ErrorClass::Timeout, "gateway", "stream exceeded the model's total timeout"))),
+                    },
+                }
+            }
+        };
+        match item {
+            None => {
+                note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                if tx.send(Bytes::from_static(DONE_FRAME)).await.is_err() {
+                    return;
+                }
+                record.finish(Outcome::Ok, 200, None);
+                return;
+            }
+            Some(Ok(chunk)) => {
+                if chunk.usage.is_some() {
+                    usage = chunk.usage;
+                }
+                if chunk.usage_only && !wants_usage {
+                    continue;
+                }
+                content_chunks += u32::from(!chunk.usage_only);
+                if tx.send(sse_frame(&chunk.data)).await.is_err() {
+                    note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                    return;
+                }
+            }
+            Some(Err(error)) => {
+                note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                tracing::warn!(request_id = record.request_id(), %error, "stream failed after its first chunk");
+                let api = ApiError::Upstream(UpstreamError {
+                    message: format!("stream interrupted: {}", error.message),
+                    ..error
+                });
+                let mut body = api.body();
+                body["error"]["code"] = json!("stream_interrupted");
+                let _ = tx.send(sse_frame(&body.to_string())).await;
+                record.finish(Outcome::ApiError, api.status_code().as_u16(), Some("stream_interrupted".into()));
+                return;
+            }
+        }
+    }
+}
+
+fn note_stream_usage(record: &mut RecordGuard, usage: Option<Usage>, prompt_estimate: u32, content_chunks: u32) {
+    // Without an upstream count: OpenAI-style streams send about one token per chunk.
+    // The record says it is an estimate.
+    record_usage(record, usage, || Usage::new(prompt_estimate, content_chunks));
+}
+
+fn template_stream(model: &str, text: &str, request_id: &str, wants_usage: bool) -> Vec<Bytes> {
+    let id = format!("chatcmpl-{request_id}");
+    let created = unix_now();
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut frames = vec![
+        sse_frame(&chunk(json!({"role": "assistant", "content": ""}), None).to_string()),
+        sse_frame(&chunk(json!({"content": text}), None).to_string()),
+        sse_frame(&chunk(json!({}), Some("stop")).to_string()),
+    ];
+    if wants_usage {
+        let usage = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": Usage::new(0, 0)});
+        frames.push(sse_frame(&usage.to_string()));
+    }
+    frames.push(Bytes::from_static(DONE_FRAME));
+    frames
+}
+
+// ---------------------------------------------------------------- embeddings
+
+pub async fn embeddings(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes, ApiError>) -> Response {
+    let started = Instant::now();
+    let mut record = gw.record(Endpoint::Embeddings, started);
+    if let Err(e) = authenticate(&headers, &gw.config) {
+        return fail(record, e);
+    }
+    let request: EmbeddingsRequest = match body.and_then(|b| parse_body(&b)) {
+        Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
+    tag_request(&mut record, &headers, request.user.as_deref(), feature.as_deref(), &request.model);
+    if request.input.is_empty() {
+        return fail(record, ApiError::invalid("`input` must not be empty", Some("input".to_string())));
+    }
+    let chain = match gw.router.chain(&request.model, ModelKind::Embeddings) {
+        Ok(c) => c,
+        Err(e) => return fail(record, e),
+    };
+    let mut attempts = Attempts::default();
+    let result = gw
+        .retrier
+        .run_chain(&chain.routes, &mut attempts, |route| {
+            let request = &request;
+            async move {
+                let call = route.provider.embeddings(request, &route.upstream_model, route.timeouts);
+                match tokio::time::timeout(route.timeouts.total, call).await {
+                    Err(_) => Err(UpstreamError::timeout(route.provider.kind(), "embeddings", route.timeouts.total)),
+                    Ok(r) => r.map(|response| (route, response)),
+                }
+            }
+        })
+        .await;
+    note_attempts(&mut record, &attempts);
+    match result {
+        Ok((route, response)) => {
+            let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
+            let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
+            record_usage(&mut record, usage, || Usage::new(0, 0));
+            respond_json(record, &route, fallback, &response)
+        }
+        Err(error) => fail(record, ApiError::Upstream(error)),
+    }
+}
+
+// ---------------------------------------------------------------- models
+
+pub async fn models(gw: Arc<Gateway>, headers: HeaderMap) -> Response {
+    if let Err(e) = authenticate(&headers, &gw.config) {
+        return e.into_response();
+    }
+    let data: Vec<_> = gw
+        .router
+        .model_names()
+        .map(|(name, provider)| json!({"id": name, "object": "model", "created": 0, "owned_by": provider}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}

@@ -1,0 +1,413 @@
+//! OpenAI wire types the gateway owns: typed where the gateway reads a field, a flattened
+//! map for everything else so fields we do not know pass through to upstreams untouched.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// `POST /v1/chat/completions` body.
+///
+/// `model`, `stream`, `stream_options` and `sluice` are never serialized from here: the
+/// provider writes the upstream model and stream settings itself ([`UpstreamChat`]) and the
+/// `sluice` extras are for the gateway only.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ChatRequest {
+    #[serde(skip_serializing)]
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default, skip_serializing)]
+    pub stream: Option<bool>,
+    #[serde(default, skip_serializing)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub sluice: Option<SluiceExtras>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatRequest {
+    pub fn is_stream(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    /// Whether the client asked for the trailing usage chunk on a stream.
+    pub fn wants_stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// The cap on generated tokens, whichever of the two OpenAI spellings was used.
+    pub fn max_output_tokens(&self) -> Option<u32> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Text of the last user message, for template fallbacks and logs.
+    pub fn last_user_text(&self) -> String {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(ChatMessage::text)
+            .unwrap_or_default()
+    }
+}
+
+/// What the gateway sends to an OpenAI-compatible upstream: the client's request with the
+/// upstream model name and the stream settings the gateway chose.
+#[derive(Serialize)]
+pub struct UpstreamChat<'a> {
+    pub model: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    pub request: &'a ChatRequest,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct StreamOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_usage: Option<bool>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// Gateway-only request extras, sent by SDKs as `extra_body={"sluice": {...}}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SluiceExtras {
+    #[serde(default)]
+    pub feature: Option<String>,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub variables: Map<String, Value>,
+    #[serde(default)]
+    pub cache: Option<String>,
+    #[serde(default)]
+    pub experiment: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<Content>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl ChatMessage {
+    pub fn assistant(text: impl Into<String>) -> Self {
+        Self {
+            role: "assistant".into(),
+            content: Some(Content::Text(text.into())),
+            name: None,
+            tool_calls: None,
+            tool_call_id: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// The message's text: the string content, or its text parts joined.
+    pub fn text(&self) -> String {
+        match &self.content {
+            None => String::new(),
+            Some(Content::Text(s)) => s.clone(),
+            Some(Content::Parts(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+/// Non-streamed chat completion.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ChatResponse {
+    pub id: String,
+    #[serde(default = "chat_completion_object")]
+    pub object: String,
+    #[serde(default)]
+    pub created: u64,
+    #[serde(default)]
+    pub model: String,
+    pub choices: Vec<Choice>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn chat_completion_object() -> String {
+    "chat.completion".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Choice {
+    #[serde(default)]
+    pub index: u32,
+    pub message: ChatMessage,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub completion_tokens: u32,
+    #[serde(default)]
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// One streamed chunk: the `data:` payload exactly as it will be sent to the client, plus
+/// what the gateway read from it for accounting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamChunk {
+    pub data: String,
+    /// Present on the usage chunk (and on any chunk that carries usage).
+    pub usage: Option<Usage>,
+    /// A chunk with no choices that only carries usage (`stream_options.include_usage`).
+    pub usage_only: bool,
+}
+
+/// The fields of a chunk the gateway looks at, read without touching the rest.
+#[derive(Deserialize)]
+struct ChunkPeek {
+    #[serde(default)]
+    choices: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+/// Reading a chunk's `data:` payload; `Err` carries an in-band error event.
+pub enum PeekedChunk {
+    Chunk(StreamChunk),
+    Error(String),
+}
+
+impl StreamChunk {
+    /// Read an upstream `data:` payload (not `[DONE]`) into a chunk.
+    pub fn peek(data: String) -> Result<PeekedChunk, serde_json::Error> {
+        let peek: ChunkPeek = serde_json::from_str(&data)?;
+        if peek.error.is_some() {
+            return Ok(PeekedChunk::Error(data));
+        }
+        Ok(PeekedChunk::Chunk(StreamChunk {
+            usage_only: peek.choices.is_empty() && peek.usage.is_some(),
+            usage: peek.usage,
+            data,
+        }))
+    }
+
+    /// Build a chunk from a typed value (translated and synthesized streams).
+    pub fn from_value(value: &Value) -> Self {
+        let usage = value
+            .get("usage")
+            .and_then(|u| serde_json::from_value::<Usage>(u.clone()).ok());
+        let usage_only = value
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && usage.is_some();
+        StreamChunk {
+            data: value.to_string(),
+            usage,
+            usage_only,
+        }
+    }
+}
+
+/// `POST /v1/embeddings` body.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EmbeddingsRequest {
+    #[serde(skip_serializing)]
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub sluice: Option<SluiceExtras>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// What the gateway sends upstream for embeddings.
+#[derive(Serialize)]
+pub struct UpstreamEmbeddings<'a> {
+    pub model: &'a str,
+    #[serde(flatten)]
+    pub request: &'a EmbeddingsRequest,
+}
+
+/// Embedding input in every shape OpenAI accepts.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl EmbeddingInput {
+    pub fn len(&self) -> usize {
+        match self {
+            EmbeddingInput::Text(_) | EmbeddingInput::Tokens(_) => 1,
+            EmbeddingInput::Texts(v) => v.len(),
+            EmbeddingInput::TokenLists(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EmbeddingsResponse {
+    #[serde(default = "list_object")]
+    pub object: String,
+    pub data: Vec<Value>,
+    #[serde(default)]
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<EmbeddingsUsage>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn list_object() -> String {
+    "list".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EmbeddingsUsage {
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub total_tokens: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_fields_pass_through_and_gateway_fields_do_not() {
+        let body = json!({
+            "model": "alias",
+            "messages": [{"role": "user", "content": "hi", "x_custom": 1}],
+            "stream": true,
+            "logit_bias": {"50256": -100},
+            "seed": 7,
+            "sluice": {"feature": "search"}
+        });
+        let req: ChatRequest = serde_json::from_value(body).unwrap();
+        assert_eq!(req.sluice.as_ref().unwrap().feature.as_deref(), Some("search"));
+        let out = serde_json::to_value(UpstreamChat {
+            model: "upstream-model",
+            stream: false,
+            stream_options: None,
+            request: &req,
+        })
+        .unwrap();
+        assert_eq!(out["model"], "upstream-model");
+        assert_eq!(out["logit_bias"], json!({"50256": -100}));
+        assert_eq!(out["seed"], 7);
+        assert_eq!(out["messages"][0]["x_custom"], 1);
+        assert!(out.get("sluice").is_none());
+        assert!(out.get("stream").is_none());
+    }
+
+    #[test]
+    fn chunk_peek_reads_usage_and_errors() {
+        let c = StreamChunk::peek(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#.into()).unwrap();
+        match c {
+            PeekedChunk::Chunk(c) => {
+                assert!(c.usage_only);
+                assert_eq!(c.usage, Some(Usage::new(3, 4)));
+            }
+            PeekedChunk::Error(_) => panic!("not an error"),
+        }
+        let e = StreamChunk::peek(r#"{"error":{"message":"boom"}}"#.into()).unwrap();
+        assert!(matches!(e, PeekedChunk::Error(_)));
+    }
+
+    #[test]
+    fn content_parts_text_is_joined() {
+        let m: ChatMessage = serde_json::from_value(json!({
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "b"}]
+        }))
+        .unwrap();
+        assert_eq!(m.text(), "a\nb");
+    }
+}
