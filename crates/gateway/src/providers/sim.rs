@@ -38,11 +38,16 @@ impl SimProvider {
         &self.chaos
     }
 
-    /// Decide this call's fate and wait its latency; `Ok` carries the stream settings.
-    async fn admit(&self) -> Result<(Duration, Option<usize>), UpstreamError> {
+    /// Decide this call's fate and wait its latency (as a real upstream would make us
+    /// wait for headers, under the first-byte timeout); `Ok` carries the stream settings.
+    async fn admit(&self, timeouts: Timeouts) -> Result<(Duration, Option<usize>), UpstreamError> {
         match self.chaos.decide() {
             Decision::Fail { status, retry_after } => Err(to_error(sluice_sim::openai::error(status, retry_after))),
             Decision::Ok { latency, ttft, cut_after } => {
+                if latency > timeouts.first_byte {
+                    tokio::time::sleep(timeouts.first_byte).await;
+                    return Err(UpstreamError::timeout(KIND, "response headers", timeouts.first_byte));
+                }
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
@@ -83,7 +88,7 @@ impl Provider for SimProvider {
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatResponse, UpstreamError> {
-        self.admit().await?;
+        self.admit(call.timeouts).await?;
         let request = to_value(&UpstreamChat {
             model: call.upstream_model,
             stream: false,
@@ -96,7 +101,7 @@ impl Provider for SimProvider {
     }
 
     async fn chat_stream(&self, call: ChatCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let (ttft, cut_after) = self.admit().await?;
+        let (ttft, cut_after) = self.admit(call.timeouts).await?;
         let request = to_value(&UpstreamChat {
             model: call.upstream_model,
             stream: true,
@@ -144,9 +149,9 @@ impl Provider for SimProvider {
         &self,
         request: &EmbeddingsRequest,
         upstream_model: &str,
-        _timeouts: Timeouts,
+        timeouts: Timeouts,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
-        self.admit().await?;
+        self.admit(timeouts).await?;
         let request = to_value(&UpstreamEmbeddings {
             model: upstream_model,
             request,

@@ -1,0 +1,675 @@
+//! In-process service tests: the whole pipeline through `oneshot`, no socket, against
+//! the simulated provider with scripted failures. Time is paused where backoff matters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sluice_gateway::config::{Config, ConfigSource};
+use sluice_gateway::pipeline::Gateway;
+use sluice_gateway::server::app;
+use sluice_gateway::telemetry::{ChannelSink, Outcome, Recorder, RequestRecord};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+struct Harness {
+    app: Router,
+    records: UnboundedReceiver<RequestRecord>,
+    tasks: TaskTracker,
+}
+
+fn harness(toml: &str) -> Harness {
+    let config = Config::from_toml(toml, &[("UNUSED", "")], ConfigSource::Embedded { simulated: false })
+        .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let tasks = TaskTracker::new();
+    let (tx, records) = tokio::sync::mpsc::unbounded_channel();
+    let recorder = Recorder::start(vec![Box::new(ChannelSink(tx))], &tasks);
+    let gateway = Gateway::new(Arc::new(config), recorder, tasks.clone()).unwrap();
+    Harness {
+        app: app(gateway),
+        records,
+        tasks,
+    }
+}
+
+impl Harness {
+    async fn post(&self, path: &str, body: Value) -> axum::response::Response {
+        self.app
+            .clone()
+            .oneshot(
+                Request::post(path)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_string()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn chat(&self, body: Value) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let r = self.post("/v1/chat/completions", body).await;
+        let (parts, body) = r.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (parts.status, parts.headers, json)
+    }
+
+    async fn next_record(&mut self) -> RequestRecord {
+        tokio::time::timeout(Duration::from_secs(30), self.records.recv())
+            .await
+            .expect("a record within 30 s")
+            .expect("recorder open")
+    }
+
+    /// Close the gateway and assert no further record arrives: exactly one per request.
+    async fn assert_no_more_records(mut self) {
+        drop(self.app);
+        self.tasks.close();
+        self.tasks.wait().await;
+        assert!(self.records.recv().await.is_none(), "a request left more than one record");
+    }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Tell me about sluices"}]})
+}
+
+const RETRY_FAST: &str = r#"
+[retry]
+base_delay = "1ms"
+max_delay = "2ms"
+"#;
+
+#[tokio::test(start_paused = true)]
+async fn retries_honour_retry_after_and_succeed() {
+    let mut h = harness(
+        r#"
+        [retry]
+        max_attempts = 3
+        base_delay = "10ms"
+        [[providers]]
+        name = "flaky"
+        kind = "sim"
+        chaos = { fail_first = 2, fail_status = 429, retry_after = "7s" }
+        [[models]]
+        name = "m"
+        provider = "flaky"
+    "#,
+    );
+    let start = tokio::time::Instant::now();
+    let (status, headers, body) = h.chat(chat_body("m")).await;
+    let waited = start.elapsed();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["choices"][0]["message"]["content"].as_str().unwrap().starts_with("Simulated"));
+    assert!(headers.get("x-sluice-fallback").is_none());
+    // Two 429s, each asking for 7 s: the gateway waits exactly that, not its own 10 ms backoff.
+    assert!(waited >= Duration::from_secs(14), "waited only {waited:?}");
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}");
+    let r = h.next_record().await;
+    assert_eq!((r.retries, r.upstream_calls, r.outcome), (2, 3, Outcome::Ok));
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_return_429_with_retry_after() {
+    let mut h = harness(
+        r#"
+        [retry]
+        max_attempts = 2
+        [[providers]]
+        name = "limited"
+        kind = "sim"
+        chaos = { fail_first = 100, fail_status = 429, retry_after = "3s" }
+        [[models]]
+        name = "m"
+        provider = "limited"
+    "#,
+    );
+    let (status, headers, body) = h.chat(chat_body("m")).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["retry-after"], "3");
+    assert_eq!(body["error"]["code"], "upstream_rate_limited");
+    let r = h.next_record().await;
+    assert_eq!((r.upstream_calls, r.outcome, r.status), (2, Outcome::ApiError, 429));
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_grows_and_stays_within_the_ceiling() {
+    // Without retry-after: full jitter draws each wait from [0, base * 2^n], so three
+    // retries at base 1 s can wait at most 1 + 2 + 4 = 7 s in total.
+    let mut h = harness(
+        r#"
+        [retry]
+        max_attempts = 4
+        base_delay = "1s"
+        max_delay = "10s"
+        [[providers]]
+        name = "broken"
+        kind = "sim"
+        chaos = { fail_first = 3, fail_status = 500 }
+        [[models]]
+        name = "m"
+        provider = "broken"
+    "#,
+    );
+    let start = tokio::time::Instant::now();
+    let (status, _, _) = h.chat(chat_body("m")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(start.elapsed() <= Duration::from_secs(7), "{:?}", start.elapsed());
+    assert_eq!(h.next_record().await.retries, 3);
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test]
+async fn non_retryable_failures_are_not_retried() {
+    for (status, code) in [(400, "invalid_request_error"), (401, "upstream_auth_failed")] {
+        let mut h = harness(&format!(
+            r#"{RETRY_FAST}
+            [[providers]]
+            name = "p"
+            kind = "sim"
+            chaos = {{ fail_first = 10, fail_status = {status} }}
+            [[models]]
+            name = "m"
+            provider = "p"
+        "#
+        ));
+        let (got, _, body) = h.chat(chat_body("m")).await;
+        let r = h.next_record().await;
+        assert_eq!(r.upstream_calls, 1, "status {status} must not be retried");
+        if status == 400 {
+            assert_eq!(got, StatusCode::BAD_REQUEST);
+            assert_eq!(body["error"]["type"], code);
+        } else {
+            assert_eq!(got, StatusCode::BAD_GATEWAY);
+            assert_eq!(body["error"]["code"], code);
+        }
+    }
+}
+
+#[tokio::test]
+async fn retry_budget_caps_extra_calls() {
+    // Every call fails with a retryable 500. Without a budget, 100 requests x 3 attempts
+    // would make 300 calls; a 10 % budget with no floor allows about 10 retries.
+    let mut h = harness(&format!(
+        r#"{RETRY_FAST}
+        budget_ratio = 0.1
+        budget_min_per_sec = 0
+        max_attempts = 3
+        [[providers]]
+        name = "down"
+        kind = "sim"
+        chaos = {{ error_rate = 1.0, error_status = 500 }}
+        [[models]]
+        name = "m"
+        provider = "down"
+    "#
+    ));
+    for _ in 0..100 {
+        let (status, _, _) = h.chat(chat_body("m")).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+    }
+    let mut calls = 0;
+    for _ in 0..100 {
+        calls += h.next_record().await.upstream_calls;
+    }
+    assert!(calls >= 100, "{calls}");
+    assert!(calls <= 115, "retry budget exceeded: {calls} calls for 100 requests");
+}
+
+#[tokio::test]
+async fn fallbacks_are_tried_in_order() {
+    let mut h = harness(&format!(
+        r#"{RETRY_FAST}
+        [[providers]]
+        name = "down"
+        kind = "sim"
+        chaos = {{ error_rate = 1.0, error_status = 503 }}
+        [[providers]]
+        name = "also-down"
+        kind = "sim"
+        chaos = {{ error_rate = 1.0, error_status = 500 }}
+        [[providers]]
+        name = "up"
+        kind = "sim"
+        [[models]]
+        name = "primary"
+        provider = "down"
+        fallbacks = ["second", "third"]
+        [[models]]
+        name = "second"
+        provider = "also-down"
+        [[models]]
+        name = "third"
+        provider = "up"
+        upstream = "gpt-4o-mini"
+    "#
+    ));
+    let (status, headers, body) = h.chat(chat_body("primary")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["x-sluice-model"], "third");
+    assert_eq!(headers["x-sluice-fallback"], "model");
+    assert_eq!(body["model"], "gpt-4o-mini");
+    let r = h.next_record().await;
+    // 3 attempts on each failing model, then one on the model that answered.
+    assert_eq!(r.upstream_calls, 7);
+    assert_eq!(r.model.as_deref(), Some("third"));
+    assert_eq!(r.model_requested.as_deref(), Some("primary"));
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test]
+async fn bad_requests_do_not_fall_back() {
+    let mut h = harness(&format!(
+        r#"{RETRY_FAST}
+        [[providers]]
+        name = "picky"
+        kind = "sim"
+        chaos = {{ fail_first = 10, fail_status = 400 }}
+        [[providers]]
+        name = "up"
+        kind = "sim"
+        [[models]]
+        name = "primary"
+        provider = "picky"
+        fallbacks = ["backup"]
+        template_fallback = "never used"
+        [[models]]
+        name = "backup"
+        provider = "up"
+    "#
+    ));
+    let (status, _, _) = h.chat(chat_body("primary")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(h.next_record().await.upstream_calls, 1);
+}
+
+const TEMPLATE: &str = r#"
+[retry]
+base_delay = "1ms"
+max_delay = "2ms"
+max_attempts = 2
+[[providers]]
+name = "down"
+kind = "sim"
+chaos = { error_rate = 1.0, error_status = 502 }
+[[models]]
+name = "m"
+provider = "down"
+template_fallback = "Sorry {{ user or 'friend' }}, {{ variables.topic }} is unavailable right now."
+"#;
+
+#[tokio::test]
+async fn template_fallback_answers_when_every_model_failed() {
+    let mut h = harness(TEMPLATE);
+    let mut body = chat_body("m");
+    body["user"] = json!("ada");
+    body["sluice"] = json!({"variables": {"topic": "search"}, "feature": "help"});
+    let (status, headers, body) = h.chat(body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-sluice-fallback"], "template");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "Sorry ada, search is unavailable right now.");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let r = h.next_record().await;
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert_eq!(r.upstream_calls, 2);
+    assert_eq!(r.feature.as_deref(), Some("help"));
+    assert_eq!(r.user.as_deref(), Some("ada"));
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test]
+async fn template_fallback_streams_too() {
+    let h = harness(TEMPLATE);
+    let mut body = chat_body("m");
+    body["stream"] = json!(true);
+    body["sluice"] = json!({"variables": {"topic": "billing"}});
+    let r = h.post("/v1/chat/completions", body).await;
+    assert_eq!(r.headers()["x-sluice-fallback"], "template");
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let content: String = data_lines(&text)
+        .iter()
+        .filter(|d| *d != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(content, "Sorry friend, billing is unavailable right now.");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_byte_timeout_is_enforced_then_falls_back() {
+    let mut h = harness(
+        r#"
+        [retry]
+        max_attempts = 1
+        [[providers]]
+        name = "slow"
+        kind = "sim"
+        chaos = { latency = "30s" }
+        [[providers]]
+        name = "quick"
+        kind = "sim"
+        [[models]]
+        name = "m"
+        provider = "slow"
+        first_byte_timeout = "2s"
+        [[models]]
+        name = "alone"
+        provider = "slow"
+        first_byte_timeout = "2s"
+        [[models]]
+        name = "with-backup"
+        provider = "slow"
+        first_byte_timeout = "2s"
+        fallbacks = ["backup"]
+        [[models]]
+        name = "backup"
+        provider = "quick"
+    "#,
+    );
+    let start = tokio::time::Instant::now();
+    let (status, _, body) = h.chat(chat_body("alone")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    h.next_record().await;
+
+    let (status, headers, _) = h.chat(chat_body("with-backup")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-sluice-model"], "backup");
+}
+
+#[tokio::test(start_paused = true)]
+async fn total_timeout_cuts_a_slow_stream() {
+    let mut h = harness(
+        r#"
+        [[providers]]
+        name = "trickle"
+        kind = "sim"
+        chaos = { tokens_per_sec = 1.0 }
+        [[models]]
+        name = "m"
+        provider = "trickle"
+        total_timeout = "5s"
+    "#,
+    );
+    let mut body = chat_body("m");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let data = data_lines(&text);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert!(!text.contains("[DONE]"));
+    let r = h.next_record().await;
+    assert_eq!(r.outcome, Outcome::ApiError);
+    assert_eq!(r.status, 504);
+}
+
+fn data_lines(sse: &str) -> Vec<String> {
+    sse.split("\n\n")
+        .filter_map(|block| block.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn stream_chunks_arrive_in_order_and_unchanged() {
+    let mut h = harness(
+        r#"
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "sim"
+    "#,
+    );
+    let mut body = chat_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let got = data_lines(&text);
+
+    // What the upstream sent: the gateway always asks for usage, and strips the usage
+    // chunk again because this client did not ask for it.
+    let mut upstream = body.clone();
+    upstream["stream_options"] = json!({"include_usage": true});
+    let mut expected = sluice_sim::openai::chat_chunks(&upstream, 0).unwrap();
+    let usage_chunk = expected.pop().unwrap();
+    assert!(usage_chunk.contains("\"usage\":{"));
+    expected.push("[DONE]".into());
+    assert_eq!(got, expected);
+    let r = h.next_record().await;
+    assert_eq!(r.outcome, Outcome::Ok);
+    assert!(r.stream);
+    assert!(!r.tokens_estimated, "usage came from the upstream");
+    assert!(r.completion_tokens > 0);
+    assert!(r.ttft_ms.is_some());
+}
+
+#[tokio::test]
+async fn include_usage_is_honoured() {
+    let h = harness(
+        r#"
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "sim"
+    "#,
+    );
+    let mut body = chat_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = h.post("/v1/chat/completions", body).await;
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let data = data_lines(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn a_cut_stream_ends_with_an_error_event_not_done() {
+    let mut h = harness(
+        r#"
+        [retry]
+        max_attempts = 1
+        [[providers]]
+        name = "cutter"
+        kind = "sim"
+        chaos = { cut_after = 3 }
+        [[models]]
+        name = "m"
+        provider = "cutter"
+    "#,
+    );
+    let mut body = chat_body("m");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let data = data_lines(&text);
+    assert_eq!(data.len(), 4, "three chunks then the error event: {data:?}");
+    assert!(!text.contains("[DONE]"));
+    let error: Value = serde_json::from_str(&data[3]).unwrap();
+    assert_eq!(error["error"]["code"], "stream_interrupted");
+    let r = h.next_record().await;
+    assert_eq!((r.outcome, r.error_code.as_deref()), (Outcome::ApiError, Some("stream_interrupted")));
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test]
+async fn failure_before_the_first_chunk_retries_the_stream() {
+    let mut h = harness(&format!(
+        r#"{RETRY_FAST}
+        [[providers]]
+        name = "flaky"
+        kind = "sim"
+        chaos = {{ fail_first = 1, fail_status = 503 }}
+        [[models]]
+        name = "m"
+        provider = "flaky"
+    "#
+    ));
+    let mut body = chat_body("m");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let r = h.next_record().await;
+    assert_eq!((r.retries, r.outcome), (1, Outcome::Ok));
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_stream_and_records_once() {
+    let mut h = harness(
+        r#"
+        [[providers]]
+        name = "trickle"
+        kind = "sim"
+        chaos = { tokens_per_sec = 5.0 }
+        [[models]]
+        name = "m"
+        provider = "trickle"
+    "#,
+    );
+    let mut body = chat_body("m");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body).await;
+    let mut frames = r.into_body().into_data_stream();
+    let first = frames.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let hung_up = std::time::Instant::now();
+    drop(frames);
+    // The whole stream would take several seconds at 5 chunks/s; the record arrives
+    // at once because the forwarder saw the client go and dropped the upstream stream.
+    let r = h.next_record().await;
+    assert!(hung_up.elapsed() < Duration::from_secs(2), "{:?}", hung_up.elapsed());
+    assert_eq!(r.outcome, Outcome::ClientCancelled);
+    assert_eq!(r.status, 499);
+    assert_eq!(r.model.as_deref(), Some("m"));
+    tokio::time::timeout(Duration::from_secs(2), async {
+        // The recorder task stays; the stream forwarder must be gone.
+        while h.tasks.len() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the forwarder task ended, dropping the upstream call");
+    h.assert_no_more_records().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_precise_4xx_and_a_record() {
+    let mut h = harness(
+        r#"
+        max_body_bytes = 2048
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "sim"
+        [[models]]
+        name = "text-embedding-3-small"
+        provider = "sim"
+    "#
+        .replacen("max_body_bytes = 2048", "[server]\nmax_body_bytes = 2048", 1)
+        .as_str(),
+    );
+    let raw = |body: &str| {
+        Request::post("/v1/chat/completions")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let cases: Vec<(Request<Body>, StatusCode, &str, Option<&str>)> = vec![
+        (raw("{\"model\": "), StatusCode::BAD_REQUEST, "invalid_json", None),
+        (raw("[1,2]"), StatusCode::BAD_REQUEST, "invalid_request", None),
+        (raw(r#"{"model":"gpt-4o-mini","messages":"hi"}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("messages")),
+        (raw(r#"{"model":"gpt-4o-mini","messages":[]}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("messages")),
+        (raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("temperature")),
+        (raw(r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#), StatusCode::NOT_FOUND, "model_not_found", Some("model")),
+        (raw(r#"{"model":"text-embedding-3-small","messages":[{"role":"user","content":"x"}]}"#), StatusCode::BAD_REQUEST, "model_not_supported", Some("model")),
+        (raw(&format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(4096))), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
+        (raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]} trailing"#), StatusCode::BAD_REQUEST, "invalid_json", None),
+    ];
+    let n = cases.len();
+    for (request, status, code, param) in cases {
+        let r = h.app.clone().oneshot(request).await.unwrap();
+        assert_eq!(r.status(), status, "for code {code}");
+        assert!(r.headers().contains_key("x-sluice-request-id"));
+        let body: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert_eq!(body["error"]["param"].as_str(), param, "{body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    for _ in 0..n {
+        let r = h.next_record().await;
+        assert_eq!(r.outcome, Outcome::RejectedInput);
+        assert!(r.status >= 400 && r.status < 500);
+    }
+    // The gateway is still healthy afterwards.
+    let (status, _, _) = h.chat(chat_body("gpt-4o-mini")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn embeddings_accept_strings_and_arrays() {
+    let mut h = harness(
+        r#"
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "text-embedding-3-small"
+        provider = "sim"
+    "#,
+    );
+    for (input, n) in [(json!("one"), 1), (json!(["a", "b", "c"]), 3)] {
+        let r = h.post("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": input})).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let body: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap();
+        assert_eq!(body["data"].as_array().unwrap().len(), n);
+        assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 1536);
+        assert!(h.next_record().await.prompt_tokens > 0);
+    }
+    let r = h.post("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": []})).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn master_key_guards_v1_but_not_health() {
+    let config = Config::embedded_default(&[("SLUICE_MASTER_KEY", "k1")]).unwrap();
+    let tasks = TaskTracker::new();
+    let recorder = Recorder::start(vec![], &tasks);
+    let app = app(Gateway::new(Arc::new(config), recorder, tasks).unwrap());
+    let send = |path: &str, key: Option<&str>| {
+        let mut b = Request::get(path);
+        if let Some(k) = key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        app.clone().oneshot(b.body(Body::empty()).unwrap())
+    };
+    assert_eq!(send("/v1/models", None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(send("/v1/models", Some("nope")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(send("/v1/models", Some("k1")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send("/healthz", None).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(send("/readyz", None).await.unwrap().status(), StatusCode::OK);
+    let missing = send("/v2/nothing", None).await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}
