@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::config::{Config, ModelConfig, ModelKind, ProviderKind};
+use crate::config::{Config, ModelConfig, ModelKind, ProviderConfig, ProviderKind};
 use crate::error::ApiError;
 use crate::providers::anthropic::AnthropicProvider;
 use crate::providers::openai::OpenAiProvider;
@@ -34,6 +34,7 @@ pub struct Chain {
 pub struct Router {
     exact: HashMap<String, Arc<Route>>,
     models: Vec<ModelConfig>,
+    /// The provider client each model entry calls (its own when it sets a connect timeout).
     providers: HashMap<String, Arc<dyn Provider>>,
     templates: minijinja::Environment<'static>,
     config: Arc<Config>,
@@ -53,14 +54,24 @@ pub struct TemplateContext<'a> {
 
 impl Router {
     pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        let mut shared: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for p in &config.providers {
-            let provider: Arc<dyn Provider> = match p.kind {
-                ProviderKind::Openai => Arc::new(OpenAiProvider::new(p)?),
-                ProviderKind::Anthropic => Arc::new(AnthropicProvider::new(p)?),
-                ProviderKind::Sim => Arc::new(SimProvider::new(p.chaos.clone())),
+            shared.insert(p.name.clone(), build_provider(p)?);
+        }
+        // Keyed by model name: a model with its own connect timeout gets its own client.
+        let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+        for m in &config.models {
+            let provider = match (m.connect_timeout, config.providers.iter().find(|p| p.name == m.provider)) {
+                (Some(connect_timeout), Some(p)) => build_provider(&ProviderConfig {
+                    connect_timeout,
+                    ..p.clone()
+                })?,
+                _ => match shared.get(&m.provider) {
+                    Some(p) => p.clone(),
+                    None => continue,
+                },
             };
-            providers.insert(p.name.clone(), provider);
+            providers.insert(m.name.clone(), provider);
         }
         let mut templates = minijinja::Environment::new();
         let mut exact = HashMap::new();
@@ -68,10 +79,10 @@ impl Router {
             if let Some(t) = &m.template_fallback {
                 templates.add_template_owned(m.name.clone(), t.clone())?;
             }
-            if !m.is_pattern() {
-                if let Some(route) = route_for(m, &m.name, &providers) {
-                    exact.insert(m.name.clone(), Arc::new(route));
-                }
+            if !m.is_pattern()
+                && let Some(route) = route_for(m, &m.name, &providers)
+            {
+                exact.insert(m.name.clone(), Arc::new(route));
             }
         }
         Ok(Self {
@@ -133,12 +144,20 @@ impl Router {
     }
 }
 
+fn build_provider(p: &ProviderConfig) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match p.kind {
+        ProviderKind::Openai => Arc::new(OpenAiProvider::new(p)?),
+        ProviderKind::Anthropic => Arc::new(AnthropicProvider::new(p)?),
+        ProviderKind::Sim => Arc::new(SimProvider::new(p.chaos.clone())),
+    })
+}
+
 fn route_for(
     model: &ModelConfig,
     requested: &str,
     providers: &HashMap<String, Arc<dyn Provider>>,
 ) -> Option<Route> {
-    let provider = providers.get(&model.provider)?.clone();
+    let provider = providers.get(&model.name)?.clone();
     Some(Route {
         model: requested.to_string(),
         provider_name: model.provider.clone(),

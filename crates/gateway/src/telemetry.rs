@@ -49,6 +49,15 @@ pub enum Endpoint {
     Embeddings,
 }
 
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FallbackKind {
@@ -106,7 +115,7 @@ impl RecordSink for LogSink {
             target: "sluice::record",
             event = "ai_request_complete",
             request_id = %r.request_id,
-            endpoint = ?r.endpoint,
+            endpoint = r.endpoint.as_str(),
             model = r.model.as_deref().or(r.model_requested.as_deref()).unwrap_or(""),
             model_requested = r.model_requested.as_deref().unwrap_or(""),
             provider = r.provider.as_deref().unwrap_or(""),

@@ -21,7 +21,10 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -47,7 +50,10 @@ fn embedded_default_answers_without_any_api_key() {
 
 #[test]
 fn master_key_from_the_environment_turns_auth_on() {
-    let gw = spawn(&["serve", "--listen", "127.0.0.1:0"], &[("SLUICE_MASTER_KEY", "mk")]);
+    let gw = spawn(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[("SLUICE_MASTER_KEY", "mk")],
+    );
     let (status, body) = http(&gw.addr, "GET", "/v1/models", "");
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("invalid_api_key"));
@@ -62,7 +68,10 @@ fn keyless_refuses_a_public_address() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("refusing to listen on 0.0.0.0:0 without a key"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without a key"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -97,6 +106,9 @@ fallbacks = ["ghost"]
         "models[0].fallbacks[0]: no model named `ghost`",
         "4 problem(s)",
     ] {
-        assert!(stderr.contains(needle), "`{needle}` missing from:\n{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "`{needle}` missing from:\n{stderr}"
+        );
     }
 }

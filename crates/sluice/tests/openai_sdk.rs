@@ -20,13 +20,23 @@ fn python() -> PathBuf {
             .status()
             .is_ok_and(|s| s.success());
     if !ready {
-        let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+        let made = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status();
         assert!(
             made.is_ok_and(|s| s.success()),
             "cannot create a virtualenv: python3 with the venv module is required for this test"
         );
         let pip = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", OPENAI_SDK])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                OPENAI_SDK,
+            ])
             .status();
         assert!(
             pip.is_ok_and(|s| s.success()),
@@ -41,7 +51,17 @@ fn official_openai_python_sdk_works_against_sluice() {
     let py = python();
     let mock = spawn(&["mock", "--listen", "127.0.0.1:0"], &[]);
     let limited = spawn(
-        &["mock", "--listen", "127.0.0.1:0", "--fail-first", "1000000", "--fail-status", "429", "--retry-after", "90s"],
+        &[
+            "mock",
+            "--listen",
+            "127.0.0.1:0",
+            "--fail-first",
+            "1000000",
+            "--fail-status",
+            "429",
+            "--retry-after",
+            "90s",
+        ],
         &[],
     );
     let config = write_temp(
@@ -84,7 +104,13 @@ upstream = "gpt-4o-mini"
         ),
     );
     let gateway = spawn(
-        &["serve", "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
         &[("TEST_MASTER_KEY", "sk-sluice-test")],
     );
     let out = Command::new(&py)
@@ -95,7 +121,10 @@ upstream = "gpt-4o-mini"
         .expect("run the SDK script");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK checks failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
 
     // Every LLM request the script made left exactly one structured record line.
@@ -107,9 +136,20 @@ upstream = "gpt-4o-mini"
         .expect("the record of the tagged request");
     assert_eq!(tagged["feature"], "sdk-test");
     assert_eq!(tagged["outcome"], "ok");
-    let outcomes: Vec<&str> = records.iter().filter_map(|r| r["outcome"].as_str()).collect();
-    assert_eq!(outcomes.iter().filter(|o| **o == "rejected_input").count(), 2, "{outcomes:?}");
-    assert_eq!(outcomes.iter().filter(|o| **o == "api_error").count(), 1, "{outcomes:?}");
+    let outcomes: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["outcome"].as_str())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "rejected_input").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "api_error").count(),
+        1,
+        "{outcomes:?}"
+    );
 }
 
 /// Read `ai_request_complete` lines until `want` arrived, then briefly check for extras.

@@ -121,6 +121,8 @@ pub struct ModelConfig {
     pub kind: ModelKind,
     pub fallbacks: Vec<String>,
     pub timeouts: Timeouts,
+    /// Overrides the provider's connect timeout for this model.
+    pub connect_timeout: Option<Duration>,
     /// Answer with this text (a minijinja template) when the whole chain failed.
     pub template_fallback: Option<String>,
 }
@@ -263,6 +265,8 @@ struct RawModel {
     first_byte_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     total_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    connect_timeout: Option<Duration>,
     template_fallback: Option<String>,
 }
 
@@ -380,6 +384,7 @@ impl Config {
             fallbacks: Vec::new(),
             first_byte_timeout: None,
             total_timeout: None,
+            connect_timeout: None,
             template_fallback: None,
         };
         let openai = env.var("OPENAI_API_KEY").is_some() || env.var("OPENAI_BASE_URL").is_some();
@@ -628,10 +633,10 @@ fn build(
                     format!("no provider named `{}` (known: {})", m.provider, provider_list(&providers)),
                 );
             }
-            if let Some(t) = &m.template_fallback {
-                if let Err(e) = minijinja::Environment::new().template_from_str(t) {
-                    problems.push(format!("{path}.template_fallback"), format!("invalid template: {e}"));
-                }
+            if let Some(t) = &m.template_fallback
+                && let Err(e) = minijinja::Environment::new().template_from_str(t)
+            {
+                problems.push(format!("{path}.template_fallback"), format!("invalid template: {e}"));
             }
             let kind = m.kind.unwrap_or_else(|| {
                 if m.name.contains("embedding") {
@@ -645,6 +650,7 @@ fn build(
                     first_byte: m.first_byte_timeout.unwrap_or(DEFAULT_FIRST_BYTE),
                     total: m.total_timeout.unwrap_or(DEFAULT_TOTAL),
                 },
+                connect_timeout: m.connect_timeout,
                 name: m.name,
                 provider: m.provider,
                 upstream: m.upstream,
@@ -862,5 +868,20 @@ mod tests {
         assert_eq!(fast.upstream.as_deref(), Some("gpt-4o-mini"));
         assert_eq!(fast.timeouts.first_byte, Duration::from_secs(2));
         assert_eq!(fast.fallbacks, ["backup"]);
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped example must stay loadable: it documents every section.
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sluice.toml");
+        let c = Config::load(&path, &[("OPENAI_API_KEY", "sk-test")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.model("gpt-4o-mini").unwrap().fallbacks, ["claude-haiku", "sim-chat"]);
+        assert_eq!(c.model("claude-3-opus").unwrap().provider, "anthropic");
+        assert!(c.server.master_key.is_none());
     }
 }

@@ -217,10 +217,11 @@ fn humantime_ms(d: Duration) -> String {
 /// absent since a clock-skewed date is worse than our own backoff).
 pub fn retry_after_from_headers(headers: &::http::HeaderMap) -> Option<Duration> {
     let read = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = read("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
+    if let Some(ms) = read("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok())
+        && ms.is_finite()
+        && ms >= 0.0
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
     }
     read("retry-after")
         .and_then(|v| v.trim().parse::<f64>().ok())

@@ -52,11 +52,18 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
                 if let Some(addr) = listening_addr(&line) {
-                    return Proc { child, addr, log: rx };
+                    return Proc {
+                        child,
+                        addr,
+                        log: rx,
+                    };
                 }
                 seen.push(line);
             }
-            Err(_) => panic!("sluice {args:?} did not report its address; it said:\n{}", seen.join("\n")),
+            Err(_) => panic!(
+                "sluice {args:?} did not report its address; it said:\n{}",
+                seen.join("\n")
+            ),
         }
     }
 }
@@ -65,7 +72,9 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
 fn listening_addr(line: &str) -> Option<String> {
     let rest = &line[line.find("listening on ")? + "listening on ".len()..];
     let rest = rest.trim_start_matches("http://");
-    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':' || c == '[' || c == ']'))?;
+    let end = rest.find(|c: char| {
+        !(c.is_ascii_alphanumeric() || c == '.' || c == ':' || c == '[' || c == ']')
+    })?;
     Some(rest[..end].to_string())
 }
 
