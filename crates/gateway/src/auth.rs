@@ -18,7 +18,10 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim)
 }
@@ -31,9 +34,11 @@ pub fn authenticate(headers: &HeaderMap, config: &Config) -> Result<Principal, A
         None => Err(ApiError::Unauthorized {
             message: "No API key provided. Send it as `Authorization: Bearer <key>`.".into(),
         }),
-        Some(key) if constant_time_eq(key.as_bytes(), master.expose_secret().as_bytes()) => Ok(Principal {
-            key_id: Some("master".into()),
-        }),
+        Some(key) if constant_time_eq(key.as_bytes(), master.expose_secret().as_bytes()) => {
+            Ok(Principal {
+                key_id: Some("master".into()),
+            })
+        }
         Some(_) => Err(ApiError::Unauthorized {
             message: "Incorrect API key provided.".into(),
         }),
@@ -57,11 +62,17 @@ mod tests {
     fn master_key_is_required_when_set() {
         let config = Config::embedded_default(&[("SLUICE_MASTER_KEY", "s3cret")]).unwrap();
         let mut h = HeaderMap::new();
-        assert!(matches!(authenticate(&h, &config), Err(ApiError::Unauthorized { .. })));
+        assert!(matches!(
+            authenticate(&h, &config),
+            Err(ApiError::Unauthorized { .. })
+        ));
         h.insert("authorization", "Bearer wrong".parse().unwrap());
         assert!(authenticate(&h, &config).is_err());
         h.insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert_eq!(authenticate(&h, &config).unwrap().key_id.as_deref(), Some("master"));
+        assert_eq!(
+            authenticate(&h, &config).unwrap().key_id.as_deref(),
+            Some("master")
+        );
         let open = Config::embedded_default(&[("X", "y")]).unwrap();
         assert_eq!(authenticate(&HeaderMap::new(), &open).unwrap().key_id, None);
     }

@@ -227,11 +227,26 @@ mod tests {
     #[test]
     fn upstream_classes_map_to_sdk_statuses() {
         let mk = |class| ApiError::Upstream(UpstreamError::new(class, "openai", "x"));
-        assert_eq!(mk(ErrorClass::RateLimited).status_code(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(mk(ErrorClass::Overloaded).status_code(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(mk(ErrorClass::Timeout).status_code(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(mk(ErrorClass::Server).status_code(), StatusCode::BAD_GATEWAY);
-        assert_eq!(mk(ErrorClass::BadRequest).status_code(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            mk(ErrorClass::RateLimited).status_code(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            mk(ErrorClass::Overloaded).status_code(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            mk(ErrorClass::Timeout).status_code(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            mk(ErrorClass::Server).status_code(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            mk(ErrorClass::BadRequest).status_code(),
+            StatusCode::BAD_REQUEST
+        );
     }
 
     #[test]

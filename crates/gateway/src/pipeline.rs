@@ -56,7 +56,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Arc<Config>, recorder: Recorder, tasks: TaskTracker) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        config: Arc<Config>,
+        recorder: Recorder,
+        tasks: TaskTracker,
+    ) -> anyhow::Result<Arc<Self>> {
         Ok(Arc::new(Self {
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
@@ -68,7 +72,12 @@ impl Gateway {
 
     fn record(&self, endpoint: Endpoint, started: Instant) -> RecordGuard {
         let id = uuid::Uuid::now_v7().simple().to_string();
-        RecordGuard::new(self.recorder.clone(), format!("req_{id}"), endpoint, started)
+        RecordGuard::new(
+            self.recorder.clone(),
+            format!("req_{id}"),
+            endpoint,
+            started,
+        )
     }
 }
 
@@ -135,10 +144,23 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Who and what the request is for, from headers and the body's `sluice` extras.
-fn tag_request(record: &mut RecordGuard, headers: &HeaderMap, user: Option<&str>, feature: Option<&str>, model: &str) {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+fn tag_request(
+    record: &mut RecordGuard,
+    headers: &HeaderMap,
+    user: Option<&str>,
+    feature: Option<&str>,
+    model: &str,
+) {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let user = user.map(str::to_string).or_else(|| header(HEADER_USER));
-    let feature = feature.map(str::to_string).or_else(|| header(HEADER_FEATURE));
+    let feature = feature
+        .map(str::to_string)
+        .or_else(|| header(HEADER_FEATURE));
     let model = model.to_string();
     record.update(|r| {
         r.user = user;
@@ -149,7 +171,11 @@ fn tag_request(record: &mut RecordGuard, headers: &HeaderMap, user: Option<&str>
 
 // ---------------------------------------------------------------- chat completions
 
-pub async fn chat_completions(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes, ApiError>) -> Response {
+pub async fn chat_completions(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     let started = Instant::now();
     let mut record = gw.record(Endpoint::ChatCompletions, started);
 
@@ -164,7 +190,13 @@ pub async fn chat_completions(gw: Arc<Gateway>, headers: HeaderMap, body: Result
         Err(e) => return fail(record, e),
     };
     let sluice = request.sluice.clone().unwrap_or_default();
-    tag_request(&mut record, &headers, request.user.as_deref(), sluice.feature.as_deref(), &request.model);
+    tag_request(
+        &mut record,
+        &headers,
+        request.user.as_deref(),
+        sluice.feature.as_deref(),
+        &request.model,
+    );
     record.update(|r| r.stream = request.is_stream());
     // 3. route
     let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
@@ -182,15 +214,26 @@ pub async fn chat_completions(gw: Arc<Gateway>, headers: HeaderMap, body: Result
 fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     let request: ChatRequest = parse_body(body)?;
     if request.model.trim().is_empty() {
-        return Err(ApiError::invalid("`model` must not be empty", Some("model".to_string())));
+        return Err(ApiError::invalid(
+            "`model` must not be empty",
+            Some("model".to_string()),
+        ));
     }
     if request.messages.is_empty() {
-        return Err(ApiError::invalid("`messages` must contain at least one message", Some("messages".to_string())));
+        return Err(ApiError::invalid(
+            "`messages` must contain at least one message",
+            Some("messages".to_string()),
+        ));
     }
     Ok(request)
 }
 
-async fn complete_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatRequest, chain: Chain) -> Response {
+async fn complete_chat(
+    gw: Arc<Gateway>,
+    mut record: RecordGuard,
+    request: ChatRequest,
+    chain: Chain,
+) -> Response {
     let mut attempts = Attempts::default();
     let result = gw
         .retrier
@@ -203,7 +246,11 @@ async fn complete_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatR
                     timeouts: route.timeouts,
                 };
                 match tokio::time::timeout(route.timeouts.total, route.provider.chat(call)).await {
-                    Err(_) => Err(UpstreamError::timeout(route.provider.kind(), "complete answer", route.timeouts.total)),
+                    Err(_) => Err(UpstreamError::timeout(
+                        route.provider.kind(),
+                        "complete answer",
+                        route.timeouts.total,
+                    )),
                     Ok(r) => r.map(|response| (route, response)),
                 }
             }
@@ -225,7 +272,12 @@ async fn complete_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatR
                     r.fallback = Some(FallbackKind::Template);
                 });
                 let mut http = axum::Json(&response).into_response();
-                finish_ok(record, &mut http, &request.model, Some(FallbackKind::Template));
+                finish_ok(
+                    record,
+                    &mut http,
+                    &request.model,
+                    Some(FallbackKind::Template),
+                );
                 http
             }
             None => fail(record, ApiError::Upstream(error)),
@@ -259,12 +311,25 @@ fn estimate_tokens(text: &str) -> u32 {
 }
 
 fn estimate_chat(request: &ChatRequest, response: &ChatResponse) -> Usage {
-    let prompt: u32 = request.messages.iter().map(|m| estimate_tokens(&m.text())).sum();
-    let completion: u32 = response.choices.iter().map(|c| estimate_tokens(&c.message.text())).sum();
+    let prompt: u32 = request
+        .messages
+        .iter()
+        .map(|m| estimate_tokens(&m.text()))
+        .sum();
+    let completion: u32 = response
+        .choices
+        .iter()
+        .map(|c| estimate_tokens(&c.message.text()))
+        .sum();
     Usage::new(prompt, completion)
 }
 
-fn respond_json<T: serde::Serialize>(mut record: RecordGuard, route: &Route, fallback: Option<FallbackKind>, body: &T) -> Response {
+fn respond_json<T: serde::Serialize>(
+    mut record: RecordGuard,
+    route: &Route,
+    fallback: Option<FallbackKind>,
+    body: &T,
+) -> Response {
     record.update(|r| {
         r.model = Some(route.model.clone());
         r.provider = Some(route.provider_name.clone());
@@ -272,13 +337,23 @@ fn respond_json<T: serde::Serialize>(mut record: RecordGuard, route: &Route, fal
     });
     let mut response = match serde_json::to_vec(body) {
         Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => return fail(record, ApiError::Internal(format!("cannot encode response: {e}"))),
+        Err(e) => {
+            return fail(
+                record,
+                ApiError::Internal(format!("cannot encode response: {e}")),
+            );
+        }
     };
     finish_ok(record, &mut response, &route.model, fallback);
     response
 }
 
-fn finish_ok(record: RecordGuard, response: &mut Response, model: &str, fallback: Option<FallbackKind>) {
+fn finish_ok(
+    record: RecordGuard,
+    response: &mut Response,
+    model: &str,
+    fallback: Option<FallbackKind>,
+) {
     set_header(response, HEADER_REQUEST_ID, record.request_id());
     set_header(response, HEADER_MODEL, model);
     if let Some(f) = fallback {
@@ -295,7 +370,13 @@ fn fallback_name(f: FallbackKind) -> &'static str {
 }
 
 /// The template's text when the chain failed in a way a template should cover.
-fn template_fallback(gw: &Gateway, chain: &Chain, request: &ChatRequest, record: &RecordGuard, error: &UpstreamError) -> Option<String> {
+fn template_fallback(
+    gw: &Gateway,
+    chain: &Chain,
+    request: &ChatRequest,
+    record: &RecordGuard,
+    error: &UpstreamError,
+) -> Option<String> {
     let name = chain.template.as_deref()?;
     if !error.class.may_fall_back() {
         return None;
@@ -356,7 +437,12 @@ struct Opened {
     ttft_ms: f64,
 }
 
-async fn stream_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatRequest, chain: Chain) -> Response {
+async fn stream_chat(
+    gw: Arc<Gateway>,
+    mut record: RecordGuard,
+    request: ChatRequest,
+    chain: Chain,
+) -> Response {
     let mut attempts = Attempts::default();
     let started = Instant::now();
     let result = gw
@@ -377,11 +463,19 @@ async fn stream_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatReq
                     match rest.next().await {
                         Some(Ok(first)) => Ok((first, rest)),
                         Some(Err(e)) => Err(e),
-                        None => Err(UpstreamError::new(ErrorClass::Connection, kind, "stream ended before its first chunk")),
+                        None => Err(UpstreamError::new(
+                            ErrorClass::Connection,
+                            kind,
+                            "stream ended before its first chunk",
+                        )),
                     }
                 };
                 match tokio::time::timeout(first_byte, open).await {
-                    Err(_) => Err(UpstreamError::timeout(kind, "first stream chunk", first_byte)),
+                    Err(_) => Err(UpstreamError::timeout(
+                        kind,
+                        "first stream chunk",
+                        first_byte,
+                    )),
                     Ok(Err(e)) => Err(e),
                     Ok(Ok((first, rest))) => Ok(Opened {
                         route: route.clone(),
@@ -408,8 +502,18 @@ async fn stream_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatReq
             let request_id = record.request_id().to_string();
             let (tx, rx) = mpsc::channel::<Bytes>(32);
             let wants_usage = request.wants_stream_usage();
-            let prompt_estimate: u32 = request.messages.iter().map(|m| estimate_tokens(&m.text())).sum();
-            gw.tasks.spawn(forward_stream(opened, tx, record, wants_usage, prompt_estimate));
+            let prompt_estimate: u32 = request
+                .messages
+                .iter()
+                .map(|m| estimate_tokens(&m.text()))
+                .sum();
+            gw.tasks.spawn(forward_stream(
+                opened,
+                tx,
+                record,
+                wants_usage,
+                prompt_estimate,
+            ));
             sse_response(rx, &request_id, &model, fallback)
         }
         Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
@@ -420,13 +524,23 @@ async fn stream_chat(gw: Arc<Gateway>, mut record: RecordGuard, request: ChatReq
                     r.fallback = Some(FallbackKind::Template);
                 });
                 let (tx, rx) = mpsc::channel::<Bytes>(8);
-                for frame in template_stream(&request.model, &text, &request_id, request.wants_stream_usage()) {
+                for frame in template_stream(
+                    &request.model,
+                    &text,
+                    &request_id,
+                    request.wants_stream_usage(),
+                ) {
                     // The channel holds all frames of a template answer, so this never waits.
                     let _ = tx.try_send(frame);
                 }
                 drop(tx);
                 record.finish(Outcome::Ok, 200, None);
-                sse_response(rx, &request_id, &request.model, Some(FallbackKind::Template))
+                sse_response(
+                    rx,
+                    &request_id,
+                    &request.model,
+                    Some(FallbackKind::Template),
+                )
             }
             None => fail(record, ApiError::Upstream(error)),
         },
@@ -443,12 +557,22 @@ fn sse_frame(data: &str) -> Bytes {
 
 const DONE_FRAME: &[u8] = b"data: [DONE]\n\n";
 
-fn sse_response(rx: mpsc::Receiver<Bytes>, request_id: &str, model: &str, fallback: Option<FallbackKind>) -> Response {
-    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx)) });
+fn sse_response(
+    rx: mpsc::Receiver<Bytes>,
+    request_id: &str,
+    model: &str,
+    fallback: Option<FallbackKind>,
+) -> Response {
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<Bytes, Infallible>(b), rx))
+    });
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = StatusCode::OK;
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     set_header(&mut response, HEADER_REQUEST_ID, request_id);
@@ -461,8 +585,19 @@ fn sse_response(rx: mpsc::Receiver<Bytes>, request_id: &str, model: &str, fallba
 
 /// Forward chunks as they arrive until the upstream ends, fails, runs out of time, or
 /// the client goes away (then the upstream stream is dropped, which cancels the call).
-async fn forward_stream(opened: Opened, tx: mpsc::Sender<Bytes>, mut record: RecordGuard, wants_usage: bool, prompt_estimate: u32) {
-    let Opened { first, mut rest, deadline, .. } = opened;
+async fn forward_stream(
+    opened: Opened,
+    tx: mpsc::Sender<Bytes>,
+    mut record: RecordGuard,
+    wants_usage: bool,
+    prompt_estimate: u32,
+) {
+    let Opened {
+        first,
+        mut rest,
+        deadline,
+        ..
+    } = opened;
     let mut usage: Option<Usage> = None;
     let mut content_chunks = 0u32;
     let mut next = Some(Ok(first));
@@ -515,17 +650,28 @@ async fn forward_stream(opened: Opened, tx: mpsc::Sender<Bytes>, mut record: Rec
                 let mut body = api.body();
                 body["error"]["code"] = json!("stream_interrupted");
                 let _ = tx.send(sse_frame(&body.to_string())).await;
-                record.finish(Outcome::ApiError, api.status_code().as_u16(), Some("stream_interrupted".into()));
+                record.finish(
+                    Outcome::ApiError,
+                    api.status_code().as_u16(),
+                    Some("stream_interrupted".into()),
+                );
                 return;
             }
         }
     }
 }
 
-fn note_stream_usage(record: &mut RecordGuard, usage: Option<Usage>, prompt_estimate: u32, content_chunks: u32) {
+fn note_stream_usage(
+    record: &mut RecordGuard,
+    usage: Option<Usage>,
+    prompt_estimate: u32,
+    content_chunks: u32,
+) {
     // Without an upstream count: OpenAI-style streams send about one token per chunk.
     // The record says it is an estimate.
-    record_usage(record, usage, || Usage::new(prompt_estimate, content_chunks));
+    record_usage(record, usage, || {
+        Usage::new(prompt_estimate, content_chunks)
+    });
 }
 
 fn template_stream(model: &str, text: &str, request_id: &str, wants_usage: bool) -> Vec<Bytes> {
@@ -551,7 +697,11 @@ fn template_stream(model: &str, text: &str, request_id: &str, wants_usage: bool)
 
 // ---------------------------------------------------------------- embeddings
 
-pub async fn embeddings(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes, ApiError>) -> Response {
+pub async fn embeddings(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     let started = Instant::now();
     let mut record = gw.record(Endpoint::Embeddings, started);
     if let Err(e) = authenticate(&headers, &gw.config) {
@@ -562,9 +712,18 @@ pub async fn embeddings(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes
         Err(e) => return fail(record, e),
     };
     let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
-    tag_request(&mut record, &headers, request.user.as_deref(), feature.as_deref(), &request.model);
+    tag_request(
+        &mut record,
+        &headers,
+        request.user.as_deref(),
+        feature.as_deref(),
+        &request.model,
+    );
     if request.input.is_empty() {
-        return fail(record, ApiError::invalid("`input` must not be empty", Some("input".to_string())));
+        return fail(
+            record,
+            ApiError::invalid("`input` must not be empty", Some("input".to_string())),
+        );
     }
     let chain = match gw.router.chain(&request.model, ModelKind::Embeddings) {
         Ok(c) => c,
@@ -576,9 +735,16 @@ pub async fn embeddings(gw: Arc<Gateway>, headers: HeaderMap, body: Result<Bytes
         .run_chain(&chain.routes, &mut attempts, |route| {
             let request = &request;
             async move {
-                let call = route.provider.embeddings(request, &route.upstream_model, route.timeouts);
+                let call =
+                    route
+                        .provider
+                        .embeddings(request, &route.upstream_model, route.timeouts);
                 match tokio::time::timeout(route.timeouts.total, call).await {
-                    Err(_) => Err(UpstreamError::timeout(route.provider.kind(), "embeddings", route.timeouts.total)),
+                    Err(_) => Err(UpstreamError::timeout(
+                        route.provider.kind(),
+                        "embeddings",
+                        route.timeouts.total,
+                    )),
                     Ok(r) => r.map(|response| (route, response)),
                 }
             }

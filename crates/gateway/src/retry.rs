@@ -55,7 +55,11 @@ impl Retrier {
     /// synchronised at the floor (see the AWS "Exponential Backoff and Jitter" analysis).
     pub fn backoff(&self, attempt: u32) -> Duration {
         let exp = 2u32.saturating_pow(attempt.saturating_sub(1));
-        let ceiling = self.config.base_delay.saturating_mul(exp).min(self.config.max_delay);
+        let ceiling = self
+            .config
+            .base_delay
+            .saturating_mul(exp)
+            .min(self.config.max_delay);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         Duration::from_nanos(rand::rng().random_range(0..=nanos))
     }
@@ -116,7 +120,11 @@ impl Retrier {
             }
         }
         Err(last_error.unwrap_or_else(|| {
-            UpstreamError::new(crate::providers::ErrorClass::Connection, "gateway", "no model to call")
+            UpstreamError::new(
+                crate::providers::ErrorClass::Connection,
+                "gateway",
+                "no model to call",
+            )
         }))
     }
 

@@ -61,7 +61,10 @@ impl Router {
         // Keyed by model name: a model with its own connect timeout gets its own client.
         let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for m in &config.models {
-            let provider = match (m.connect_timeout, config.providers.iter().find(|p| p.name == m.provider)) {
+            let provider = match (
+                m.connect_timeout,
+                config.providers.iter().find(|p| p.name == m.provider),
+            ) {
                 (Some(connect_timeout), Some(p)) => build_provider(&ProviderConfig {
                     connect_timeout,
                     ..p.clone()
@@ -100,9 +103,12 @@ impl Router {
 
     /// The chain for `requested`, checked against the route's kind.
     pub fn chain(&self, requested: &str, kind: ModelKind) -> Result<Chain, ApiError> {
-        let model = self.config.model(requested).ok_or_else(|| ApiError::ModelNotFound {
-            model: requested.to_string(),
-        })?;
+        let model = self
+            .config
+            .model(requested)
+            .ok_or_else(|| ApiError::ModelNotFound {
+                model: requested.to_string(),
+            })?;
         if model.kind != kind {
             let (asked, is) = match kind {
                 ModelKind::Chat => ("chat completions", "an embeddings model"),
@@ -120,7 +126,12 @@ impl Router {
         };
         let mut routes = Vec::with_capacity(1 + model.fallbacks.len());
         routes.push(first);
-        routes.extend(model.fallbacks.iter().filter_map(|f| self.exact.get(f).cloned()));
+        routes.extend(
+            model
+                .fallbacks
+                .iter()
+                .filter_map(|f| self.exact.get(f).cloned()),
+        );
         Ok(Chain {
             routes,
             template: model.template_fallback.as_ref().map(|_| model.name.clone()),
@@ -128,7 +139,11 @@ impl Router {
     }
 
     /// Render a model's template fallback.
-    pub fn render_template(&self, name: &str, ctx: &TemplateContext<'_>) -> Result<String, ApiError> {
+    pub fn render_template(
+        &self,
+        name: &str,
+        ctx: &TemplateContext<'_>,
+    ) -> Result<String, ApiError> {
         self.templates
             .get_template(name)
             .and_then(|t| t.render(ctx))
@@ -162,7 +177,10 @@ fn route_for(
         model: requested.to_string(),
         provider_name: model.provider.clone(),
         provider,
-        upstream_model: model.upstream.clone().unwrap_or_else(|| requested.to_string()),
+        upstream_model: model
+            .upstream
+            .clone()
+            .unwrap_or_else(|| requested.to_string()),
         timeouts: model.timeouts,
     })
 }

@@ -43,17 +43,28 @@ fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<By
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit }
         } else {
-            ApiError::invalid(format!("could not read the request body: {rejection}"), None)
+            ApiError::invalid(
+                format!("could not read the request body: {rejection}"),
+                None,
+            )
         }
     })
 }
 
-async fn chat_completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat_completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = body_or_error(body, gw.config.server.max_body_bytes);
     pipeline::chat_completions(gw, headers, body).await
 }
 
-async fn embeddings(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn embeddings(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = body_or_error(body, gw.config.server.max_body_bytes);
     pipeline::embeddings(gw, headers, body).await
 }
@@ -72,7 +83,10 @@ async fn readyz() -> Response {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    ApiError::RouteNotFound { path: uri.path().to_string() }.into_response()
+    ApiError::RouteNotFound {
+        path: uri.path().to_string(),
+    }
+    .into_response()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
@@ -113,7 +127,11 @@ impl Running {
 }
 
 /// Bind and serve in the background until [`Running::stop`].
-pub async fn start(config: Config, listen: SocketAddr, sinks: Vec<Box<dyn RecordSink>>) -> anyhow::Result<Running> {
+pub async fn start(
+    config: Config,
+    listen: SocketAddr,
+    sinks: Vec<Box<dyn RecordSink>>,
+) -> anyhow::Result<Running> {
     check_exposure(&config, listen)?;
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
@@ -134,13 +152,20 @@ pub async fn start(config: Config, listen: SocketAddr, sinks: Vec<Box<dyn Record
         }
         drain(tasks, grace).await;
     });
-    Ok(Running { addr, shutdown, done })
+    Ok(Running {
+        addr,
+        shutdown,
+        done,
+    })
 }
 
 async fn drain(tasks: TaskTracker, grace: Duration) {
     tasks.close();
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; abandoning in-flight streams");
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "shutdown grace period over; abandoning in-flight streams"
+        );
     }
 }
 
@@ -148,9 +173,12 @@ async fn drain(tasks: TaskTracker, grace: Duration) {
 pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let source = match &config.source {
         ConfigSource::Embedded { simulated: true } => {
-            "embedded default (simulated provider: no OPENAI_API_KEY or ANTHROPIC_API_KEY set)".to_string()
+            "embedded default (simulated provider: no OPENAI_API_KEY or ANTHROPIC_API_KEY set)"
+                .to_string()
         }
-        ConfigSource::Embedded { simulated: false } => "embedded default (providers from environment)".to_string(),
+        ConfigSource::Embedded { simulated: false } => {
+            "embedded default (providers from environment)".to_string()
+        }
         ConfigSource::File(p) => p.display().to_string(),
     };
     let keyless = config.server.master_key.is_none();

@@ -172,9 +172,15 @@ impl Recorder {
         if let Err(e) = self.tx.try_send(record) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             let id = match &e {
-                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r.request_id.as_str(),
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => {
+                    r.request_id.as_str()
+                }
             };
-            tracing::warn!(request_id = id, dropped_total = n, "request record dropped: recorder queue full or closed");
+            tracing::warn!(
+                request_id = id,
+                dropped_total = n,
+                "request record dropped: recorder queue full or closed"
+            );
         }
     }
 
@@ -194,7 +200,12 @@ pub struct RecordGuard {
 }
 
 impl RecordGuard {
-    pub fn new(recorder: Recorder, request_id: String, endpoint: Endpoint, started: Instant) -> Self {
+    pub fn new(
+        recorder: Recorder,
+        request_id: String,
+        endpoint: Endpoint,
+        started: Instant,
+    ) -> Self {
         let started_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -240,7 +251,10 @@ impl RecordGuard {
     }
 
     pub fn request_id(&self) -> &str {
-        self.record.as_ref().map(|r| r.request_id.as_str()).unwrap_or("")
+        self.record
+            .as_ref()
+            .map(|r| r.request_id.as_str())
+            .unwrap_or("")
     }
 
     /// Emit with the given outcome and status.
@@ -263,7 +277,11 @@ impl RecordGuard {
 impl Drop for RecordGuard {
     fn drop(&mut self) {
         // 499: nginx's "client closed request", the usual name for this in access logs.
-        self.emit(Outcome::ClientCancelled, 499, Some("client_cancelled".into()));
+        self.emit(
+            Outcome::ClientCancelled,
+            499,
+            Some("client_cancelled".into()),
+        );
     }
 }
 
@@ -281,7 +299,11 @@ pub fn init_logging(config: &TelemetryConfig) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _ = if json {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     } else {
         builder.try_init()
     };
@@ -296,15 +318,31 @@ mod tests {
         let tasks = TaskTracker::new();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let recorder = Recorder::start(vec![Box::new(ChannelSink(tx))], &tasks);
-        let guard = RecordGuard::new(recorder.clone(), "r1".into(), Endpoint::ChatCompletions, Instant::now());
+        let guard = RecordGuard::new(
+            recorder.clone(),
+            "r1".into(),
+            Endpoint::ChatCompletions,
+            Instant::now(),
+        );
         drop(guard);
-        let finished = RecordGuard::new(recorder.clone(), "r2".into(), Endpoint::Embeddings, Instant::now());
+        let finished = RecordGuard::new(
+            recorder.clone(),
+            "r2".into(),
+            Endpoint::Embeddings,
+            Instant::now(),
+        );
         finished.finish(Outcome::Ok, 200, None);
         drop(recorder);
         let a = rx.recv().await.unwrap();
-        assert_eq!((a.request_id.as_str(), a.outcome, a.status), ("r1", Outcome::ClientCancelled, 499));
+        assert_eq!(
+            (a.request_id.as_str(), a.outcome, a.status),
+            ("r1", Outcome::ClientCancelled, 499)
+        );
         let b = rx.recv().await.unwrap();
-        assert_eq!((b.request_id.as_str(), b.outcome, b.success), ("r2", Outcome::Ok, true));
+        assert_eq!(
+            (b.request_id.as_str(), b.outcome, b.success),
+            ("r2", Outcome::Ok, true)
+        );
         tasks.close();
         tasks.wait().await;
         assert!(rx.recv().await.is_none(), "exactly one record per guard");

@@ -371,7 +371,10 @@ mod tests {
             "sluice": {"feature": "search"}
         });
         let req: ChatRequest = serde_json::from_value(body).unwrap();
-        assert_eq!(req.sluice.as_ref().unwrap().feature.as_deref(), Some("search"));
+        assert_eq!(
+            req.sluice.as_ref().unwrap().feature.as_deref(),
+            Some("search")
+        );
         let out = serde_json::to_value(UpstreamChat {
             model: "upstream-model",
             stream: false,
@@ -389,7 +392,11 @@ mod tests {
 
     #[test]
     fn chunk_peek_reads_usage_and_errors() {
-        let c = StreamChunk::peek(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#.into()).unwrap();
+        let c = StreamChunk::peek(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+                .into(),
+        )
+        .unwrap();
         match c {
             PeekedChunk::Chunk(c) => {
                 assert!(c.usage_only);

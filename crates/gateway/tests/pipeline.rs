@@ -1,6 +1,12 @@
 //! In-process service tests: the whole pipeline through `oneshot`, no socket, against
 //! the simulated provider with scripted failures. Time is paused where backoff matters.
 
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers outside #[test] fns fail loudly by design"
+)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,8 +30,12 @@ struct Harness {
 }
 
 fn harness(toml: &str) -> Harness {
-    let config = Config::from_toml(toml, &[("UNUSED", "")], ConfigSource::Embedded { simulated: false })
-        .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let config = Config::from_toml(
+        toml,
+        &[("UNUSED", "")],
+        ConfigSource::Embedded { simulated: false },
+    )
+    .unwrap_or_else(|e| panic!("test config invalid: {e}"));
     let tasks = TaskTracker::new();
     let (tx, records) = tokio::sync::mpsc::unbounded_channel();
     let recorder = Recorder::start(vec![Box::new(ChannelSink(tx))], &tasks);
@@ -71,7 +81,10 @@ impl Harness {
         drop(self.app);
         self.tasks.close();
         self.tasks.wait().await;
-        assert!(self.records.recv().await.is_none(), "a request left more than one record");
+        assert!(
+            self.records.recv().await.is_none(),
+            "a request left more than one record"
+        );
     }
 }
 
@@ -105,13 +118,21 @@ async fn retries_honour_retry_after_and_succeed() {
     let (status, headers, body) = h.chat(chat_body("m")).await;
     let waited = start.elapsed();
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(body["choices"][0]["message"]["content"].as_str().unwrap().starts_with("Simulated"));
+    assert!(
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("Simulated")
+    );
     assert!(headers.get("x-sluice-fallback").is_none());
     // Two 429s, each asking for 7 s: the gateway waits exactly that, not its own 10 ms backoff.
     assert!(waited >= Duration::from_secs(14), "waited only {waited:?}");
     assert!(waited < Duration::from_secs(15), "waited {waited:?}");
     let r = h.next_record().await;
-    assert_eq!((r.retries, r.upstream_calls, r.outcome), (2, 3, Outcome::Ok));
+    assert_eq!(
+        (r.retries, r.upstream_calls, r.outcome),
+        (2, 3, Outcome::Ok)
+    );
     h.assert_no_more_records().await;
 }
 
@@ -135,7 +156,10 @@ async fn exhausted_retries_return_429_with_retry_after() {
     assert_eq!(headers["retry-after"], "3");
     assert_eq!(body["error"]["code"], "upstream_rate_limited");
     let r = h.next_record().await;
-    assert_eq!((r.upstream_calls, r.outcome, r.status), (2, Outcome::ApiError, 429));
+    assert_eq!(
+        (r.upstream_calls, r.outcome, r.status),
+        (2, Outcome::ApiError, 429)
+    );
     h.assert_no_more_records().await;
 }
 
@@ -161,14 +185,21 @@ async fn backoff_grows_and_stays_within_the_ceiling() {
     let start = tokio::time::Instant::now();
     let (status, _, _) = h.chat(chat_body("m")).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(start.elapsed() <= Duration::from_secs(7), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() <= Duration::from_secs(7),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(h.next_record().await.retries, 3);
     h.assert_no_more_records().await;
 }
 
 #[tokio::test]
 async fn non_retryable_failures_are_not_retried() {
-    for (status, code) in [(400, "invalid_request_error"), (401, "upstream_auth_failed")] {
+    for (status, code) in [
+        (400, "invalid_request_error"),
+        (401, "upstream_auth_failed"),
+    ] {
         let mut h = harness(&format!(
             r#"{RETRY_FAST}
             [[providers]]
@@ -220,7 +251,10 @@ async fn retry_budget_caps_extra_calls() {
         calls += h.next_record().await.upstream_calls;
     }
     assert!(calls >= 100, "{calls}");
-    assert!(calls <= 115, "retry budget exceeded: {calls} calls for 100 requests");
+    assert!(
+        calls <= 115,
+        "retry budget exceeded: {calls} calls for 100 requests"
+    );
 }
 
 #[tokio::test]
@@ -315,7 +349,10 @@ async fn template_fallback_answers_when_every_model_failed() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-sluice-fallback"], "template");
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["choices"][0]["message"]["content"], "Sorry ada, search is unavailable right now.");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Sorry ada, search is unavailable right now."
+    );
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     let r = h.next_record().await;
     assert_eq!(r.outcome, Outcome::Ok);
@@ -333,12 +370,22 @@ async fn template_fallback_streams_too() {
     body["sluice"] = json!({"variables": {"topic": "billing"}});
     let r = h.post("/v1/chat/completions", body).await;
     assert_eq!(r.headers()["x-sluice-fallback"], "template");
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let content: String = data_lines(&text)
         .iter()
         .filter(|d| *d != "[DONE]")
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| v["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect();
     assert_eq!(content, "Sorry friend, billing is unavailable right now.");
     assert!(text.ends_with("data: [DONE]\n\n"));
@@ -405,7 +452,13 @@ async fn total_timeout_cuts_a_slow_stream() {
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let data = data_lines(&text);
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["code"], "stream_interrupted");
@@ -438,7 +491,13 @@ async fn stream_chunks_arrive_in_order_and_unchanged() {
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body.clone()).await;
     assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let got = data_lines(&text);
 
     // What the upstream sent: the gateway always asks for usage, and strips the usage
@@ -474,7 +533,13 @@ async fn include_usage_is_honoured() {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let r = h.post("/v1/chat/completions", body).await;
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let data = data_lines(&text);
     assert_eq!(data.last().unwrap(), "[DONE]");
     let usage: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
@@ -501,14 +566,23 @@ async fn a_cut_stream_ends_with_an_error_event_not_done() {
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     let data = data_lines(&text);
     assert_eq!(data.len(), 4, "three chunks then the error event: {data:?}");
     assert!(!text.contains("[DONE]"));
     let error: Value = serde_json::from_str(&data[3]).unwrap();
     assert_eq!(error["error"]["code"], "stream_interrupted");
     let r = h.next_record().await;
-    assert_eq!((r.outcome, r.error_code.as_deref()), (Outcome::ApiError, Some("stream_interrupted")));
+    assert_eq!(
+        (r.outcome, r.error_code.as_deref()),
+        (Outcome::ApiError, Some("stream_interrupted"))
+    );
     h.assert_no_more_records().await;
 }
 
@@ -529,7 +603,13 @@ async fn failure_before_the_first_chunk_retries_the_stream() {
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let text = String::from_utf8(axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
     let r = h.next_record().await;
     assert_eq!((r.retries, r.outcome), (1, Outcome::Ok));
@@ -559,7 +639,11 @@ async fn client_disconnect_cancels_the_stream_and_records_once() {
     // The whole stream would take several seconds at 5 chunks/s; the record arrives
     // at once because the forwarder saw the client go and dropped the upstream stream.
     let r = h.next_record().await;
-    assert!(hung_up.elapsed() < Duration::from_secs(2), "{:?}", hung_up.elapsed());
+    assert!(
+        hung_up.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        hung_up.elapsed()
+    );
     assert_eq!(r.outcome, Outcome::ClientCancelled);
     assert_eq!(r.status, 499);
     assert_eq!(r.model.as_deref(), Some("m"));
@@ -589,7 +673,11 @@ async fn bad_input_gets_precise_4xx_and_a_record() {
         name = "text-embedding-3-small"
         provider = "sim"
     "#
-        .replacen("max_body_bytes = 2048", "[server]\nmax_body_bytes = 2048", 1)
+        .replacen(
+            "max_body_bytes = 2048",
+            "[server]\nmax_body_bytes = 2048",
+            1,
+        )
         .as_str(),
     );
     let raw = |body: &str| {
@@ -598,22 +686,77 @@ async fn bad_input_gets_precise_4xx_and_a_record() {
             .unwrap()
     };
     let cases: Vec<(Request<Body>, StatusCode, &str, Option<&str>)> = vec![
-        (raw("{\"model\": "), StatusCode::BAD_REQUEST, "invalid_json", None),
-        (raw("[1,2]"), StatusCode::BAD_REQUEST, "invalid_request", None),
-        (raw(r#"{"model":"gpt-4o-mini","messages":"hi"}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("messages")),
-        (raw(r#"{"model":"gpt-4o-mini","messages":[]}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("messages")),
-        (raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#), StatusCode::BAD_REQUEST, "invalid_request", Some("temperature")),
-        (raw(r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#), StatusCode::NOT_FOUND, "model_not_found", Some("model")),
-        (raw(r#"{"model":"text-embedding-3-small","messages":[{"role":"user","content":"x"}]}"#), StatusCode::BAD_REQUEST, "model_not_supported", Some("model")),
-        (raw(&format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(4096))), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", None),
-        (raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]} trailing"#), StatusCode::BAD_REQUEST, "invalid_json", None),
+        (
+            raw("{\"model\": "),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            None,
+        ),
+        (
+            raw("[1,2]"),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            None,
+        ),
+        (
+            raw(r#"{"model":"gpt-4o-mini","messages":"hi"}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            Some("messages"),
+        ),
+        (
+            raw(r#"{"model":"gpt-4o-mini","messages":[]}"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            Some("messages"),
+        ),
+        (
+            raw(
+                r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            Some("temperature"),
+        ),
+        (
+            raw(r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#),
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            Some("model"),
+        ),
+        (
+            raw(r#"{"model":"text-embedding-3-small","messages":[{"role":"user","content":"x"}]}"#),
+            StatusCode::BAD_REQUEST,
+            "model_not_supported",
+            Some("model"),
+        ),
+        (
+            raw(&format!(
+                r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+                "x".repeat(4096)
+            )),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            None,
+        ),
+        (
+            raw(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]} trailing"#),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            None,
+        ),
     ];
     let n = cases.len();
     for (request, status, code, param) in cases {
         let r = h.app.clone().oneshot(request).await.unwrap();
         assert_eq!(r.status(), status, "for code {code}");
         assert!(r.headers().contains_key("x-sluice-request-id"));
-        let body: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(
+            &axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(body["error"]["code"], code, "{body}");
         assert_eq!(body["error"]["param"].as_str(), param, "{body}");
         assert!(!body["error"]["message"].as_str().unwrap().is_empty());
@@ -641,14 +784,29 @@ async fn embeddings_accept_strings_and_arrays() {
     "#,
     );
     for (input, n) in [(json!("one"), 1), (json!(["a", "b", "c"]), 3)] {
-        let r = h.post("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": input})).await;
+        let r = h
+            .post(
+                "/v1/embeddings",
+                json!({"model": "text-embedding-3-small", "input": input}),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::OK);
-        let body: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), usize::MAX).await.unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(
+            &axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(body["data"].as_array().unwrap().len(), n);
         assert_eq!(body["data"][0]["embedding"].as_array().unwrap().len(), 1536);
         assert!(h.next_record().await.prompt_tokens > 0);
     }
-    let r = h.post("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": []})).await;
+    let r = h
+        .post(
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": []}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -665,11 +823,141 @@ async fn master_key_guards_v1_but_not_health() {
         }
         app.clone().oneshot(b.body(Body::empty()).unwrap())
     };
-    assert_eq!(send("/v1/models", None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(send("/v1/models", Some("nope")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(send("/v1/models", Some("k1")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(send("/healthz", None).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(send("/readyz", None).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        send("/v1/models", None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send("/v1/models", Some("nope")).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send("/v1/models", Some("k1")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send("/healthz", None).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        send("/readyz", None).await.unwrap().status(),
+        StatusCode::OK
+    );
     let missing = send("/v2/nothing", None).await.unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+}
+
+async fn mock(chaos: sluice_sim::ChaosConfig) -> sluice_sim::MockServer {
+    sluice_sim::MockServer::start("127.0.0.1:0".parse().unwrap(), chaos)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn anthropic_models_are_served_through_the_openai_api() {
+    let upstream = mock(Default::default()).await;
+    let mut h = harness(&format!(
+        r#"
+        [[providers]]
+        name = "anthropic"
+        kind = "anthropic"
+        base_url = "http://{}"
+        api_key = "sk-ant-test"
+        [[models]]
+        name = "claude-*"
+        provider = "anthropic"
+    "#,
+        upstream.addr
+    ));
+    let mut body = chat_body("claude-3-5-haiku-latest");
+    body["messages"] = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about sluices"}
+    ]);
+    let (status, headers, reply) = h.chat(body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(headers["x-sluice-model"], "claude-3-5-haiku-latest");
+    assert_eq!(reply["object"], "chat.completion");
+    let text = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(text.starts_with("Simulated"), "{text}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop");
+    assert!(reply["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(h.next_record().await.provider.as_deref(), Some("anthropic"));
+
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = h.post("/v1/chat/completions", body).await;
+    let sse = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = data_lines(&sse);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text, "the stream says what the completion said");
+    assert!(
+        chunks.last().unwrap()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let r = h.next_record().await;
+    assert_eq!((r.outcome, r.stream), (Outcome::Ok, true));
+    assert!(!r.tokens_estimated);
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_stream_over_http_surfaces_an_error_event() {
+    let upstream = mock(sluice_sim::ChaosConfig {
+        cut_after: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let mut h = harness(&format!(
+        r#"
+        [[providers]]
+        name = "mock"
+        kind = "openai"
+        base_url = "{}"
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "mock"
+    "#,
+        upstream.url()
+    ));
+    let mut body = chat_body("gpt-4o-mini");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/chat/completions", body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let sse = String::from_utf8(
+        axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    let data = data_lines(&sse);
+    assert_eq!(data.len(), 3, "{data:?}");
+    let error: Value = serde_json::from_str(&data[2]).unwrap();
+    assert_eq!(error["error"]["code"], "stream_interrupted");
+    assert_eq!(
+        upstream.calls(),
+        1,
+        "no retry after the first chunk went out"
+    );
+    let r = h.next_record().await;
+    assert_eq!(r.outcome, Outcome::ApiError);
 }

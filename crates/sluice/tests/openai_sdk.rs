@@ -164,10 +164,10 @@ fn collect_records(p: &common::Proc, want: usize) -> Vec<serde_json::Value> {
         };
         match p.log.recv_timeout(wait) {
             Ok(line) => {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["event"] == "ai_request_complete" {
-                        records.push(v);
-                    }
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["event"] == "ai_request_complete"
+                {
+                    records.push(v);
                 }
             }
             Err(_) => break,

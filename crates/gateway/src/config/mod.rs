@@ -38,7 +38,9 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigSource {
     /// No file: providers from the environment, or the simulator.
-    Embedded { simulated: bool },
+    Embedded {
+        simulated: bool,
+    },
     File(PathBuf),
 }
 
@@ -330,7 +332,11 @@ impl Config {
     }
 
     /// Parse and validate TOML text.
-    pub fn from_toml(text: &str, env: &dyn Env, source: ConfigSource) -> Result<Config, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Env,
+        source: ConfigSource,
+    ) -> Result<Config, ConfigError> {
         let mut problems = Problems::default();
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError {
             file: None,
@@ -351,7 +357,8 @@ impl Config {
         let telemetry: RawTelemetry = section("telemetry")
             .and_then(|v| problems.take("telemetry", v))
             .unwrap_or_default();
-        let providers: Vec<(usize, RawProvider)> = take_array(section("providers"), "providers", &mut problems);
+        let providers: Vec<(usize, RawProvider)> =
+            take_array(section("providers"), "providers", &mut problems);
         let models: Vec<(usize, RawModel)> = take_array(section("models"), "models", &mut problems);
         for key in table.keys() {
             problems.push(
@@ -360,7 +367,16 @@ impl Config {
             );
         }
 
-        let config = build(server, retry, providers, models, telemetry, env, source, &mut problems);
+        let config = build(
+            server,
+            retry,
+            providers,
+            models,
+            telemetry,
+            env,
+            source,
+            &mut problems,
+        );
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -469,7 +485,11 @@ impl Config {
 }
 
 /// The readable items of an array of tables, each with its index in the file.
-fn take_array<T: DeserializeOwned>(value: Option<toml::Value>, name: &str, problems: &mut Problems) -> Vec<(usize, T)> {
+fn take_array<T: DeserializeOwned>(
+    value: Option<toml::Value>,
+    name: &str,
+    problems: &mut Problems,
+) -> Vec<(usize, T)> {
     match value {
         None => Vec::new(),
         Some(toml::Value::Array(items)) => items
@@ -484,7 +504,12 @@ fn take_array<T: DeserializeOwned>(value: Option<toml::Value>, name: &str, probl
     }
 }
 
-fn interpolate_table(table: &mut toml::Table, prefix: &str, env: &dyn Env, problems: &mut Problems) {
+fn interpolate_table(
+    table: &mut toml::Table,
+    prefix: &str,
+    env: &dyn Env,
+    problems: &mut Problems,
+) {
     for (key, value) in table.iter_mut() {
         let path = if prefix.is_empty() {
             key.clone()
@@ -521,7 +546,10 @@ fn interpolate_value(value: &mut toml::Value, path: &str, env: &dyn Env, problem
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one call per section, read in one place")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per section, read in one place"
+)]
 fn build(
     server: RawServer,
     retry: RawRetry,
@@ -539,7 +567,10 @@ fn build(
     let listen = match listen_text.parse::<SocketAddr>() {
         Ok(a) => a,
         Err(e) => {
-            problems.push("server.listen", format!("`{listen_text}` is not an address like 127.0.0.1:8484: {e}"));
+            problems.push(
+                "server.listen",
+                format!("`{listen_text}` is not an address like 127.0.0.1:8484: {e}"),
+            );
             SocketAddr::from(([127, 0, 0, 1], 8484))
         }
     };
@@ -579,7 +610,10 @@ fn build(
         .map(|(i, p)| {
             let path = format!("providers[{i}]");
             if !names.insert(p.name.clone()) {
-                problems.push(format!("{path}.name"), format!("duplicate provider name `{}`", p.name));
+                problems.push(
+                    format!("{path}.name"),
+                    format!("duplicate provider name `{}`", p.name),
+                );
             }
             let base_url = p.base_url.unwrap_or_else(|| match p.kind {
                 ProviderKind::Openai => DEFAULT_OPENAI_BASE_URL.into(),
@@ -589,16 +623,28 @@ fn build(
             if p.kind != ProviderKind::Sim {
                 match reqwest::Url::parse(&base_url) {
                     Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                    Ok(u) => problems.push(format!("{path}.base_url"), format!("scheme `{}` is not http or https", u.scheme())),
-                    Err(e) => problems.push(format!("{path}.base_url"), format!("`{base_url}` is not a URL: {e}")),
+                    Ok(u) => problems.push(
+                        format!("{path}.base_url"),
+                        format!("scheme `{}` is not http or https", u.scheme()),
+                    ),
+                    Err(e) => problems.push(
+                        format!("{path}.base_url"),
+                        format!("`{base_url}` is not a URL: {e}"),
+                    ),
                 }
             }
             if p.chaos.is_some() && p.kind != ProviderKind::Sim {
-                problems.push(format!("{path}.chaos"), "only a provider of kind \"sim\" takes chaos settings");
+                problems.push(
+                    format!("{path}.chaos"),
+                    "only a provider of kind \"sim\" takes chaos settings",
+                );
             }
             let chaos = chaos_config(p.chaos.unwrap_or_default());
             if !(0.0..=1.0).contains(&chaos.error_rate) {
-                problems.push(format!("{path}.chaos.error_rate"), "must be between 0 and 1");
+                problems.push(
+                    format!("{path}.chaos.error_rate"),
+                    "must be between 0 and 1",
+                );
             }
             ProviderConfig {
                 name: p.name,
@@ -619,24 +665,37 @@ fn build(
         .map(|(i, m)| {
             let path = format!("models[{i}]");
             if !model_names.insert(m.name.clone()) {
-                problems.push(format!("{path}.name"), format!("duplicate model name `{}`", m.name));
+                problems.push(
+                    format!("{path}.name"),
+                    format!("duplicate model name `{}`", m.name),
+                );
             }
             if m.name.is_empty() {
                 problems.push(format!("{path}.name"), "must not be empty");
             }
             if m.name.trim_end_matches('*').contains('*') {
-                problems.push(format!("{path}.name"), "`*` is only allowed at the end of a name");
+                problems.push(
+                    format!("{path}.name"),
+                    "`*` is only allowed at the end of a name",
+                );
             }
             if !providers.iter().any(|p| p.name == m.provider) {
                 problems.push(
                     format!("{path}.provider"),
-                    format!("no provider named `{}` (known: {})", m.provider, provider_list(&providers)),
+                    format!(
+                        "no provider named `{}` (known: {})",
+                        m.provider,
+                        provider_list(&providers)
+                    ),
                 );
             }
             if let Some(t) = &m.template_fallback
                 && let Err(e) = minijinja::Environment::new().template_from_str(t)
             {
-                problems.push(format!("{path}.template_fallback"), format!("invalid template: {e}"));
+                problems.push(
+                    format!("{path}.template_fallback"),
+                    format!("invalid template: {e}"),
+                );
             }
             let kind = m.kind.unwrap_or_else(|| {
                 if m.name.contains("embedding") {
@@ -665,9 +724,16 @@ fn build(
             let path = format!("models[{i}].fallbacks[{j}]");
             match models.iter().find(|x| &x.name == f) {
                 None => problems.push(path, format!("no model named `{f}`")),
-                Some(x) if x.is_pattern() => problems.push(path, format!("`{f}` is a pattern; a fallback must be one model")),
-                Some(x) if x.name == m.name => problems.push(path, "a model cannot be its own fallback"),
-                Some(x) if x.kind != m.kind => problems.push(path, format!("`{f}` is not the same kind of model")),
+                Some(x) if x.is_pattern() => problems.push(
+                    path,
+                    format!("`{f}` is a pattern; a fallback must be one model"),
+                ),
+                Some(x) if x.name == m.name => {
+                    problems.push(path, "a model cannot be its own fallback")
+                }
+                Some(x) if x.kind != m.kind => {
+                    problems.push(path, format!("`{f}` is not the same kind of model"))
+                }
                 Some(_) => {}
             }
         }
@@ -735,7 +801,10 @@ mod tests {
         assert!(c.server.master_key.is_none());
         let names: Vec<_> = c.models.iter().map(|m| m.name.as_str()).collect();
         assert_eq!(names, ["gpt-4o-mini", "gpt-4o", "text-embedding-3-small"]);
-        assert_eq!(c.model("text-embedding-3-small").unwrap().kind, ModelKind::Embeddings);
+        assert_eq!(
+            c.model("text-embedding-3-small").unwrap().kind,
+            ModelKind::Embeddings
+        );
         assert!(c.model("gpt-5").is_none());
     }
 
@@ -749,7 +818,10 @@ mod tests {
         ];
         let c = Config::embedded_default(&env).unwrap();
         assert_eq!(c.source, ConfigSource::Embedded { simulated: false });
-        assert_eq!(c.server.master_key.as_ref().unwrap().expose_secret(), "master");
+        assert_eq!(
+            c.server.master_key.as_ref().unwrap().expose_secret(),
+            "master"
+        );
         assert_eq!(c.server.listen.port(), 9000);
         let openai = c.providers.iter().find(|p| p.name == "openai").unwrap();
         assert_eq!(openai.base_url, "http://127.0.0.1:9/v1");
@@ -791,7 +863,8 @@ mod tests {
 
             [extra]
         "#;
-        let err = Config::from_toml(text, &NO_ENV, ConfigSource::Embedded { simulated: false }).unwrap_err();
+        let err = Config::from_toml(text, &NO_ENV, ConfigSource::Embedded { simulated: false })
+            .unwrap_err();
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
         for expected in [
             "providers[0].api_key",
@@ -802,7 +875,10 @@ mod tests {
             "retry.max_attempts",
             "models[1].template_fallback",
         ] {
-            assert!(paths.contains(&expected), "{expected} missing from {paths:?}");
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
         }
         let rendered = err.to_string();
         assert!(rendered.contains("MISSING_KEY"), "{rendered}");
@@ -823,11 +899,18 @@ mod tests {
             provider = "nope"
             fallbacks = ["b", "a"]
         "#;
-        let err = Config::from_toml(text, &NO_ENV, ConfigSource::Embedded { simulated: false }).unwrap_err();
+        let err = Config::from_toml(text, &NO_ENV, ConfigSource::Embedded { simulated: false })
+            .unwrap_err();
         let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["server.listen", "retry.max_attempts", "models[0].provider", "models[0].fallbacks[0]", "models[0].fallbacks[1]"]
+            [
+                "server.listen",
+                "retry.max_attempts",
+                "models[0].provider",
+                "models[0].fallbacks[0]",
+                "models[0].fallbacks[1]"
+            ]
         );
     }
 
@@ -859,7 +942,12 @@ mod tests {
             name = "backup"
             provider = "sim"
         "#;
-        let c = Config::from_toml(text, &[("KEY", "k")], ConfigSource::Embedded { simulated: false }).unwrap();
+        let c = Config::from_toml(
+            text,
+            &[("KEY", "k")],
+            ConfigSource::Embedded { simulated: false },
+        )
+        .unwrap();
         assert_eq!(c.retry.max_attempts, 4);
         assert_eq!(c.retry.base_delay, Duration::from_millis(50));
         assert_eq!(c.providers[0].base_url, "http://127.0.0.1:8485/v1");
@@ -879,8 +967,12 @@ mod example_tests {
     #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sluice.toml");
-        let c = Config::load(&path, &[("OPENAI_API_KEY", "sk-test")]).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.model("gpt-4o-mini").unwrap().fallbacks, ["claude-haiku", "sim-chat"]);
+        let c =
+            Config::load(&path, &[("OPENAI_API_KEY", "sk-test")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.model("gpt-4o-mini").unwrap().fallbacks,
+            ["claude-haiku", "sim-chat"]
+        );
         assert_eq!(c.model("claude-3-opus").unwrap().provider, "anthropic");
         assert!(c.server.master_key.is_none());
     }

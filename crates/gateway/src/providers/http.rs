@@ -12,7 +12,10 @@ use super::{ErrorClass, UpstreamError, retry_after_from_headers};
 use crate::config::ProviderConfig;
 
 /// A client per provider, so its connect timeout and pool are its own.
-pub(crate) fn client(config: &ProviderConfig, default_headers: ::http::HeaderMap) -> anyhow::Result<reqwest::Client> {
+pub(crate) fn client(
+    config: &ProviderConfig,
+    default_headers: ::http::HeaderMap,
+) -> anyhow::Result<reqwest::Client> {
     static CRYPTO: Once = Once::new();
     CRYPTO.call_once(|| {
         // Another part of the process may have installed one first; either is fine.
@@ -34,7 +37,10 @@ pub(crate) fn client(config: &ProviderConfig, default_headers: ::http::HeaderMap
 }
 
 /// The API key as a header value, marked sensitive so it never shows in debug output.
-pub(crate) fn secret_header(config: &ProviderConfig, prefix: &str) -> anyhow::Result<Option<::http::HeaderValue>> {
+pub(crate) fn secret_header(
+    config: &ProviderConfig,
+    prefix: &str,
+) -> anyhow::Result<Option<::http::HeaderValue>> {
     match &config.api_key {
         None => Ok(None),
         Some(key) => {
@@ -54,7 +60,13 @@ pub(crate) async fn send(
     parse_error: fn(&serde_json::Value) -> ErrorBody,
 ) -> Result<reqwest::Response, UpstreamError> {
     let response = match tokio::time::timeout(first_byte, request.send()).await {
-        Err(_) => return Err(UpstreamError::timeout(provider, "response headers", first_byte)),
+        Err(_) => {
+            return Err(UpstreamError::timeout(
+                provider,
+                "response headers",
+                first_byte,
+            ));
+        }
         Ok(Err(e)) => return Err(from_reqwest(provider, &e)),
         Ok(Ok(r)) => r,
     };
@@ -137,11 +149,23 @@ pub(crate) fn sse_events(
 ) -> impl Stream<Item = Result<Sse, UpstreamError>> + Send {
     SseByteStream::new(response.bytes_stream()).map(move |item| {
         item.map_err(|e| {
-            UpstreamError::new(ErrorClass::Connection, provider, format!("stream broken: {e}"))
+            UpstreamError::new(
+                ErrorClass::Connection,
+                provider,
+                format!("stream broken: {e}"),
+            )
         })
     })
 }
 
-pub(crate) fn invalid_response(provider: &'static str, what: &str, e: impl std::fmt::Display) -> UpstreamError {
-    UpstreamError::new(ErrorClass::InvalidResponse, provider, format!("unreadable {what}: {e}"))
+pub(crate) fn invalid_response(
+    provider: &'static str,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> UpstreamError {
+    UpstreamError::new(
+        ErrorClass::InvalidResponse,
+        provider,
+        format!("unreadable {what}: {e}"),
+    )
 }

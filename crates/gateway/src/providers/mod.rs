@@ -236,7 +236,15 @@ mod tests {
     #[test]
     fn statuses_classify_and_only_transient_ones_retry() {
         let c = |status, code: Option<&str>| {
-            UpstreamError::from_status("openai", status, String::new(), code.map(Into::into), None, None).class
+            UpstreamError::from_status(
+                "openai",
+                status,
+                String::new(),
+                code.map(Into::into),
+                None,
+                None,
+            )
+            .class
         };
         assert_eq!(c(429, None), ErrorClass::RateLimited);
         assert_eq!(c(529, None), ErrorClass::Overloaded);
@@ -260,9 +268,15 @@ mod tests {
         h.insert("retry-after", "2".parse().unwrap());
         assert_eq!(retry_after_from_headers(&h), Some(Duration::from_secs(2)));
         h.insert("retry-after-ms", "1500".parse().unwrap());
-        assert_eq!(retry_after_from_headers(&h), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            retry_after_from_headers(&h),
+            Some(Duration::from_millis(1500))
+        );
         let mut bad = ::http::HeaderMap::new();
-        bad.insert("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        bad.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after_from_headers(&bad), None);
     }
 }

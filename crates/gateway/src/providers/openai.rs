@@ -2,11 +2,13 @@
 //! goes out as the client sent it, with the upstream model name; answers and stream
 //! chunks come back untouched.
 
+use ::http::header::AUTHORIZATION;
 use async_trait::async_trait;
 use futures::StreamExt;
-use ::http::header::AUTHORIZATION;
 
-use super::http::{ErrorBody, body_bytes, client, invalid_response, secret_header, send, sse_events};
+use super::http::{
+    ErrorBody, body_bytes, client, invalid_response, secret_header, send, sse_events,
+};
 use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
 use crate::config::ProviderConfig;
 use crate::wire::{
@@ -63,8 +65,13 @@ pub(crate) fn parse_error(v: &serde_json::Value) -> ErrorBody {
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, UpstreamError> {
-    serde_json::to_vec(value)
-        .map_err(|e| UpstreamError::new(ErrorClass::BadRequest, KIND, format!("cannot encode request: {e}")))
+    serde_json::to_vec(value).map_err(|e| {
+        UpstreamError::new(
+            ErrorClass::BadRequest,
+            KIND,
+            format!("cannot encode request: {e}"),
+        )
+    })
 }
 
 #[async_trait]
@@ -80,7 +87,13 @@ impl Provider for OpenAiProvider {
             stream_options: None,
             request: call.request,
         })?;
-        let response = send(KIND, self.post(&self.chat_url, body), call.timeouts.first_byte, parse_error).await?;
+        let response = send(
+            KIND,
+            self.post(&self.chat_url, body),
+            call.timeouts.first_byte,
+            parse_error,
+        )
+        .await?;
         let bytes = body_bytes(KIND, response, call.timeouts.total).await?;
         serde_json::from_slice(&bytes).map_err(|e| invalid_response(KIND, "chat completion", e))
     }
@@ -96,7 +109,13 @@ impl Provider for OpenAiProvider {
             stream_options: Some(StreamOptions { ..options }),
             request: call.request,
         })?;
-        let response = send(KIND, self.post(&self.chat_url, body), call.timeouts.first_byte, parse_error).await?;
+        let response = send(
+            KIND,
+            self.post(&self.chat_url, body),
+            call.timeouts.first_byte,
+            parse_error,
+        )
+        .await?;
         Ok(openai_chunks(KIND, sse_events(KIND, response)))
     }
 
@@ -110,7 +129,13 @@ impl Provider for OpenAiProvider {
             model: upstream_model,
             request,
         })?;
-        let response = send(KIND, self.post(&self.embeddings_url, body), timeouts.first_byte, parse_error).await?;
+        let response = send(
+            KIND,
+            self.post(&self.embeddings_url, body),
+            timeouts.first_byte,
+            parse_error,
+        )
+        .await?;
         let bytes = body_bytes(KIND, response, timeouts.total).await?;
         serde_json::from_slice(&bytes).map_err(|e| invalid_response(KIND, "embeddings response", e))
     }
@@ -122,38 +147,49 @@ pub(crate) fn openai_chunks<S>(provider: &'static str, events: S) -> ChunkStream
 where
     S: futures::Stream<Item = Result<sse_stream::Sse, UpstreamError>> + Send + 'static,
 {
-    let stream = futures::stream::unfold((Box::pin(events), false), move |(mut events, done)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match events.next().await {
-                None => {
-                    let e = UpstreamError::new(ErrorClass::Connection, provider, "stream ended before [DONE]");
-                    return Some((Err(e), (events, true)));
-                }
-                Some(Err(e)) => return Some((Err(e), (events, true))),
-                Some(Ok(sse)) => {
-                    let Some(data) = sse.data else { continue };
-                    if data.trim() == "[DONE]" {
-                        return None;
+    let stream = futures::stream::unfold(
+        (Box::pin(events), false),
+        move |(mut events, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match events.next().await {
+                    None => {
+                        let e = UpstreamError::new(
+                            ErrorClass::Connection,
+                            provider,
+                            "stream ended before [DONE]",
+                        );
+                        return Some((Err(e), (events, true)));
                     }
-                    return match StreamChunk::peek(data) {
-                        Ok(PeekedChunk::Chunk(c)) => Some((Ok(c), (events, false))),
-                        Ok(PeekedChunk::Error(raw)) => {
-                            let body = serde_json::from_str::<serde_json::Value>(&raw)
-                                .map(|v| parse_error(&v))
-                                .unwrap_or_default();
-                            let mut e = UpstreamError::new(ErrorClass::Server, provider, body.message);
-                            e.code = body.code;
-                            Some((Err(e), (events, true)))
+                    Some(Err(e)) => return Some((Err(e), (events, true))),
+                    Some(Ok(sse)) => {
+                        let Some(data) = sse.data else { continue };
+                        if data.trim() == "[DONE]" {
+                            return None;
                         }
-                        Err(e) => Some((Err(invalid_response(provider, "stream chunk", e)), (events, true))),
-                    };
+                        return match StreamChunk::peek(data) {
+                            Ok(PeekedChunk::Chunk(c)) => Some((Ok(c), (events, false))),
+                            Ok(PeekedChunk::Error(raw)) => {
+                                let body = serde_json::from_str::<serde_json::Value>(&raw)
+                                    .map(|v| parse_error(&v))
+                                    .unwrap_or_default();
+                                let mut e =
+                                    UpstreamError::new(ErrorClass::Server, provider, body.message);
+                                e.code = body.code;
+                                Some((Err(e), (events, true)))
+                            }
+                            Err(e) => Some((
+                                Err(invalid_response(provider, "stream chunk", e)),
+                                (events, true),
+                            )),
+                        };
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     Box::pin(stream)
 }
 
@@ -170,7 +206,9 @@ mod tests {
     async fn chunks_pass_through_and_done_ends_cleanly() {
         let events = futures::stream::iter(vec![
             sse(r#"{"choices":[{"delta":{"content":"a"}}]}"#),
-            sse(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#),
+            sse(
+                r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+            ),
             sse("[DONE]"),
             sse(r#"{"never":"read"}"#),
         ]);
@@ -188,7 +226,9 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].as_ref().unwrap_err().class, ErrorClass::Connection);
 
-        let errored = futures::stream::iter(vec![sse(r#"{"error":{"message":"overloaded","code":"server_error"}}"#)]);
+        let errored = futures::stream::iter(vec![sse(
+            r#"{"error":{"message":"overloaded","code":"server_error"}}"#,
+        )]);
         let out: Vec<_> = openai_chunks(KIND, errored).collect().await;
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].as_ref().unwrap_err().message, "overloaded");
@@ -196,9 +236,19 @@ mod tests {
 
     #[test]
     fn error_bodies_of_both_shapes_are_read() {
-        let b = parse_error(&json!({"error": {"message": "m", "type": "t", "code": "c", "param": "p"}}));
-        assert_eq!((b.message.as_str(), b.code.as_deref(), b.param.as_deref()), ("m", Some("c"), Some("p")));
-        let flat = parse_error(&json!({"object": "error", "message": "too long", "type": "BadRequestError", "code": 400}));
-        assert_eq!((flat.message.as_str(), flat.code.as_deref()), ("too long", Some("400")));
+        let b = parse_error(
+            &json!({"error": {"message": "m", "type": "t", "code": "c", "param": "p"}}),
+        );
+        assert_eq!(
+            (b.message.as_str(), b.code.as_deref(), b.param.as_deref()),
+            ("m", Some("c"), Some("p"))
+        );
+        let flat = parse_error(
+            &json!({"object": "error", "message": "too long", "type": "BadRequestError", "code": 400}),
+        );
+        assert_eq!(
+            (flat.message.as_str(), flat.code.as_deref()),
+            ("too long", Some("400"))
+        );
     }
 }

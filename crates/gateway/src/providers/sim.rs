@@ -42,11 +42,22 @@ impl SimProvider {
     /// wait for headers, under the first-byte timeout); `Ok` carries the stream settings.
     async fn admit(&self, timeouts: Timeouts) -> Result<(Duration, Option<usize>), UpstreamError> {
         match self.chaos.decide() {
-            Decision::Fail { status, retry_after } => Err(to_error(sluice_sim::openai::error(status, retry_after))),
-            Decision::Ok { latency, ttft, cut_after } => {
+            Decision::Fail {
+                status,
+                retry_after,
+            } => Err(to_error(sluice_sim::openai::error(status, retry_after))),
+            Decision::Ok {
+                latency,
+                ttft,
+                cut_after,
+            } => {
                 if latency > timeouts.first_byte {
                     tokio::time::sleep(timeouts.first_byte).await;
-                    return Err(UpstreamError::timeout(KIND, "response headers", timeouts.first_byte));
+                    return Err(UpstreamError::timeout(
+                        KIND,
+                        "response headers",
+                        timeouts.first_byte,
+                    ));
                 }
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
@@ -72,13 +83,21 @@ fn to_error(e: sluice_sim::openai::SimError) -> UpstreamError {
                 .and_then(|(_, v)| v.parse::<f64>().ok())
                 .map(Duration::from_secs_f64)
         });
-    let mut error = UpstreamError::from_status(KIND, e.status, body.message, body.code, body.kind.as_deref(), retry_after);
+    let mut error = UpstreamError::from_status(
+        KIND,
+        e.status,
+        body.message,
+        body.code,
+        body.kind.as_deref(),
+        retry_after,
+    );
     error.param = body.param;
     error
 }
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, UpstreamError> {
-    serde_json::to_value(v).map_err(|e| UpstreamError::new(ErrorClass::BadRequest, KIND, e.to_string()))
+    serde_json::to_value(v)
+        .map_err(|e| UpstreamError::new(ErrorClass::BadRequest, KIND, e.to_string()))
 }
 
 #[async_trait]
@@ -120,20 +139,28 @@ impl Provider for SimProvider {
             .filter(|t| *t > 0.0)
             .map(|t| Duration::from_secs_f64(1.0 / t));
         let total = payloads.len();
-        let stream = futures::stream::iter(payloads.into_iter().enumerate()).then(move |(i, data)| async move {
-            let wait = if i == 0 { Some(ttft) } else { pace };
-            if let Some(w) = wait.filter(|w| !w.is_zero()) {
-                tokio::time::sleep(w).await;
-            }
-            if cut_after.is_some_and(|n| i >= n) {
-                return Err(UpstreamError::new(ErrorClass::Connection, KIND, format!("stream cut after {i} of {total} chunks")));
-            }
-            match StreamChunk::peek(data) {
-                Ok(PeekedChunk::Chunk(c)) => Ok(c),
-                Ok(PeekedChunk::Error(raw)) => Err(UpstreamError::new(ErrorClass::Server, KIND, raw)),
-                Err(e) => Err(invalid_response(KIND, "stream chunk", e)),
-            }
-        });
+        let stream = futures::stream::iter(payloads.into_iter().enumerate()).then(
+            move |(i, data)| async move {
+                let wait = if i == 0 { Some(ttft) } else { pace };
+                if let Some(w) = wait.filter(|w| !w.is_zero()) {
+                    tokio::time::sleep(w).await;
+                }
+                if cut_after.is_some_and(|n| i >= n) {
+                    return Err(UpstreamError::new(
+                        ErrorClass::Connection,
+                        KIND,
+                        format!("stream cut after {i} of {total} chunks"),
+                    ));
+                }
+                match StreamChunk::peek(data) {
+                    Ok(PeekedChunk::Chunk(c)) => Ok(c),
+                    Ok(PeekedChunk::Error(raw)) => {
+                        Err(UpstreamError::new(ErrorClass::Server, KIND, raw))
+                    }
+                    Err(e) => Err(invalid_response(KIND, "stream chunk", e)),
+                }
+            },
+        );
         // A cut ends the stream at its first error, as a broken connection would.
         let stream = stream.scan(false, |failed, item| {
             let out = if *failed { None } else { Some(item) };

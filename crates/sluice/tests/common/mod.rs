@@ -1,6 +1,7 @@
 //! Black-box helpers: start the `sluice` binary as a child process on a random port.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
+#![expect(clippy::expect_used, reason = "test helpers fail loudly by design")]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -47,16 +48,19 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
             }
         }
     });
+    // Owned by `Proc` from here on, so a failed start still kills and reaps the child.
+    let mut proc = Proc {
+        child,
+        addr: String::new(),
+        log: rx,
+    };
     let mut seen = Vec::new();
     loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
+        match proc.log.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
                 if let Some(addr) = listening_addr(&line) {
-                    return Proc {
-                        child,
-                        addr,
-                        log: rx,
-                    };
+                    proc.addr = addr;
+                    return proc;
                 }
                 seen.push(line);
             }
