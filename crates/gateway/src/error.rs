@@ -29,6 +29,12 @@ pub enum ApiError {
     ModelNotFound { model: String },
     #[error("{message}")]
     WrongModelKind { message: String },
+    #[error("No request `{request_id}` is known to this gateway.")]
+    RequestNotFound { request_id: String },
+    #[error("Request `{request_id}` was made with another API key.")]
+    RequestNotOwned { request_id: String },
+    #[error("storage is unavailable: {0}")]
+    StorageUnavailable(String),
     #[error("Unknown route {path}")]
     RouteNotFound { path: String },
     #[error("{method} is not allowed on {path}")]
@@ -58,9 +64,11 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            ApiError::ModelNotFound { .. } | ApiError::RouteNotFound { .. } => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::ModelNotFound { .. }
+            | ApiError::RouteNotFound { .. }
+            | ApiError::RequestNotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::RequestNotOwned { .. } => StatusCode::FORBIDDEN,
+            ApiError::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Upstream(e) => upstream_status(e.class),
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,7 +85,10 @@ impl ApiError {
             | ApiError::WrongModelKind { .. }
             | ApiError::ModelNotFound { .. }
             | ApiError::RouteNotFound { .. }
+            | ApiError::RequestNotFound { .. }
             | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
+            ApiError::RequestNotOwned { .. } => "permission_error",
+            ApiError::StorageUnavailable(_) => "server_error",
             ApiError::Unauthorized { .. } => "authentication_error",
             ApiError::Upstream(e) => match e.class {
                 ErrorClass::RateLimited => "rate_limit_error",
@@ -105,6 +116,9 @@ impl ApiError {
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::WrongModelKind { .. } => "model_not_supported",
             ApiError::RouteNotFound { .. } => "unknown_url",
+            ApiError::RequestNotFound { .. } => "request_not_found",
+            ApiError::RequestNotOwned { .. } => "request_not_owned",
+            ApiError::StorageUnavailable(_) => "storage_unavailable",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Upstream(e) => match e.class {
                 // A provider's own code is the most precise thing to say about a bad request.
@@ -134,7 +148,11 @@ impl ApiError {
             | ApiError::Unauthorized { .. }
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
+            | ApiError::StorageUnavailable(_)
             | ApiError::Internal(_) => None,
+            ApiError::RequestNotFound { .. } | ApiError::RequestNotOwned { .. } => {
+                Some("request_id")
+            }
         }
     }
 

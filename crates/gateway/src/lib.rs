@@ -6,9 +6,12 @@ pub mod config;
 pub mod error;
 pub mod pipeline;
 pub mod providers;
+pub mod quality;
 pub mod retry;
 pub mod routing;
 pub mod server;
+pub mod stats;
+pub mod store;
 pub mod telemetry;
 pub mod wire;
 

@@ -32,18 +32,23 @@ use crate::auth::{Principal, authenticate};
 use crate::config::{Config, ModelKind};
 use crate::error::ApiError;
 use crate::providers::{ChatCall, ChunkStream, ErrorClass, UpstreamError};
+use crate::quality::{Regenerations, input_hash};
 use crate::retry::{Attempts, Retrier};
 use crate::routing::{Chain, Route, Router, TemplateContext};
+use crate::store::{Store, StoreSink, redact_secrets};
 use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder};
+use crate::telemetry::{LogSink, Metrics, MetricsSink, RecordSink};
 use crate::wire::{
     ChatMessage, ChatRequest, ChatResponse, Choice, EmbeddingsRequest, StreamChunk, Usage,
 };
+use tokio_util::sync::CancellationToken;
 
 pub const HEADER_REQUEST_ID: &str = "x-sluice-request-id";
 pub const HEADER_MODEL: &str = "x-sluice-model";
 pub const HEADER_FALLBACK: &str = "x-sluice-fallback";
 pub const HEADER_FEATURE: &str = "x-sluice-feature";
 pub const HEADER_USER: &str = "x-sluice-user";
+pub const HEADER_REGENERATE_OF: &str = "x-sluice-regenerate-of";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
@@ -51,22 +56,41 @@ pub struct Gateway {
     pub router: Router,
     pub retrier: Arc<Retrier>,
     pub recorder: Recorder,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub regenerations: Regenerations,
     /// Stream forwarders run here, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Cancelled when shutdown's grace period is over: open streams end then.
+    pub shutdown: CancellationToken,
 }
 
 impl Gateway {
-    pub fn new(
+    /// Build the gateway and start its recorder, whose sinks are the log line, the
+    /// metrics, the request log, and any `extra_sinks` (tests).
+    pub fn start(
         config: Arc<Config>,
-        recorder: Recorder,
+        store: Arc<Store>,
+        extra_sinks: Vec<Box<dyn RecordSink>>,
         tasks: TaskTracker,
     ) -> anyhow::Result<Arc<Self>> {
+        let metrics = Metrics::new()?;
+        // Extra sinks first: they are cheap, and a slow store must not delay them.
+        let mut sinks = extra_sinks;
+        sinks.push(Box::new(LogSink));
+        sinks.push(Box::new(MetricsSink(metrics.clone())));
+        sinks.push(Box::new(StoreSink(store.clone())));
+        let recorder = Recorder::start_with(sinks, &tasks, config.storage.recorder);
         Ok(Arc::new(Self {
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
+            regenerations: Regenerations::new(config.telemetry.regeneration_window),
             config,
             recorder,
+            store,
+            metrics,
             tasks,
+            shutdown: CancellationToken::new(),
         }))
     }
 
@@ -79,12 +103,24 @@ impl Gateway {
             started,
         )
     }
+
+    /// The opt-in stored body: redacted JSON, or nothing when bodies are not stored.
+    fn body_for_log<T: serde::Serialize>(&self, value: &T) -> Option<String> {
+        if !self.config.storage.store_bodies {
+            return None;
+        }
+        serde_json::to_string(value)
+            .ok()
+            .map(|s| redact_secrets(&s))
+    }
 }
 
 /// A failed request: the error, plus what to record about it.
 fn fail(record: RecordGuard, error: ApiError) -> Response {
     let outcome = match &error {
-        ApiError::Upstream(_) | ApiError::Internal(_) => Outcome::ApiError,
+        ApiError::Upstream(_) | ApiError::Internal(_) | ApiError::StorageUnavailable(_) => {
+            Outcome::ApiError
+        }
         ApiError::InvalidJson { .. }
         | ApiError::InvalidRequest { .. }
         | ApiError::PayloadTooLarge { .. }
@@ -93,6 +129,8 @@ fn fail(record: RecordGuard, error: ApiError) -> Response {
         | ApiError::ModelNotFound { .. }
         | ApiError::WrongModelKind { .. }
         | ApiError::RouteNotFound { .. }
+        | ApiError::RequestNotFound { .. }
+        | ApiError::RequestNotOwned { .. }
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
     };
     if let ApiError::Internal(message) = &error {
@@ -143,29 +181,54 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// Who and what the request is for, from headers and the body's `sluice` extras.
-fn tag_request(
-    record: &mut RecordGuard,
-    headers: &HeaderMap,
-    user: Option<&str>,
-    feature: Option<&str>,
-    model: &str,
-) {
+/// Who and what the request is for, from the key, headers and the body's `sluice`
+/// extras; and whether it regenerates an earlier request.
+struct Tags<'a> {
+    principal: &'a Principal,
+    user: Option<&'a str>,
+    feature: Option<&'a str>,
+    model: &'a str,
+    input_hash: u64,
+    track_regenerations: bool,
+}
+
+fn tag_request(gw: &Gateway, record: &mut RecordGuard, headers: &HeaderMap, tags: Tags<'_>) {
     let header = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
             .map(str::to_string)
     };
-    let user = user.map(str::to_string).or_else(|| header(HEADER_USER));
-    let feature = feature
+    let user = tags
+        .user
+        .map(str::to_string)
+        .or_else(|| header(HEADER_USER));
+    let feature = tags
+        .feature
         .map(str::to_string)
         .or_else(|| header(HEADER_FEATURE));
-    let model = model.to_string();
+    let key_id = tags.principal.key_id.clone();
+    let regeneration_of = header(HEADER_REGENERATE_OF).or_else(|| {
+        tags.track_regenerations
+            .then(|| {
+                gw.regenerations.observe(
+                    key_id.as_deref(),
+                    user.as_deref(),
+                    tags.input_hash,
+                    record.request_id(),
+                )
+            })
+            .flatten()
+    });
+    let model = tags.model.to_string();
     record.update(|r| {
+        r.key_id = key_id;
         r.user = user;
         r.feature = feature;
         r.model_requested = Some(model);
+        r.input_hash = Some(format!("{:016x}", tags.input_hash));
+        r.regeneration_of = regeneration_of;
     });
 }
 
@@ -180,7 +243,7 @@ pub async fn chat_completions(
     let mut record = gw.record(Endpoint::ChatCompletions, started);
 
     // 1. authenticate
-    let _principal: Principal = match authenticate(&headers, &gw.config) {
+    let principal: Principal = match authenticate(&headers, &gw.config) {
         Ok(p) => p,
         Err(e) => return fail(record, e),
     };
@@ -189,15 +252,21 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let sluice = request.sluice.clone().unwrap_or_default();
-    tag_request(
-        &mut record,
-        &headers,
-        request.user.as_deref(),
-        sluice.feature.as_deref(),
-        &request.model,
-    );
-    record.update(|r| r.stream = request.is_stream());
+    let feature = request.sluice.as_ref().and_then(|s| s.feature.as_deref());
+    let tags = Tags {
+        principal: &principal,
+        user: request.user.as_deref(),
+        feature,
+        model: &request.model,
+        input_hash: input_hash(&request.messages),
+        track_regenerations: true,
+    };
+    tag_request(&gw, &mut record, &headers, tags);
+    let body_log = gw.body_for_log(&request);
+    record.update(|r| {
+        r.stream = request.is_stream();
+        r.request_body = body_log;
+    });
     // 3. route
     let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
         Ok(c) => c,
@@ -262,6 +331,8 @@ async fn complete_chat(
             let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
             let usage = response.usage;
             record_usage(&mut record, usage, || estimate_chat(&request, &response));
+            let body_log = gw.body_for_log(&response);
+            record.update(|r| r.response_body = body_log);
             respond_json(record, &route, fallback, &response)
         }
         Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
@@ -287,6 +358,7 @@ async fn complete_chat(
 
 fn note_attempts(record: &mut RecordGuard, attempts: &Attempts) {
     let a = attempts.clone();
+    record.add_upstream_time(a.upstream_time, a.waited);
     record.update(|r| {
         r.retries = a.retries;
         r.upstream_calls = a.calls;
@@ -513,6 +585,8 @@ async fn stream_chat(
                 record,
                 wants_usage,
                 prompt_estimate,
+                gw.config.storage.store_bodies,
+                gw.shutdown.clone(),
             ));
             sse_response(rx, &request_id, &model, fallback)
         }
@@ -583,14 +657,42 @@ fn sse_response(
     response
 }
 
-/// Forward chunks as they arrive until the upstream ends, fails, runs out of time, or
-/// the client goes away (then the upstream stream is dropped, which cancels the call).
+/// What a stream forwarder accumulates for the record.
+struct StreamTally {
+    record: RecordGuard,
+    usage: Option<Usage>,
+    content_chunks: u32,
+    prompt_estimate: u32,
+    started: tokio::time::Instant,
+    /// The chunks' payloads, only when bodies are stored.
+    body: Option<String>,
+}
+
+impl StreamTally {
+    /// Put what the stream carried into the record (before it is finished or dropped).
+    fn settle(&mut self) {
+        // Without an upstream count: OpenAI-style streams send about one token per chunk.
+        // The record says it is an estimate.
+        let (prompt, chunks) = (self.prompt_estimate, self.content_chunks);
+        record_usage(&mut self.record, self.usage, || Usage::new(prompt, chunks));
+        self.record
+            .add_upstream_time(self.started.elapsed(), std::time::Duration::ZERO);
+        let body = self.body.take().map(|b| redact_secrets(&b));
+        self.record.update(|r| r.response_body = body);
+    }
+}
+
+/// Forward chunks as they arrive until the upstream ends, fails, runs out of time, the
+/// gateway shuts down, or the client goes away (then the upstream stream is dropped,
+/// which cancels the call, and the guard records `client_cancelled`).
 async fn forward_stream(
     opened: Opened,
     tx: mpsc::Sender<Bytes>,
-    mut record: RecordGuard,
+    record: RecordGuard,
     wants_usage: bool,
     prompt_estimate: u32,
+    store_body: bool,
+    shutdown: CancellationToken,
 ) {
     let Opened {
         first,
@@ -598,8 +700,14 @@ async fn forward_stream(
         deadline,
         ..
     } = opened;
-    let mut usage: Option<Usage> = None;
-    let mut content_chunks = 0u32;
+    let mut tally = StreamTally {
+        record,
+        usage: None,
+        content_chunks: 0,
+        prompt_estimate,
+        started: tokio::time::Instant::now(),
+        body: store_body.then(String::new),
+    };
     let mut next = Some(Ok(first));
     loop {
         let item = match next.take() {
@@ -608,41 +716,54 @@ async fn forward_stream(
                 tokio::select! {
                     biased;
                     _ = tx.closed() => {
-                        note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
-                        return; // the guard records client_cancelled
+                        tally.settle();
+                        return;
                     }
+                    _ = shutdown.cancelled() => Some(Err(UpstreamError::new(
+                        ErrorClass::Connection,
+                        "gateway",
+                        "the gateway is shutting down",
+                    ))),
                     item = tokio::time::timeout_at(deadline, rest.next()) => match item {
                         Ok(item) => item,
-                        Err(_) => Some(Err(UpstreamError::new(ErrorClass::Timeout, "gateway", "stream exceeded the model's total timeout"))),
+                        Err(_) => Some(Err(UpstreamError::new(
+                            ErrorClass::Timeout,
+                            "gateway",
+                            "stream exceeded the model's total timeout",
+                        ))),
                     },
                 }
             }
         };
         match item {
             None => {
-                note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                tally.settle();
                 if tx.send(Bytes::from_static(DONE_FRAME)).await.is_err() {
                     return;
                 }
-                record.finish(Outcome::Ok, 200, None);
+                tally.record.finish(Outcome::Ok, 200, None);
                 return;
             }
             Some(Ok(chunk)) => {
                 if chunk.usage.is_some() {
-                    usage = chunk.usage;
+                    tally.usage = chunk.usage;
+                }
+                if let Some(body) = tally.body.as_mut() {
+                    body.push_str(&chunk.data);
+                    body.push('\n');
                 }
                 if chunk.usage_only && !wants_usage {
                     continue;
                 }
-                content_chunks += u32::from(!chunk.usage_only);
+                tally.content_chunks += u32::from(!chunk.usage_only);
                 if tx.send(sse_frame(&chunk.data)).await.is_err() {
-                    note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
+                    tally.settle();
                     return;
                 }
             }
             Some(Err(error)) => {
-                note_stream_usage(&mut record, usage, prompt_estimate, content_chunks);
-                tracing::warn!(request_id = record.request_id(), %error, "stream failed after its first chunk");
+                tally.settle();
+                tracing::warn!(request_id = tally.record.request_id(), %error, "stream failed after its first chunk");
                 let api = ApiError::Upstream(UpstreamError {
                     message: format!("stream interrupted: {}", error.message),
                     ..error
@@ -650,7 +771,7 @@ async fn forward_stream(
                 let mut body = api.body();
                 body["error"]["code"] = json!("stream_interrupted");
                 let _ = tx.send(sse_frame(&body.to_string())).await;
-                record.finish(
+                tally.record.finish(
                     Outcome::ApiError,
                     api.status_code().as_u16(),
                     Some("stream_interrupted".into()),
@@ -659,19 +780,6 @@ async fn forward_stream(
             }
         }
     }
-}
-
-fn note_stream_usage(
-    record: &mut RecordGuard,
-    usage: Option<Usage>,
-    prompt_estimate: u32,
-    content_chunks: u32,
-) {
-    // Without an upstream count: OpenAI-style streams send about one token per chunk.
-    // The record says it is an estimate.
-    record_usage(record, usage, || {
-        Usage::new(prompt_estimate, content_chunks)
-    });
 }
 
 fn template_stream(model: &str, text: &str, request_id: &str, wants_usage: bool) -> Vec<Bytes> {
@@ -704,21 +812,26 @@ pub async fn embeddings(
 ) -> Response {
     let started = Instant::now();
     let mut record = gw.record(Endpoint::Embeddings, started);
-    if let Err(e) = authenticate(&headers, &gw.config) {
-        return fail(record, e);
-    }
+    let principal = match authenticate(&headers, &gw.config) {
+        Ok(p) => p,
+        Err(e) => return fail(record, e),
+    };
     let request: EmbeddingsRequest = match body.and_then(|b| parse_body(&b)) {
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
-    tag_request(
-        &mut record,
-        &headers,
-        request.user.as_deref(),
-        feature.as_deref(),
-        &request.model,
-    );
+    let tags = Tags {
+        principal: &principal,
+        user: request.user.as_deref(),
+        feature: request.sluice.as_ref().and_then(|s| s.feature.as_deref()),
+        model: &request.model,
+        input_hash: input_hash(&request.input),
+        // Embeddings are deterministic: asking again is not a sign of a bad answer.
+        track_regenerations: false,
+    };
+    tag_request(&gw, &mut record, &headers, tags);
+    let body_log = gw.body_for_log(&request);
+    record.update(|r| r.request_body = body_log);
     if request.input.is_empty() {
         return fail(
             record,

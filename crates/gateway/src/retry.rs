@@ -31,6 +31,10 @@ pub struct Attempts {
     pub answered_by: usize,
     /// A retry was wanted but the budget said no.
     pub budget_exhausted: bool,
+    /// Time inside upstream calls, all attempts.
+    pub upstream_time: Duration,
+    /// Time slept between attempts.
+    pub waited: Duration,
 }
 
 impl Retrier {
@@ -85,8 +89,11 @@ impl Retrier {
             loop {
                 attempt += 1;
                 attempts.calls += 1;
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                let outcome = match tokio::time::timeout(remaining, call(route.clone())).await {
+                let call_started = Instant::now();
+                let remaining = deadline.saturating_duration_since(call_started);
+                let result = tokio::time::timeout(remaining, call(route.clone())).await;
+                attempts.upstream_time += call_started.elapsed();
+                let outcome = match result {
                     Ok(result) => result,
                     Err(_) => Err(UpstreamError::timeout(
                         route.provider.kind(),
@@ -106,6 +113,7 @@ impl Retrier {
                 match delay {
                     Some(d) => {
                         tokio::time::sleep(d).await;
+                        attempts.waited += d;
                         attempts.retries += 1;
                     }
                     None => break,

@@ -16,10 +16,13 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::authenticate;
 use crate::config::{Config, ConfigSource};
 use crate::error::ApiError;
 use crate::pipeline::{self, Gateway};
-use crate::telemetry::{LogSink, RecordSink, Recorder};
+use crate::quality::submit_feedback;
+use crate::store::{StorageTarget, Store};
+use crate::telemetry::RecordSink;
 
 /// The gateway's routes. `/healthz` and `/readyz` are open; every `/v1` handler
 /// authenticates as the first pipeline stage.
@@ -29,8 +32,10 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/feedback", post(feedback))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -73,13 +78,49 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
     pipeline::models(gw, headers).await
 }
 
+async fn feedback(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let principal = authenticate(&headers, &gw.config)?;
+        let body = body_or_error(body, gw.config.server.max_body_bytes)?;
+        submit_feedback(&gw, &principal, &body).await
+    }
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
-async fn readyz() -> Response {
-    // Nothing external to check yet: storage and Redis join here when they exist.
-    axum::Json(json!({"status": "ready"})).into_response()
+/// Ready when the request log answers (Redis joins here when it exists).
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let storage = gw.store.ping().await;
+    let status = if storage {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if storage { "ready" } else { "not_ready" },
+        "checks": {"storage": if storage { "ok" } else { "unreachable" }},
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let text = gw.metrics.render(&gw.recorder, gw.store.failed());
+    (
+        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        text,
+    )
+        .into_response()
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -110,6 +151,7 @@ pub fn check_exposure(config: &Config, listen: SocketAddr) -> anyhow::Result<()>
 /// A running gateway, for tests and for `serve`.
 pub struct Running {
     pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
     shutdown: tokio::sync::oneshot::Sender<()>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -119,55 +161,81 @@ impl Running {
         format!("http://{}", self.addr)
     }
 
-    /// Stop accepting, let in-flight requests and streams finish, flush records.
+    /// Stop accepting, let in-flight requests and streams finish (up to the grace
+    /// period, then end them), flush every record to the store, close the store.
     pub async fn stop(self) {
         let _ = self.shutdown.send(());
+        drop(self.gateway);
         let _ = self.done.await;
     }
 }
 
-/// Bind and serve in the background until [`Running::stop`].
+/// Open the store, bind, and serve in the background until [`Running::stop`].
 pub async fn start(
     config: Config,
     listen: SocketAddr,
-    sinks: Vec<Box<dyn RecordSink>>,
+    extra_sinks: Vec<Box<dyn RecordSink>>,
 ) -> anyhow::Result<Running> {
     check_exposure(&config, listen)?;
+    let store = Store::open(&config.storage.target).await?;
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     let grace = config.server.shutdown_grace;
     let tasks = TaskTracker::new();
-    let recorder = Recorder::start(sinks, &tasks);
-    let gateway = Gateway::new(Arc::new(config), recorder, tasks.clone())?;
-    let router = app(gateway);
+    let gateway = Gateway::start(Arc::new(config), store.clone(), extra_sinks, tasks.clone())?;
+    let cancel = gateway.shutdown.clone();
+    let router = app(gateway.clone());
     let done = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "server stopped with an error");
+        let (begin, begun) = tokio::sync::oneshot::channel::<()>();
+        let mut serving = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                    let _ = begin.send(());
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "server stopped with an error");
+            }
+        });
+        // Once shutdown begins, in-flight requests and streams get the grace period;
+        // then open streams are ended (and recorded) so the drain can finish.
+        let serve_ended = tokio::select! {
+            _ = begun => false,
+            _ = &mut serving => true,
+        };
+        if !serve_ended && tokio::time::timeout(grace, &mut serving).await.is_err() {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "grace period over; ending open streams"
+            );
+            cancel.cancel();
+            let _ = tokio::time::timeout(STREAM_END_WAIT, &mut serving).await;
         }
-        drain(tasks, grace).await;
+        tasks.close();
+        if tokio::time::timeout(FLUSH_WAIT, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "request records still queued after the flush deadline; some may be lost"
+            );
+        }
+        store.close().await;
     });
     Ok(Running {
         addr,
+        gateway,
         shutdown,
         done,
     })
 }
 
-async fn drain(tasks: TaskTracker, grace: Duration) {
-    tasks.close();
-    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!(
-            grace_ms = grace.as_millis() as u64,
-            "shutdown grace period over; abandoning in-flight streams"
-        );
-    }
-}
+/// How long ended streams get to send their last event.
+const STREAM_END_WAIT: Duration = Duration::from_secs(5);
+/// How long the recorder gets to write what is queued.
+const FLUSH_WAIT: Duration = Duration::from_secs(30);
 
 /// `sluice serve`: run until SIGINT/SIGTERM, then shut down gracefully.
 pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
@@ -182,7 +250,16 @@ pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
         ConfigSource::File(p) => p.display().to_string(),
     };
     let keyless = config.server.master_key.is_none();
-    let running = start(config, listen, vec![Box::new(LogSink)]).await?;
+    let storage = match &config.storage.target {
+        StorageTarget::Sqlite(p) => format!("sqlite {}", p.display()),
+        StorageTarget::Memory => "sqlite in memory".to_string(),
+        StorageTarget::Postgres { schema, .. } => format!(
+            "postgres (schema {})",
+            schema.as_deref().unwrap_or("public")
+        ),
+    };
+    let running = start(config, listen, Vec::new()).await?;
+    tracing::info!(storage = %storage, "request log ready");
     tracing::info!(addr = %running.addr, config = %source, keyless, "sluice listening on http://{}", running.addr);
     if keyless {
         tracing::warn!("no SLUICE_MASTER_KEY set: running keyless, loopback only");

@@ -18,30 +18,40 @@ use serde_json::{Value, json};
 use sluice_gateway::config::{Config, ConfigSource};
 use sluice_gateway::pipeline::Gateway;
 use sluice_gateway::server::app;
-use sluice_gateway::telemetry::{ChannelSink, Outcome, Recorder, RequestRecord};
+use sluice_gateway::store::{StorageTarget, Store};
+use sluice_gateway::telemetry::{ChannelSink, Outcome, RequestRecord};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 struct Harness {
     app: Router,
+    gateway: Arc<Gateway>,
     records: UnboundedReceiver<RequestRecord>,
     tasks: TaskTracker,
 }
 
-fn harness(toml: &str) -> Harness {
+/// A gateway on `toml`, its request log in memory, its records also sent to a channel.
+async fn harness(toml: &str) -> Harness {
     let config = Config::from_toml(
         toml,
         &[("UNUSED", "")],
         ConfigSource::Embedded { simulated: false },
     )
     .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let store = Store::open(&StorageTarget::Memory).await.unwrap();
     let tasks = TaskTracker::new();
     let (tx, records) = tokio::sync::mpsc::unbounded_channel();
-    let recorder = Recorder::start(vec![Box::new(ChannelSink(tx))], &tasks);
-    let gateway = Gateway::new(Arc::new(config), recorder, tasks.clone()).unwrap();
+    let gateway = Gateway::start(
+        Arc::new(config),
+        store,
+        vec![Box::new(ChannelSink(tx))],
+        tasks.clone(),
+    )
+    .unwrap();
     Harness {
-        app: app(gateway),
+        app: app(gateway.clone()),
+        gateway,
         records,
         tasks,
     }
@@ -79,6 +89,7 @@ impl Harness {
     /// Close the gateway and assert no further record arrives: exactly one per request.
     async fn assert_no_more_records(mut self) {
         drop(self.app);
+        drop(self.gateway);
         self.tasks.close();
         self.tasks.wait().await;
         assert!(
@@ -98,7 +109,7 @@ base_delay = "1ms"
 max_delay = "2ms"
 "#;
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn retries_honour_retry_after_and_succeed() {
     let mut h = harness(
         r#"
@@ -113,7 +124,10 @@ async fn retries_honour_retry_after_and_succeed() {
         name = "m"
         provider = "flaky"
     "#,
-    );
+    )
+    .await;
+    // Paused after the store is open: its pool must not see virtual time jump.
+    tokio::time::pause();
     let start = tokio::time::Instant::now();
     let (status, headers, body) = h.chat(chat_body("m")).await;
     let waited = start.elapsed();
@@ -136,7 +150,7 @@ async fn retries_honour_retry_after_and_succeed() {
     h.assert_no_more_records().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn exhausted_retries_return_429_with_retry_after() {
     let mut h = harness(
         r#"
@@ -150,7 +164,10 @@ async fn exhausted_retries_return_429_with_retry_after() {
         name = "m"
         provider = "limited"
     "#,
-    );
+    )
+    .await;
+    // Paused after the store is open: its pool must not see virtual time jump.
+    tokio::time::pause();
     let (status, headers, body) = h.chat(chat_body("m")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers["retry-after"], "3");
@@ -163,7 +180,7 @@ async fn exhausted_retries_return_429_with_retry_after() {
     h.assert_no_more_records().await;
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn backoff_grows_and_stays_within_the_ceiling() {
     // Without retry-after: full jitter draws each wait from [0, base * 2^n], so three
     // retries at base 1 s can wait at most 1 + 2 + 4 = 7 s in total.
@@ -181,7 +198,10 @@ async fn backoff_grows_and_stays_within_the_ceiling() {
         name = "m"
         provider = "broken"
     "#,
-    );
+    )
+    .await;
+    // Paused after the store is open: its pool must not see virtual time jump.
+    tokio::time::pause();
     let start = tokio::time::Instant::now();
     let (status, _, _) = h.chat(chat_body("m")).await;
     assert_eq!(status, StatusCode::OK);
@@ -210,7 +230,8 @@ async fn non_retryable_failures_are_not_retried() {
             name = "m"
             provider = "p"
         "#
-        ));
+        ))
+        .await;
         let (got, _, body) = h.chat(chat_body("m")).await;
         let r = h.next_record().await;
         assert_eq!(r.upstream_calls, 1, "status {status} must not be retried");
@@ -241,7 +262,8 @@ async fn retry_budget_caps_extra_calls() {
         name = "m"
         provider = "down"
     "#
-    ));
+    ))
+    .await;
     for _ in 0..100 {
         let (status, _, _) = h.chat(chat_body("m")).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY);
@@ -284,7 +306,8 @@ async fn fallbacks_are_tried_in_order() {
         provider = "up"
         upstream = "gpt-4o-mini"
     "#
-    ));
+    ))
+    .await;
     let (status, headers, body) = h.chat(chat_body("primary")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["x-sluice-model"], "third");
@@ -318,7 +341,8 @@ async fn bad_requests_do_not_fall_back() {
         name = "backup"
         provider = "up"
     "#
-    ));
+    ))
+    .await;
     let (status, _, _) = h.chat(chat_body("primary")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(h.next_record().await.upstream_calls, 1);
@@ -341,7 +365,7 @@ template_fallback = "Sorry {{ user or 'friend' }}, {{ variables.topic }} is unav
 
 #[tokio::test]
 async fn template_fallback_answers_when_every_model_failed() {
-    let mut h = harness(TEMPLATE);
+    let mut h = harness(TEMPLATE).await;
     let mut body = chat_body("m");
     body["user"] = json!("ada");
     body["sluice"] = json!({"variables": {"topic": "search"}, "feature": "help"});
@@ -364,7 +388,7 @@ async fn template_fallback_answers_when_every_model_failed() {
 
 #[tokio::test]
 async fn template_fallback_streams_too() {
-    let h = harness(TEMPLATE);
+    let h = harness(TEMPLATE).await;
     let mut body = chat_body("m");
     body["stream"] = json!(true);
     body["sluice"] = json!({"variables": {"topic": "billing"}});
@@ -391,7 +415,7 @@ async fn template_fallback_streams_too() {
     assert!(text.ends_with("data: [DONE]\n\n"));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn first_byte_timeout_is_enforced_then_falls_back() {
     let mut h = harness(
         r#"
@@ -421,7 +445,10 @@ async fn first_byte_timeout_is_enforced_then_falls_back() {
         name = "backup"
         provider = "quick"
     "#,
-    );
+    )
+    .await;
+    // Paused after the store is open: its pool must not see virtual time jump.
+    tokio::time::pause();
     let start = tokio::time::Instant::now();
     let (status, _, body) = h.chat(chat_body("alone")).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
@@ -434,7 +461,7 @@ async fn first_byte_timeout_is_enforced_then_falls_back() {
     assert_eq!(headers["x-sluice-model"], "backup");
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn total_timeout_cuts_a_slow_stream() {
     let mut h = harness(
         r#"
@@ -447,7 +474,10 @@ async fn total_timeout_cuts_a_slow_stream() {
         provider = "trickle"
         total_timeout = "5s"
     "#,
-    );
+    )
+    .await;
+    // Paused after the store is open: its pool must not see virtual time jump.
+    tokio::time::pause();
     let mut body = chat_body("m");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
@@ -486,7 +516,8 @@ async fn stream_chunks_arrive_in_order_and_unchanged() {
         name = "gpt-4o-mini"
         provider = "sim"
     "#,
-    );
+    )
+    .await;
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body.clone()).await;
@@ -528,7 +559,8 @@ async fn include_usage_is_honoured() {
         name = "gpt-4o-mini"
         provider = "sim"
     "#,
-    );
+    )
+    .await;
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
@@ -561,7 +593,8 @@ async fn a_cut_stream_ends_with_an_error_event_not_done() {
         name = "m"
         provider = "cutter"
     "#,
-    );
+    )
+    .await;
     let mut body = chat_body("m");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
@@ -598,7 +631,8 @@ async fn failure_before_the_first_chunk_retries_the_stream() {
         name = "m"
         provider = "flaky"
     "#
-    ));
+    ))
+    .await;
     let mut body = chat_body("m");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
@@ -627,7 +661,8 @@ async fn client_disconnect_cancels_the_stream_and_records_once() {
         name = "m"
         provider = "trickle"
     "#,
-    );
+    )
+    .await;
     let mut body = chat_body("m");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
@@ -679,7 +714,8 @@ async fn bad_input_gets_precise_4xx_and_a_record() {
             1,
         )
         .as_str(),
-    );
+    )
+    .await;
     let raw = |body: &str| {
         Request::post("/v1/chat/completions")
             .body(Body::from(body.to_string()))
@@ -782,7 +818,8 @@ async fn embeddings_accept_strings_and_arrays() {
         name = "text-embedding-3-small"
         provider = "sim"
     "#,
-    );
+    )
+    .await;
     for (input, n) in [(json!("one"), 1), (json!(["a", "b", "c"]), 3)] {
         let r = h
             .post(
@@ -813,9 +850,8 @@ async fn embeddings_accept_strings_and_arrays() {
 #[tokio::test]
 async fn master_key_guards_v1_but_not_health() {
     let config = Config::embedded_default(&[("SLUICE_MASTER_KEY", "k1")]).unwrap();
-    let tasks = TaskTracker::new();
-    let recorder = Recorder::start(vec![], &tasks);
-    let app = app(Gateway::new(Arc::new(config), recorder, tasks).unwrap());
+    let store = Store::open(&StorageTarget::Memory).await.unwrap();
+    let app = app(Gateway::start(Arc::new(config), store, vec![], TaskTracker::new()).unwrap());
     let send = |path: &str, key: Option<&str>| {
         let mut b = Request::get(path);
         if let Some(k) = key {
@@ -868,7 +904,8 @@ async fn anthropic_models_are_served_through_the_openai_api() {
         provider = "anthropic"
     "#,
         upstream.addr
-    ));
+    ))
+    .await;
     let mut body = chat_body("claude-3-5-haiku-latest");
     body["messages"] = json!([
         {"role": "system", "content": "Be brief."},
@@ -937,7 +974,8 @@ async fn a_connection_cut_mid_stream_over_http_surfaces_an_error_event() {
         provider = "mock"
     "#,
         upstream.url()
-    ));
+    ))
+    .await;
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body).await;
@@ -960,4 +998,276 @@ async fn a_connection_cut_mid_stream_over_http_surfaces_an_error_event() {
     );
     let r = h.next_record().await;
     assert_eq!(r.outcome, Outcome::ApiError);
+}
+
+const SIM: &str = r#"
+[[providers]]
+name = "sim"
+kind = "sim"
+[[models]]
+name = "gpt-4o-mini"
+provider = "sim"
+[[models]]
+name = "text-embedding-3-small"
+provider = "sim"
+"#;
+
+impl Harness {
+    /// Wait until the request log holds `n` rows (records are written off the hot path).
+    async fn wait_for_rows(&self, n: i64) {
+        for _ in 0..500 {
+            if self.gateway.store.count().await.unwrap() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the request log never reached {n} rows");
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let r = self
+            .app
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = r.status();
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_and_agree_with_the_request_log() {
+    let h = harness(SIM).await;
+    let mut stream = chat_body("gpt-4o-mini");
+    stream["stream"] = json!(true);
+    let sends = [
+        ("/v1/chat/completions", chat_body("gpt-4o-mini")),
+        ("/v1/chat/completions", chat_body("gpt-4o-mini")),
+        ("/v1/chat/completions", stream),
+        ("/v1/chat/completions", chat_body("no-such-model")),
+        (
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": "x"}),
+        ),
+    ];
+    for (path, body) in sends {
+        let r = h.post(path, body).await;
+        let _ = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+    }
+    h.wait_for_rows(5).await;
+    let (status, text) = h.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let counter = |name: &str, filter: &dyn Fn(&prometheus_parse::Sample) -> bool| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && filter(s))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let rows = h.gateway.store.stat_rows(0).await.unwrap();
+    assert_eq!(
+        counter("sluice_requests_total", &|_| true),
+        rows.len() as f64
+    );
+    let ok_rows = rows.iter().filter(|r| r.outcome == "ok").count() as f64;
+    assert_eq!(
+        counter("sluice_requests_total", &|s| s.labels.get("outcome")
+            == Some("ok")),
+        ok_rows
+    );
+    assert_eq!(
+        counter("sluice_requests_total", &|s| s.labels.get("outcome")
+            == Some("rejected_input")),
+        1.0
+    );
+    let prompt: i64 = rows.iter().map(|r| r.prompt_tokens).sum();
+    let completion: i64 = rows.iter().map(|r| r.completion_tokens).sum();
+    assert_eq!(
+        counter("sluice_tokens_total", &|s| s.labels.get("kind")
+            == Some("prompt")),
+        prompt as f64
+    );
+    assert_eq!(
+        counter("sluice_tokens_total", &|s| s.labels.get("kind")
+            == Some("completion")),
+        completion as f64
+    );
+    // Latency histograms are there, with the documented buckets.
+    assert!(scrape.samples.iter().any(|s| s.metric == "sluice_request_duration_seconds"
+        && matches!(&s.value, prometheus_parse::Value::Histogram(b) if b.iter().any(|b| b.less_than == 120.0) && b.iter().any(|b| b.less_than == 0.001))));
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "sluice_time_to_first_token_seconds")
+    );
+    assert_eq!(counter("sluice_records_dropped_total", &|_| true), 0.0);
+    assert!(!text.contains("user="), "no per-user labels");
+}
+
+#[tokio::test]
+async fn feedback_needs_a_known_request_of_the_same_key() {
+    let h = harness(SIM).await;
+    let r = h
+        .post("/v1/chat/completions", chat_body("gpt-4o-mini"))
+        .await;
+    let id = r.headers()["x-sluice-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let fb = |body: Value| async { h.post("/v1/feedback", body).await };
+
+    // Right after the answer: known from memory even before the batch reached the store.
+    let ok = fb(
+        json!({"request_id": id, "score": 1, "comment": "great, key sk-abcdefghijklmnopqrstuv"}),
+    )
+    .await;
+    assert_eq!(ok.status(), StatusCode::OK);
+
+    let missing = fb(json!({"request_id": "req_nope", "score": 1})).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(missing.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "request_not_found");
+    assert_eq!(body["error"]["param"], "request_id");
+
+    // A request made with another key, already in the store.
+    let foreign = sluice_gateway::telemetry::RequestRecord {
+        request_id: "req_foreign".into(),
+        key_id: Some("someone-else".into()),
+        ..Default::default()
+    };
+    h.gateway.store.insert(&[foreign]).await.unwrap();
+    let forbidden = fb(json!({"request_id": "req_foreign", "score": -1})).await;
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(forbidden.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "request_not_owned");
+
+    for bad in [
+        json!({"request_id": id, "score": 2}),
+        json!({"request_id": id}),
+        json!({"request_id": id, "score": 1, "stars": 5}),
+    ] {
+        assert_eq!(fb(bad).await.status(), StatusCode::BAD_REQUEST);
+    }
+
+    h.wait_for_rows(2).await;
+    let stored = h.gateway.store.feedback_since(0).await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].score, 1.0);
+    assert!(
+        !stored[0]
+            .comment
+            .as_deref()
+            .unwrap()
+            .contains("sk-abcdefghijklmnopqrstuv"),
+        "comments are redacted"
+    );
+    let stats = sluice_gateway::stats::compute(
+        &h.gateway.store.stat_rows(0).await.unwrap(),
+        &stored,
+        sluice_gateway::stats::GroupBy::None,
+    );
+    assert_eq!(stats[0].feedback_mean, Some(1.0));
+}
+
+#[tokio::test]
+async fn asking_the_same_thing_again_is_a_regeneration() {
+    let mut h = harness(SIM).await;
+    let mut body = chat_body("gpt-4o-mini");
+    body["user"] = json!("ada");
+    let first = h.post("/v1/chat/completions", body.clone()).await;
+    let first_id = first.headers()["x-sluice-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    h.post("/v1/chat/completions", body.clone()).await;
+    body["user"] = json!("bob");
+    h.post("/v1/chat/completions", body.clone()).await;
+    let explicit = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("x-sluice-regenerate-of", "req_earlier")
+                .body(Body::from(json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "other"}]}).to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(explicit.status(), StatusCode::OK);
+    let records: Vec<_> = [
+        h.next_record().await,
+        h.next_record().await,
+        h.next_record().await,
+        h.next_record().await,
+    ]
+    .into();
+    assert_eq!(records[0].regeneration_of, None);
+    assert_eq!(
+        records[1].regeneration_of.as_deref(),
+        Some(first_id.as_str())
+    );
+    assert_eq!(records[2].regeneration_of, None, "another user");
+    assert_eq!(records[3].regeneration_of.as_deref(), Some("req_earlier"));
+    h.wait_for_rows(4).await;
+    let stats = sluice_gateway::stats::compute(
+        &h.gateway.store.stat_rows(0).await.unwrap(),
+        &[],
+        sluice_gateway::stats::GroupBy::None,
+    );
+    assert_eq!(stats[0].regeneration_rate, 0.5);
+}
+
+#[tokio::test]
+async fn bodies_are_stored_only_when_asked_and_then_redacted() {
+    let secret = "sk-proj-abcdefghijklmnopqrstuvwx";
+    let mut body = chat_body("gpt-4o-mini");
+    body["messages"][0]["content"] = json!(format!("my key is {secret}"));
+
+    let plain = harness(SIM).await;
+    plain.post("/v1/chat/completions", body.clone()).await;
+    plain.wait_for_rows(1).await;
+
+    let stored = harness(&format!("[storage]\nstore_bodies = true\n{SIM}")).await;
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    stored.post("/v1/chat/completions", body).await;
+    let r = stored.post("/v1/chat/completions", streamed).await;
+    let _ = axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    stored.wait_for_rows(2).await;
+
+    let mut plain_rx = plain.records;
+    let r = plain_rx.recv().await.unwrap();
+    assert!(r.request_body.is_none() && r.response_body.is_none());
+    let mut stored_rx = stored.records;
+    for _ in 0..2 {
+        let r = stored_rx.recv().await.unwrap();
+        let req = r.request_body.unwrap();
+        assert!(req.contains("my key is [REDACTED]"), "{req}");
+        assert!(!req.contains(secret));
+        assert!(r.response_body.unwrap().contains("Simulated"));
+    }
 }

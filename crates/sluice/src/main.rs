@@ -1,11 +1,13 @@
 //! The `sluice` command: parse the command line, boot, and hand off to the libraries.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use sluice_gateway::config::{Config, SystemEnv};
+use sluice_gateway::stats::GroupBy;
 use sluice_gateway::telemetry::init_logging;
 
 #[derive(Parser)]
@@ -28,6 +30,22 @@ enum Command {
     },
     /// Run the simulated OpenAI/Anthropic upstream.
     Mock(sluice_sim::MockArgs),
+    /// Latency percentiles, tokens, cost, error rates, cache, feedback and regeneration
+    /// rate, from the request log.
+    Stats {
+        /// The gateway's config (for `[storage]`); without it, ./sluice.db.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// How far back to look, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// Group by model, feature, end user, or hour of day (UTC).
+        #[arg(long, value_enum, default_value_t = GroupBy::None)]
+        by: GroupBy,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +67,21 @@ fn main() -> ExitCode {
                 init_logging(&Default::default());
                 sluice_sim::server::run(args).await
             }
+            Command::Stats {
+                config,
+                since,
+                by,
+                json,
+            } => {
+                let config = load(config.as_deref())?;
+                let out = sluice_gateway::stats::report(&config, since, by, json).await?;
+                // The report is the command's output, so it goes to stdout.
+                #[expect(clippy::print_stdout, reason = "the report is this command's output")]
+                {
+                    println!("{out}");
+                }
+                Ok(())
+            }
         }
     });
     match result {
@@ -60,11 +93,15 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
-    let config = match &path {
+fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
         Some(p) => Config::load(p, &SystemEnv)?,
         None => Config::embedded_default(&SystemEnv)?,
-    };
+    })
+}
+
+async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let config = load(path.as_deref())?;
     init_logging(&config.telemetry);
     let listen = listen.unwrap_or(config.server.listen);
     sluice_gateway::server::serve(config, listen).await

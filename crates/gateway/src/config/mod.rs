@@ -18,6 +18,8 @@ use serde::de::DeserializeOwned;
 pub use env::{Env, SystemEnv, interpolate};
 
 use crate::providers::Timeouts;
+pub use crate::store::StorageTarget;
+use crate::telemetry::RecorderConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8484";
 const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
@@ -31,6 +33,7 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub telemetry: TelemetryConfig,
+    pub storage: StorageConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -149,6 +152,9 @@ pub enum LogFormat {
 pub struct TelemetryConfig {
     pub log_format: LogFormat,
     pub log_level: String,
+    /// The same key + end user sending the same input within this window is a
+    /// regeneration.
+    pub regeneration_window: Duration,
 }
 
 impl Default for TelemetryConfig {
@@ -156,6 +162,26 @@ impl Default for TelemetryConfig {
         Self {
             log_format: LogFormat::Auto,
             log_level: "info".into(),
+            regeneration_window: DEFAULT_REGENERATION_WINDOW,
+        }
+    }
+}
+
+/// The request log's home and the writer's sizing.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub target: StorageTarget,
+    /// Store request and response bodies (secrets redacted). Off by default.
+    pub store_bodies: bool,
+    pub recorder: RecorderConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            target: StorageTarget::Sqlite(PathBuf::from(DEFAULT_SQLITE_PATH)),
+            store_bodies: false,
+            recorder: RecorderConfig::default(),
         }
     }
 }
@@ -277,6 +303,19 @@ struct RawModel {
 struct RawTelemetry {
     log_format: Option<LogFormat>,
     log_level: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    regeneration_window: Option<Duration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    path: Option<PathBuf>,
+    url: Option<String>,
+    schema: Option<String>,
+    store_bodies: Option<bool>,
+    queue: Option<usize>,
+    batch: Option<usize>,
 }
 
 const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(60);
@@ -284,6 +323,8 @@ const DEFAULT_TOTAL: Duration = Duration::from_secs(600);
 const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_REGENERATION_WINDOW: Duration = Duration::from_secs(600);
+pub const DEFAULT_SQLITE_PATH: &str = "sluice.db";
 
 /// Collects problems while building a config.
 #[derive(Default)]
@@ -357,13 +398,16 @@ impl Config {
         let telemetry: RawTelemetry = section("telemetry")
             .and_then(|v| problems.take("telemetry", v))
             .unwrap_or_default();
+        let storage: RawStorage = section("storage")
+            .and_then(|v| problems.take("storage", v))
+            .unwrap_or_default();
         let providers: Vec<(usize, RawProvider)> =
             take_array(section("providers"), "providers", &mut problems);
         let models: Vec<(usize, RawModel)> = take_array(section("models"), "models", &mut problems);
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, telemetry)",
+                "unknown section (expected server, retry, providers, models, storage, telemetry)",
             );
         }
 
@@ -373,6 +417,7 @@ impl Config {
             providers,
             models,
             telemetry,
+            storage,
             env,
             source,
             &mut problems,
@@ -456,6 +501,7 @@ impl Config {
             providers.into_iter().enumerate().collect(),
             models.into_iter().enumerate().collect(),
             RawTelemetry::default(),
+            RawStorage::default(),
             env,
             ConfigSource::Embedded { simulated },
             &mut problems,
@@ -556,6 +602,7 @@ fn build(
     providers: Vec<(usize, RawProvider)>,
     models: Vec<(usize, RawModel)>,
     telemetry: RawTelemetry,
+    storage: RawStorage,
     env: &dyn Env,
     source: ConfigSource,
     problems: &mut Problems,
@@ -739,7 +786,10 @@ fn build(
         }
     }
 
+    let storage = build_storage(storage, problems);
+
     Config {
+        storage,
         server: ServerConfig {
             listen,
             master_key,
@@ -755,8 +805,63 @@ fn build(
                 .log_level
                 .or_else(|| env.var("SLUICE_LOG"))
                 .unwrap_or_else(|| "info".into()),
+            regeneration_window: telemetry
+                .regeneration_window
+                .unwrap_or(DEFAULT_REGENERATION_WINDOW),
         },
         source,
+    }
+}
+
+fn build_storage(raw: RawStorage, problems: &mut Problems) -> StorageConfig {
+    let d = RecorderConfig::default();
+    let recorder = RecorderConfig {
+        queue: raw.queue.unwrap_or(d.queue),
+        batch: raw.batch.unwrap_or(d.batch),
+    };
+    if recorder.queue == 0 {
+        problems.push("storage.queue", "must be at least 1");
+    }
+    if recorder.batch == 0 || recorder.batch > 900 {
+        // 900 rows x 35 columns stays under SQLite's 32766 bound parameters.
+        problems.push("storage.batch", "must be between 1 and 900");
+    }
+    let target = match (raw.path, raw.url) {
+        (Some(_), Some(_)) => {
+            problems.push(
+                "storage",
+                "set either `path` (SQLite) or `url` (PostgreSQL), not both",
+            );
+            StorageTarget::Memory
+        }
+        (None, Some(url)) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                problems.push(
+                    "storage.url",
+                    "must be a postgres:// URL (use `path` for SQLite)",
+                );
+            }
+            if let Some(s) = &raw.schema
+                && (s.is_empty() || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            {
+                problems.push("storage.schema", "must be letters, digits and underscores");
+            }
+            StorageTarget::Postgres {
+                url: SecretString::from(url),
+                schema: raw.schema,
+            }
+        }
+        (path, None) => {
+            if raw.schema.is_some() {
+                problems.push("storage.schema", "only applies to PostgreSQL (`url`)");
+            }
+            StorageTarget::Sqlite(path.unwrap_or_else(|| PathBuf::from(DEFAULT_SQLITE_PATH)))
+        }
+    };
+    StorageConfig {
+        target,
+        store_bodies: raw.store_bodies.unwrap_or(false),
+        recorder,
     }
 }
 

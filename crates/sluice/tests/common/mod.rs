@@ -33,6 +33,9 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         .env_remove("ANTHROPIC_BASE_URL")
         .env_remove("SLUICE_MASTER_KEY")
         .env_remove("SLUICE_LISTEN")
+        .env_remove("SLUICE_CONFIG")
+        // The embedded default writes ./sluice.db: keep it out of the source tree.
+        .current_dir(fresh_dir())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     for (k, v) in envs {
@@ -82,11 +85,25 @@ fn listening_addr(line: &str) -> Option<String> {
     Some(rest[..end].to_string())
 }
 
-/// A file under the test's temporary directory.
-pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
+/// This test process's own temporary directory.
+pub fn temp_dir() -> std::path::PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sluice-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join(name);
+    dir
+}
+
+/// A new empty directory for one child process.
+pub fn fresh_dir() -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = temp_dir().join(format!("run-{n}"));
+    std::fs::create_dir_all(&dir).expect("run dir");
+    dir
+}
+
+/// A file under the test's temporary directory.
+pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
+    let path = temp_dir().join(name);
     std::fs::write(&path, contents).expect("write temp file");
     path
 }

@@ -1,0 +1,356 @@
+//! `sluice stats`: latency percentiles, tokens, cost, error rates by outcome class,
+//! cache hit rate, feedback and regeneration rate, computed exactly from the request
+//! log (nearest-rank percentiles over the stored latencies, not histogram buckets).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::store::{Feedback, StatRow};
+use crate::telemetry::Outcome;
+
+/// How to group requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum GroupBy {
+    #[default]
+    None,
+    Model,
+    Feature,
+    User,
+    /// Hour of day, UTC.
+    Hour,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// The figures for one group.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupStats {
+    pub group: String,
+    pub requests: u64,
+    /// Requests per outcome class (`ok`, `api_error`, `bad_output`, ...).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Share of requests that failed upstream (API errors), apart from bad outputs.
+    pub api_error_rate: f64,
+    pub bad_output_rate: f64,
+    pub latency_ms: Option<Percentiles>,
+    pub ttft_ms: Option<Percentiles>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    /// Hits over lookups; `None` when the cache was never consulted.
+    pub cache_hit_rate: Option<f64>,
+    pub feedback_count: u64,
+    pub feedback_mean: Option<f64>,
+    pub regenerations: u64,
+    pub regeneration_rate: f64,
+}
+
+/// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of
+/// the values at or below it.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
+    values.sort_by(f64::total_cmp);
+    Some(Percentiles {
+        p50: percentile(&values, 50.0)?,
+        p95: percentile(&values, 95.0)?,
+        p99: percentile(&values, 99.0)?,
+    })
+}
+
+fn group_key(row: &StatRow, by: GroupBy) -> String {
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+    match by {
+        GroupBy::None => "all".into(),
+        GroupBy::Model => or_none(&row.model),
+        GroupBy::Feature => or_none(&row.feature),
+        GroupBy::User => or_none(&row.user),
+        GroupBy::Hour => format!("{:02}:00", (row.started_at_ms / 3_600_000).rem_euclid(24)),
+    }
+}
+
+/// Aggregate rows (and the feedback on them) into one entry per group, sorted by group.
+pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<GroupStats> {
+    let mut scores: HashMap<&str, Vec<f64>> = HashMap::new();
+    for f in feedback {
+        scores
+            .entry(f.request_id.as_str())
+            .or_default()
+            .push(f.score);
+    }
+    let mut groups: BTreeMap<String, Vec<&StatRow>> = BTreeMap::new();
+    for row in rows {
+        groups.entry(group_key(row, by)).or_default().push(row);
+    }
+    groups
+        .into_iter()
+        .map(|(group, rows)| {
+            let n = rows.len() as u64;
+            let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+            for r in &rows {
+                let o = Outcome::parse(&r.outcome).unwrap_or(Outcome::ApiError);
+                *outcomes.entry(o.as_str()).or_default() += 1;
+            }
+            let rate =
+                |o: Outcome| outcomes.get(o.as_str()).copied().unwrap_or(0) as f64 / n as f64;
+            let hits = rows
+                .iter()
+                .filter(|r| r.cache_status.as_deref() == Some("hit"))
+                .count() as u64;
+            let lookups = rows.iter().filter(|r| r.cache_status.is_some()).count() as u64;
+            let group_scores: Vec<f64> = rows
+                .iter()
+                .filter_map(|r| scores.get(r.request_id.as_str()))
+                .flatten()
+                .copied()
+                .collect();
+            let regenerations = rows.iter().filter(|r| r.regeneration_of.is_some()).count() as u64;
+            GroupStats {
+                requests: n,
+                api_error_rate: rate(Outcome::ApiError),
+                bad_output_rate: rate(Outcome::BadOutput),
+                latency_ms: percentiles(rows.iter().map(|r| r.latency_ms).collect()),
+                ttft_ms: percentiles(rows.iter().filter_map(|r| r.ttft_ms).collect()),
+                prompt_tokens: rows.iter().map(|r| r.prompt_tokens.max(0) as u64).sum(),
+                completion_tokens: rows.iter().map(|r| r.completion_tokens.max(0) as u64).sum(),
+                cost_usd: rows.iter().filter_map(|r| r.cost_micros).sum::<i64>() as f64 / 1e6,
+                cache_hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
+                feedback_count: group_scores.len() as u64,
+                feedback_mean: (!group_scores.is_empty())
+                    .then(|| group_scores.iter().sum::<f64>() / group_scores.len() as f64),
+                regenerations,
+                regeneration_rate: regenerations as f64 / n as f64,
+                outcomes,
+                group,
+            }
+        })
+        .collect()
+}
+
+/// A plain table for a terminal.
+pub fn render_table(stats: &[GroupStats], by: GroupBy) -> String {
+    let mut out = String::new();
+    let head = match by {
+        GroupBy::None => "group",
+        GroupBy::Model => "model",
+        GroupBy::Feature => "feature",
+        GroupBy::User => "user",
+        GroupBy::Hour => "hour (UTC)",
+    };
+    let _ = writeln!(
+        out,
+        "{head:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
+        "requests",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "ttft p50",
+        "ttft p99",
+        "tokens in",
+        "tokens out",
+        "cost $",
+        "api err",
+        "bad out",
+        "feedback",
+        "regen"
+    );
+    let f = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    for s in stats {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10.4} {:>6.1}% {:>6.1}% {:>8} {:>6.1}%",
+            truncate(&s.group, 24),
+            s.requests,
+            f(s.latency_ms.map(|p| p.p50)),
+            f(s.latency_ms.map(|p| p.p95)),
+            f(s.latency_ms.map(|p| p.p99)),
+            f(s.ttft_ms.map(|p| p.p50)),
+            f(s.ttft_ms.map(|p| p.p99)),
+            s.prompt_tokens,
+            s.completion_tokens,
+            s.cost_usd,
+            s.api_error_rate * 100.0,
+            s.bad_output_rate * 100.0,
+            s.feedback_mean
+                .map(|m| format!("{m:+.2}"))
+                .unwrap_or_else(|| "-".into()),
+            s.regeneration_rate * 100.0,
+        );
+    }
+    if stats.is_empty() {
+        out.push_str("(no requests in this period)\n");
+    } else {
+        let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+        for s in stats {
+            for (k, v) in &s.outcomes {
+                *outcomes.entry(k).or_default() += v;
+            }
+        }
+        let parts: Vec<String> = outcomes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let hits: Vec<String> = stats
+            .iter()
+            .filter_map(|s| {
+                s.cache_hit_rate
+                    .map(|r| format!("{}={:.1}%", s.group, r * 100.0))
+            })
+            .collect();
+        let _ = writeln!(out, "\noutcomes: {}", parts.join(" "));
+        if !hits.is_empty() {
+            let _ = writeln!(out, "cache hit rate: {}", hits.join(" "));
+        }
+    }
+    out
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// `sluice stats`: read the request log named by `config` and render the figures.
+pub async fn report(
+    config: &crate::Config,
+    since: std::time::Duration,
+    by: GroupBy,
+    json: bool,
+) -> anyhow::Result<String> {
+    let store = crate::store::Store::open(&config.storage.target).await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let since_ms = now_ms.saturating_sub(i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+    let rows = store.stat_rows(since_ms).await?;
+    let feedback = store.feedback_since(since_ms).await?;
+    store.close().await;
+    let groups = compute(&rows, &feedback, by);
+    if json {
+        let by_name = format!("{by:?}").to_lowercase();
+        Ok(serde_json::to_string_pretty(&serde_json::json!({
+            "since_ms": since_ms,
+            "by": by_name,
+            "groups": groups,
+        }))?)
+    } else {
+        Ok(render_table(&groups, by))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, model: &str, outcome: &str, latency: f64, hour: i64) -> StatRow {
+        StatRow {
+            request_id: id.into(),
+            started_at_ms: hour * 3_600_000 + 5,
+            key_id: None,
+            user: Some("u".into()),
+            feature: None,
+            model: Some(model.into()),
+            outcome: outcome.into(),
+            latency_ms: latency,
+            ttft_ms: None,
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cost_micros: Some(1500),
+            cache_status: None,
+            regeneration_of: None,
+        }
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 95.0), Some(95.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[1.0, 2.0, 3.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn groups_rates_feedback_and_regenerations() {
+        let mut rows = vec![
+            row("a", "m1", "ok", 10.0, 1),
+            row("b", "m1", "api_error", 30.0, 1),
+            row("c", "m2", "bad_output", 20.0, 2),
+            row("d", "m2", "ok", 40.0, 25),
+        ];
+        rows[3].regeneration_of = Some("c".into());
+        rows[0].cache_status = Some("hit".into());
+        rows[1].cache_status = Some("miss".into());
+        let feedback = vec![
+            Feedback {
+                request_id: "a".into(),
+                key_id: None,
+                score: 1.0,
+                comment: None,
+                created_at_ms: 0,
+            },
+            Feedback {
+                request_id: "c".into(),
+                key_id: None,
+                score: -1.0,
+                comment: None,
+                created_at_ms: 0,
+            },
+            Feedback {
+                request_id: "d".into(),
+                key_id: None,
+                score: 0.5,
+                comment: None,
+                created_at_ms: 0,
+            },
+        ];
+        let by_model = compute(&rows, &feedback, GroupBy::Model);
+        assert_eq!(by_model.len(), 2);
+        let m1 = &by_model[0];
+        assert_eq!((m1.group.as_str(), m1.requests), ("m1", 2));
+        assert_eq!(m1.api_error_rate, 0.5);
+        assert_eq!(m1.cache_hit_rate, Some(0.5));
+        assert_eq!(m1.feedback_mean, Some(1.0));
+        assert_eq!(m1.latency_ms.unwrap().p50, 10.0);
+        let m2 = &by_model[1];
+        assert_eq!(m2.bad_output_rate, 0.5);
+        assert_eq!(m2.feedback_mean, Some(-0.25));
+        assert_eq!(m2.regeneration_rate, 0.5);
+        assert_eq!(m2.cache_hit_rate, None);
+        assert!((m2.cost_usd - 0.003).abs() < 1e-12);
+
+        let by_hour = compute(&rows, &feedback, GroupBy::Hour);
+        let hours: Vec<_> = by_hour
+            .iter()
+            .map(|g| (g.group.as_str(), g.requests))
+            .collect();
+        assert_eq!(
+            hours,
+            [("01:00", 3), ("02:00", 1)],
+            "hour 25 is 01:00 the next day"
+        );
+        let all = compute(&rows, &feedback, GroupBy::None);
+        assert_eq!(all[0].outcomes["ok"], 2);
+        assert!(
+            render_table(&all, GroupBy::None).contains("outcomes: api_error=1 bad_output=1 ok=2")
+        );
+    }
+}

@@ -1,0 +1,411 @@
+//! Storage: the request log and feedback, in SQLite (default, one file, WAL) or
+//! PostgreSQL. One set of queries serves both through sqlx's `Any` driver; placeholders
+//! are written `$N`, which both backends read. Migrations are versioned per backend.
+
+mod redact;
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor, Row};
+
+pub use redact::redact_secrets;
+
+use crate::telemetry::{RecordSink, RequestRecord};
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// Where the request log lives.
+#[derive(Debug, Clone)]
+pub enum StorageTarget {
+    /// A SQLite file, created on first start.
+    Sqlite(PathBuf),
+    /// SQLite in memory: for tests; gone with the process.
+    Memory,
+    /// PostgreSQL; `schema` is created when missing and used for every connection.
+    Postgres {
+        url: SecretString,
+        schema: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The request log.
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+    /// Records that could not be written after retries.
+    failed: AtomicU64,
+}
+
+/// What `sluice stats` reads of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatRow {
+    pub request_id: String,
+    pub started_at_ms: i64,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub feature: Option<String>,
+    pub model: Option<String>,
+    pub outcome: String,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_micros: Option<i64>,
+    pub cache_status: Option<String>,
+    pub regeneration_of: Option<String>,
+}
+
+/// One piece of feedback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Feedback {
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub score: f64,
+    pub comment: Option<String>,
+    pub created_at_ms: i64,
+}
+
+const COLUMNS: [&str; 35] = [
+    "request_id",
+    "started_at_ms",
+    "endpoint",
+    "stream",
+    "key_id",
+    "user_id",
+    "tier",
+    "feature",
+    "model_requested",
+    "model",
+    "provider",
+    "prompt_id",
+    "prompt_version",
+    "prompt_hash",
+    "experiment",
+    "variant",
+    "outcome",
+    "status",
+    "error_code",
+    "retries",
+    "upstream_calls",
+    "fallback",
+    "cache_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_estimated",
+    "cost_micros",
+    "latency_ms",
+    "ttft_ms",
+    "upstream_ms",
+    "overhead_ms",
+    "input_hash",
+    "regeneration_of",
+    "request_body",
+    "response_body",
+];
+
+impl Store {
+    /// Connect (creating the SQLite file or the PostgreSQL schema when missing) and run
+    /// the migrations.
+    pub async fn open(target: &StorageTarget) -> anyhow::Result<Arc<Store>> {
+        sqlx::any::install_default_drivers();
+        let (pool, backend) = match target {
+            StorageTarget::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let url = format!("sqlite://{}?mode=rwc", path.display());
+                (sqlite_pool(&url, 4).await?, Backend::Sqlite)
+            }
+            // One connection: every in-memory connection would be its own database.
+            StorageTarget::Memory => (sqlite_pool("sqlite::memory:", 1).await?, Backend::Sqlite),
+            StorageTarget::Postgres { url, schema } => (
+                postgres_pool(url, schema.as_deref()).await?,
+                Backend::Postgres,
+            ),
+        };
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Arc::new(Store {
+            pool,
+            backend,
+            failed: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Records lost because the store refused them after retries.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store answers, for `/readyz`.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Insert a batch in one statement. Re-inserting a request id is ignored, so a
+    /// retried batch never duplicates rows.
+    pub async fn insert(&self, batch: &[RequestRecord]) -> Result<(), sqlx::Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut sql = format!("INSERT INTO requests ({}) VALUES ", COLUMNS.join(", "));
+        let mut n = 0;
+        for (i, _) in batch.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('(');
+            for c in 0..COLUMNS.len() {
+                if c > 0 {
+                    sql.push_str(", ");
+                }
+                n += 1;
+                sql.push('$');
+                sql.push_str(&n.to_string());
+            }
+            sql.push(')');
+        }
+        sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
+        let mut q = sqlx::query(&sql);
+        for r in batch {
+            q = q
+                .bind(r.request_id.clone())
+                .bind(to_i64(r.started_at_ms))
+                .bind(r.endpoint.as_str().to_string())
+                .bind(i64::from(r.stream))
+                .bind(r.key_id.clone())
+                .bind(r.user.clone())
+                .bind(r.tier.clone())
+                .bind(r.feature.clone())
+                .bind(r.model_requested.clone())
+                .bind(r.model.clone())
+                .bind(r.provider.clone())
+                .bind(r.prompt_id.clone())
+                .bind(r.prompt_version.clone())
+                .bind(r.prompt_hash.clone())
+                .bind(r.experiment.clone())
+                .bind(r.variant.clone())
+                .bind(r.outcome().as_str().to_string())
+                .bind(i64::from(r.status))
+                .bind(r.error_code.clone())
+                .bind(i64::from(r.retries))
+                .bind(i64::from(r.upstream_calls))
+                .bind(r.fallback.map(|f| f.as_str().to_string()))
+                .bind(r.cache_status.clone())
+                .bind(i64::from(r.prompt_tokens))
+                .bind(i64::from(r.completion_tokens))
+                .bind(i64::from(r.tokens_estimated))
+                .bind(r.cost_micros)
+                .bind(r.latency_ms)
+                .bind(r.ttft_ms)
+                .bind(r.upstream_ms)
+                .bind(r.overhead_ms)
+                .bind(r.input_hash.clone())
+                .bind(r.regeneration_of.clone())
+                .bind(r.request_body.clone())
+                .bind(r.response_body.clone());
+        }
+        q.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The key that made a request: `None` when there is no such request.
+    pub async fn record_owner(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<Option<String>>, sqlx::Error> {
+        let row = sqlx::query("SELECT key_id FROM requests WHERE request_id = $1")
+            .bind(request_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get::<Option<String>, _>("key_id"))
+            .transpose()
+    }
+
+    pub async fn insert_feedback(&self, f: &Feedback) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO feedback (request_id, key_id, score, comment, created_at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(f.request_id.clone())
+            .bind(f.key_id.clone())
+            .bind(f.score)
+            .bind(f.comment.clone())
+            .bind(f.created_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Requests started at or after `since_ms`.
+    pub async fn stat_rows(&self, since_ms: i64) -> Result<Vec<StatRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT request_id, started_at_ms, key_id, user_id, feature, COALESCE(model, model_requested) AS model, \
+             outcome, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_micros, cache_status, regeneration_of \
+             FROM requests WHERE started_at_ms >= $1 ORDER BY started_at_ms",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StatRow {
+                    request_id: r.try_get("request_id")?,
+                    started_at_ms: r.try_get("started_at_ms")?,
+                    key_id: r.try_get("key_id")?,
+                    user: r.try_get("user_id")?,
+                    feature: r.try_get("feature")?,
+                    model: r.try_get("model")?,
+                    outcome: r.try_get("outcome")?,
+                    latency_ms: r.try_get("latency_ms")?,
+                    ttft_ms: r.try_get("ttft_ms")?,
+                    prompt_tokens: r.try_get("prompt_tokens")?,
+                    completion_tokens: r.try_get("completion_tokens")?,
+                    cost_micros: r.try_get("cost_micros")?,
+                    cache_status: r.try_get("cache_status")?,
+                    regeneration_of: r.try_get("regeneration_of")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Feedback on requests started at or after `since_ms`.
+    pub async fn feedback_since(&self, since_ms: i64) -> Result<Vec<Feedback>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT f.request_id, f.key_id, f.score, f.comment, f.created_at_ms FROM feedback f \
+             JOIN requests r ON r.request_id = f.request_id WHERE r.started_at_ms >= $1",
+        )
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Feedback {
+                    request_id: r.try_get("request_id")?,
+                    key_id: r.try_get("key_id")?,
+                    score: r.try_get("score")?,
+                    comment: r.try_get("comment")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Rows in the request log.
+    pub async fn count(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query("SELECT COUNT(*) AS n FROM requests")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+async fn sqlite_pool(url: &str, max: u32) -> anyhow::Result<AnyPool> {
+    let options = AnyConnectOptions::from_str(url)?;
+    Ok(AnyPoolOptions::new()
+        .max_connections(max)
+        // A writer waits its turn rather than failing: the recorder retries anyway, and
+        // tests with tokio's paused clock would see a short timeout fire at once.
+        .acquire_timeout(Duration::from_secs(3600))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                // WAL lets `sluice stats` read while the gateway writes; NORMAL sync is
+                // durable across process crashes, which is what a request log needs.
+                conn.execute("PRAGMA journal_mode = WAL").await?;
+                conn.execute("PRAGMA synchronous = NORMAL").await?;
+                conn.execute("PRAGMA busy_timeout = 5000").await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?)
+}
+
+async fn postgres_pool(url: &SecretString, schema: Option<&str>) -> anyhow::Result<AnyPool> {
+    let options = AnyConnectOptions::from_str(url.expose_secret())
+        .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?;
+    if let Some(schema) = schema {
+        anyhow::ensure!(
+            !schema.is_empty()
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "schema `{schema}` must be letters, digits and underscores"
+        );
+        let setup = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        setup
+            .execute(format!("CREATE SCHEMA IF NOT EXISTS {schema}").as_str())
+            .await?;
+        setup.close().await;
+    }
+    let search_path = schema.map(|s| format!("SET search_path TO {s}"));
+    Ok(AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            let search_path = search_path.clone();
+            Box::pin(async move {
+                if let Some(sql) = search_path {
+                    conn.execute(sql.as_str()).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?)
+}
+
+/// Writes record batches to the store, retrying briefly; a batch that still fails is
+/// counted and logged, never retried forever (the queue behind it must keep moving).
+pub struct StoreSink(pub Arc<Store>);
+
+#[async_trait]
+impl RecordSink for StoreSink {
+    async fn write(&mut self, batch: &[RequestRecord]) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=3 {
+            match self.0.insert(batch).await {
+                Ok(()) => return,
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(error = %e, attempt, rows = batch.len(), "request log write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+                Err(e) => {
+                    self.0
+                        .failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::error!(error = %e, rows = batch.len(), "request log write failed; records lost");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Prometheus metrics, fed from request records by the recorder task (so `/metrics`
+//! and the request log always count the same requests). Labels are a small fixed set:
+//! endpoint, model, provider, feature, outcome. Never end users (cardinality): per-user
+//! figures come from the store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+use super::{Outcome, RecordSink, Recorder, RequestRecord};
+
+/// Latency buckets, 1 ms to 120 s.
+const BUCKETS: [f64; 17] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0,
+];
+
+/// Longest label value kept; longer ones (client-chosen features) are cut.
+const MAX_LABEL: usize = 64;
+
+/// This gateway's metrics registry. Each gateway has its own (not the process-global
+/// one), so several gateways in one test process never mix their figures.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Arc<Self>> {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
+            .build_recorder();
+        let handle = recorder.handle();
+        let metrics = Self { recorder, handle };
+        metrics.with(describe);
+        Ok(Arc::new(metrics))
+    }
+
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// Count one finished request.
+    pub fn observe(&self, r: &RequestRecord) {
+        self.with(|| {
+            let endpoint = r.endpoint.as_str();
+            // The model that answered, or the configured one; never a client's unknown name.
+            let model = label(r.model.as_deref().unwrap_or(""));
+            let feature = label(r.feature.as_deref().unwrap_or(""));
+            let outcome = r.outcome().as_str();
+            counter!("sluice_requests_total", "endpoint" => endpoint, "model" => model.clone(), "feature" => feature.clone(), "outcome" => outcome).increment(1);
+            histogram!("sluice_request_duration_seconds", "endpoint" => endpoint, "model" => model.clone(), "outcome" => outcome)
+                .record(r.latency_ms / 1000.0);
+            if let Some(ttft) = r.ttft_ms {
+                histogram!("sluice_time_to_first_token_seconds", "model" => model.clone()).record(ttft / 1000.0);
+            }
+            if let Some(overhead) = r.overhead_ms {
+                histogram!("sluice_gateway_overhead_seconds", "endpoint" => endpoint).record(overhead / 1000.0);
+            }
+            if let Some(upstream) = r.upstream_ms {
+                let provider = label(r.provider.as_deref().unwrap_or(""));
+                histogram!("sluice_upstream_duration_seconds", "provider" => provider, "model" => model.clone()).record(upstream / 1000.0);
+            }
+            if r.prompt_tokens > 0 {
+                counter!("sluice_tokens_total", "model" => model.clone(), "feature" => feature.clone(), "kind" => "prompt")
+                    .increment(u64::from(r.prompt_tokens));
+            }
+            if r.completion_tokens > 0 {
+                counter!("sluice_tokens_total", "model" => model.clone(), "feature" => feature.clone(), "kind" => "completion")
+                    .increment(u64::from(r.completion_tokens));
+            }
+            if let Some(cost) = r.cost_micros.filter(|c| *c > 0) {
+                counter!("sluice_cost_usd_micros_total", "model" => model.clone(), "feature" => feature.clone())
+                    .increment(cost.unsigned_abs());
+            }
+            if r.retries > 0 {
+                counter!("sluice_retries_total", "model" => model.clone()).increment(u64::from(r.retries));
+            }
+            if let Some(f) = r.fallback {
+                counter!("sluice_fallbacks_total", "model" => model.clone(), "kind" => f.as_str()).increment(1);
+            }
+            if let Some(status) = r.cache_status.as_deref() {
+                let status = if status == "hit" { "hit" } else { "miss" };
+                counter!("sluice_cache_requests_total", "model" => model.clone(), "status" => status).increment(1);
+            }
+            if r.outcome() == Outcome::RateLimited {
+                counter!("sluice_rate_limited_total", "endpoint" => endpoint).increment(1);
+            }
+            if r.regeneration_of.is_some() {
+                counter!("sluice_regenerations_total", "model" => model, "feature" => feature).increment(1);
+            }
+        });
+    }
+
+    pub fn feedback(&self, score: f64) {
+        self.with(|| {
+            counter!("sluice_feedback_total").increment(1);
+            histogram!("sluice_feedback_score").record(score);
+        });
+    }
+
+    /// The Prometheus text exposition, with the recorder's live gauges.
+    pub fn render(&self, recorder: &Recorder, store_failed: u64) -> String {
+        self.with(|| {
+            gauge!("sluice_record_queue_depth").set(recorder.depth() as f64);
+            counter!("sluice_records_dropped_total", "reason" => "queue_full")
+                .absolute(recorder.dropped());
+            counter!("sluice_records_dropped_total", "reason" => "store_error")
+                .absolute(store_failed);
+        });
+        self.handle.render()
+    }
+}
+
+fn label(value: &str) -> String {
+    match value.char_indices().nth(MAX_LABEL) {
+        Some((cut, _)) => value[..cut].to_string(),
+        None => value.to_string(),
+    }
+}
+
+fn describe() {
+    describe_counter!(
+        "sluice_requests_total",
+        "Requests finished, by endpoint, model, feature and outcome."
+    );
+    describe_histogram!(
+        "sluice_request_duration_seconds",
+        Unit::Seconds,
+        "Total request latency."
+    );
+    describe_histogram!(
+        "sluice_time_to_first_token_seconds",
+        Unit::Seconds,
+        "Time to the first streamed chunk."
+    );
+    describe_histogram!(
+        "sluice_gateway_overhead_seconds",
+        Unit::Seconds,
+        "Latency the gateway added: total minus upstream time and retry waits."
+    );
+    describe_histogram!(
+        "sluice_upstream_duration_seconds",
+        Unit::Seconds,
+        "Time spent in upstream calls, all attempts."
+    );
+    describe_counter!(
+        "sluice_tokens_total",
+        "Tokens, by model, feature and kind (prompt, completion)."
+    );
+    describe_counter!(
+        "sluice_cost_usd_micros_total",
+        "Cost in micro-dollars, by model and feature."
+    );
+    describe_counter!(
+        "sluice_retries_total",
+        "Upstream calls repeated after a retryable failure."
+    );
+    describe_counter!(
+        "sluice_fallbacks_total",
+        "Requests answered by a fallback model or template."
+    );
+    describe_counter!(
+        "sluice_cache_requests_total",
+        "Cache lookups, by status (hit, miss)."
+    );
+    describe_counter!(
+        "sluice_rate_limited_total",
+        "Requests refused by the gateway's rate limits."
+    );
+    describe_counter!(
+        "sluice_regenerations_total",
+        "Requests that regenerate an earlier answer."
+    );
+    describe_counter!("sluice_feedback_total", "Feedback received.");
+    describe_histogram!("sluice_feedback_score", "Feedback scores, -1 to 1.");
+    describe_gauge!(
+        "sluice_record_queue_depth",
+        "Request records waiting to be written."
+    );
+    describe_counter!(
+        "sluice_records_dropped_total",
+        "Request records lost: the writer queue was full, or the store refused them after retries."
+    );
+}
+
+/// Feeds records to [`Metrics`].
+pub struct MetricsSink(pub Arc<Metrics>);
+
+#[async_trait]
+impl RecordSink for MetricsSink {
+    async fn write(&mut self, batch: &[RequestRecord]) {
+        for r in batch {
+            self.0.observe(r);
+        }
+    }
+}

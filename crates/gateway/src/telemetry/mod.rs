@@ -1,0 +1,458 @@
+//! Telemetry: the `RequestRecord` every request leaves exactly once, and the recorder
+//! that takes records off the hot path, in batches, to their sinks (log line, metrics,
+//! request log).
+
+mod logging;
+mod metrics;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+pub use logging::{LogSink, init_logging};
+pub use metrics::{Metrics, MetricsSink};
+
+/// How a request ended, at the granularity dashboards and alerts care about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// The upstream failed (after retries and fallbacks).
+    ApiError,
+    /// The upstream answered, but the answer failed an output check.
+    BadOutput,
+    /// The request was refused as malformed, unknown or unauthorised.
+    RejectedInput,
+    RateLimited,
+    BudgetExceeded,
+    /// The client went away before the answer was complete. The default: a record
+    /// nobody finished was abandoned.
+    #[default]
+    ClientCancelled,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Ok,
+        Outcome::ApiError,
+        Outcome::BadOutput,
+        Outcome::RejectedInput,
+        Outcome::RateLimited,
+        Outcome::BudgetExceeded,
+        Outcome::ClientCancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ApiError => "api_error",
+            Outcome::BadOutput => "bad_output",
+            Outcome::RejectedInput => "rejected_input",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::BudgetExceeded => "budget_exceeded",
+            Outcome::ClientCancelled => "client_cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    #[default]
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallbackKind {
+    Model,
+    Template,
+}
+
+impl FallbackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackKind::Model => "model",
+            FallbackKind::Template => "template",
+        }
+    }
+}
+
+/// One request, as everything after the response (logs, metrics, usage, budgets) sees it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    /// Milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    pub endpoint: Endpoint,
+    pub stream: bool,
+    pub key_id: Option<String>,
+    pub user: Option<String>,
+    pub tier: Option<String>,
+    pub feature: Option<String>,
+    pub model_requested: Option<String>,
+    /// The gateway model that answered.
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub prompt_id: Option<String>,
+    pub prompt_version: Option<String>,
+    pub prompt_hash: Option<String>,
+    pub experiment: Option<String>,
+    pub variant: Option<String>,
+    pub outcome: Outcome,
+    pub status: u16,
+    pub error_code: Option<String>,
+    pub retries: u32,
+    pub upstream_calls: u32,
+    pub fallback: Option<FallbackKind>,
+    /// `hit`, `miss`, or absent when the cache was not consulted.
+    pub cache_status: Option<String>,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub tokens_estimated: bool,
+    /// Integer micro-dollars; absent until the request is priced.
+    pub cost_micros: Option<i64>,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    /// Time spent waiting on upstream calls (all attempts).
+    pub upstream_ms: Option<f64>,
+    /// What the gateway itself added: latency minus upstream time and retry waits.
+    pub overhead_ms: Option<f64>,
+    /// Hash of the request's input, for regeneration tracking.
+    pub input_hash: Option<String>,
+    /// The earlier request this one regenerates, when it does.
+    pub regeneration_of: Option<String>,
+    /// Only with `[storage] store_bodies = true`, secrets redacted.
+    pub request_body: Option<String>,
+    pub response_body: Option<String>,
+}
+
+impl RequestRecord {
+    pub fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    pub fn success(&self) -> bool {
+        self.outcome() == Outcome::Ok
+    }
+}
+
+/// Where records go. Sinks run on the recorder's task, never on a request's; a sink
+/// gets every batch in order.
+#[async_trait]
+pub trait RecordSink: Send + 'static {
+    async fn write(&mut self, batch: &[RequestRecord]);
+}
+
+/// Hands records to a channel; for tests and for sinks that live elsewhere.
+pub struct ChannelSink(pub mpsc::UnboundedSender<RequestRecord>);
+
+#[async_trait]
+impl RecordSink for ChannelSink {
+    async fn write(&mut self, batch: &[RequestRecord]) {
+        for r in batch {
+            let _ = self.0.send(r.clone());
+        }
+    }
+}
+
+/// Recorder sizing.
+#[derive(Debug, Clone, Copy)]
+pub struct RecorderConfig {
+    /// Records waiting to be written; beyond this, records are dropped and counted.
+    pub queue: usize,
+    /// Most records handed to the sinks at once.
+    pub batch: usize,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        Self {
+            queue: 8192,
+            batch: 512,
+        }
+    }
+}
+
+/// Takes records off the hot path: a bounded queue to one background task that hands
+/// them, in batches, to every sink. A full queue drops the record and counts it; it
+/// never blocks a request.
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<RequestRecord>,
+    inner: Arc<RecorderInner>,
+}
+
+struct RecorderInner {
+    dropped: AtomicU64,
+    /// Request id -> key id of recent requests, so feedback can check ownership before
+    /// the batch reaches the store.
+    recent: moka::sync::Cache<String, Option<String>>,
+}
+
+impl Recorder {
+    /// Start the writer task on `tasks`; it ends once every `Recorder` clone is dropped
+    /// and the queue is drained.
+    pub fn start(sinks: Vec<Box<dyn RecordSink>>, tasks: &TaskTracker) -> Recorder {
+        Self::start_with(sinks, tasks, RecorderConfig::default())
+    }
+
+    pub fn start_with(
+        mut sinks: Vec<Box<dyn RecordSink>>,
+        tasks: &TaskTracker,
+        config: RecorderConfig,
+    ) -> Recorder {
+        let (tx, mut rx) = mpsc::channel::<RequestRecord>(config.queue.max(1));
+        let max_batch = config.batch.max(1);
+        tasks.spawn(async move {
+            let mut batch = Vec::with_capacity(max_batch);
+            // No artificial delay: write whatever has queued up. Under load, batches grow
+            // by themselves while the previous one is being written.
+            while rx.recv_many(&mut batch, max_batch).await > 0 {
+                for sink in sinks.iter_mut() {
+                    sink.write(&batch).await;
+                }
+                batch.clear();
+            }
+        });
+        Recorder {
+            tx,
+            inner: Arc::new(RecorderInner {
+                dropped: AtomicU64::new(0),
+                recent: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(600))
+                    .build(),
+            }),
+        }
+    }
+
+    pub fn emit(&self, record: RequestRecord) {
+        self.inner
+            .recent
+            .insert(record.request_id.clone(), record.key_id.clone());
+        if let Err(e) = self.tx.try_send(record) {
+            let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let (why, r) = match &e {
+                mpsc::error::TrySendError::Full(r) => ("queue full", r),
+                mpsc::error::TrySendError::Closed(r) => ("recorder stopped", r),
+            };
+            tracing::warn!(request_id = %r.request_id, dropped_total = n, reason = why, "request record dropped");
+        }
+    }
+
+    /// Records dropped because the queue was full or closed.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting to be written.
+    pub fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// The key that made a recent request: `None` if unknown here, `Some(None)` keyless.
+    pub fn recent_owner(&self, request_id: &str) -> Option<Option<String>> {
+        self.inner.recent.get(request_id)
+    }
+}
+
+/// Owns a request's record until it is finished, and emits it exactly once: when
+/// finished, or, if the request is abandoned (client gone, task dropped), on drop as
+/// `client_cancelled`.
+pub struct RecordGuard {
+    record: Option<RequestRecord>,
+    started: Instant,
+    recorder: Recorder,
+    /// Time spent in upstream calls and in retry waits, for the overhead figure.
+    upstream: Duration,
+    waited: Duration,
+}
+
+impl RecordGuard {
+    pub fn new(
+        recorder: Recorder,
+        request_id: String,
+        endpoint: Endpoint,
+        started: Instant,
+    ) -> Self {
+        let started_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        Self {
+            record: Some(RequestRecord {
+                request_id,
+                started_at_ms,
+                endpoint,
+                ..RequestRecord::default()
+            }),
+            started,
+            recorder,
+            upstream: Duration::ZERO,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Fill in fields as the request moves through the pipeline.
+    pub fn update(&mut self, f: impl FnOnce(&mut RequestRecord)) {
+        if let Some(r) = self.record.as_mut() {
+            f(r);
+        }
+    }
+
+    /// Add time spent waiting on the upstream, and time spent sleeping between retries.
+    pub fn add_upstream_time(&mut self, upstream: Duration, waited: Duration) {
+        self.upstream += upstream;
+        self.waited += waited;
+    }
+
+    pub fn elapsed_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.record
+            .as_ref()
+            .map(|r| r.request_id.as_str())
+            .unwrap_or("")
+    }
+
+    pub fn key_id(&self) -> Option<&str> {
+        self.record.as_ref().and_then(|r| r.key_id.as_deref())
+    }
+
+    /// Emit with the given outcome and status.
+    pub fn finish(mut self, outcome: Outcome, status: u16, error_code: Option<String>) {
+        self.emit(outcome, status, error_code);
+    }
+
+    fn emit(&mut self, outcome: Outcome, status: u16, error_code: Option<String>) {
+        if let Some(mut r) = self.record.take() {
+            let latency = self.started.elapsed();
+            r.outcome = outcome;
+            r.status = status;
+            r.error_code = error_code;
+            r.latency_ms = ms(latency);
+            if r.upstream_calls > 0 {
+                r.upstream_ms = Some(ms(self.upstream));
+                r.overhead_ms = Some(ms(latency.saturating_sub(self.upstream + self.waited)));
+            } else {
+                r.overhead_ms = Some(r.latency_ms);
+            }
+            self.recorder.emit(r);
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        // 499: nginx's "client closed request", the usual name for this in access logs.
+        self.emit(
+            Outcome::ClientCancelled,
+            499,
+            Some("client_cancelled".into()),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dropped_guard_records_client_cancelled_once() {
+        let tasks = TaskTracker::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let recorder = Recorder::start(vec![Box::new(ChannelSink(tx))], &tasks);
+        let guard = RecordGuard::new(
+            recorder.clone(),
+            "r1".into(),
+            Endpoint::ChatCompletions,
+            Instant::now(),
+        );
+        drop(guard);
+        let finished = RecordGuard::new(
+            recorder.clone(),
+            "r2".into(),
+            Endpoint::Embeddings,
+            Instant::now(),
+        );
+        finished.finish(Outcome::Ok, 200, None);
+        assert_eq!(recorder.recent_owner("r2"), Some(None));
+        assert_eq!(recorder.recent_owner("r3"), None);
+        drop(recorder);
+        let a = rx.recv().await.unwrap();
+        assert_eq!(
+            (a.request_id.as_str(), a.outcome(), a.status),
+            ("r1", Outcome::ClientCancelled, 499)
+        );
+        let b = rx.recv().await.unwrap();
+        assert_eq!(
+            (b.request_id.as_str(), b.outcome(), b.success()),
+            ("r2", Outcome::Ok, true)
+        );
+        tasks.close();
+        tasks.wait().await;
+        assert!(rx.recv().await.is_none(), "exactly one record per guard");
+    }
+
+    /// A sink that never finishes, so the queue fills.
+    struct Stuck;
+
+    #[async_trait]
+    impl RecordSink for Stuck {
+        async fn write(&mut self, _batch: &[RequestRecord]) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let tasks = TaskTracker::new();
+        let recorder = Recorder::start_with(
+            vec![Box::new(Stuck)],
+            &tasks,
+            RecorderConfig { queue: 4, batch: 1 },
+        );
+        for i in 0..20 {
+            RecordGuard::new(
+                recorder.clone(),
+                format!("r{i}"),
+                Endpoint::Embeddings,
+                Instant::now(),
+            )
+            .finish(Outcome::Ok, 200, None);
+            if i == 0 {
+                // Let the writer take the first record into the stuck sink.
+                tokio::task::yield_now().await;
+            }
+        }
+        // One record is held by the stuck sink, four wait in the queue; the rest dropped.
+        assert_eq!(recorder.depth(), 4);
+        assert_eq!(recorder.dropped(), 15);
+    }
+}
