@@ -128,7 +128,12 @@ upstream = "gpt-4o-mini"
     assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
 
     // Every LLM request the script made left exactly one structured record line.
-    let records = collect_records(&gateway, 11);
+    let (records, lines) = collect_records(&gateway, 11);
+    for secret in ["sk-sluice-test", "sk-mock"] {
+        for line in gateway.startup.iter().chain(&lines) {
+            assert!(!line.contains(secret), "a secret reached the log: {line}");
+        }
+    }
     assert_eq!(records.len(), 11, "{records:#?}");
     let tagged = records
         .iter()
@@ -152,9 +157,11 @@ upstream = "gpt-4o-mini"
     );
 }
 
-/// Read `ai_request_complete` lines until `want` arrived, then briefly check for extras.
-fn collect_records(p: &common::Proc, want: usize) -> Vec<serde_json::Value> {
+/// Read log lines until `want` `ai_request_complete` records arrived, then briefly
+/// check for extras. Returns the records and every line read.
+fn collect_records(p: &common::Proc, want: usize) -> (Vec<serde_json::Value>, Vec<String>) {
     let mut records = Vec::new();
+    let mut lines = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
         let wait = if records.len() >= want {
@@ -169,9 +176,10 @@ fn collect_records(p: &common::Proc, want: usize) -> Vec<serde_json::Value> {
                 {
                     records.push(v);
                 }
+                lines.push(line);
             }
             Err(_) => break,
         }
     }
-    records
+    (records, lines)
 }

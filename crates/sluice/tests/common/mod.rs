@@ -13,6 +13,8 @@ use std::time::Duration;
 pub struct Proc {
     pub child: Child,
     pub addr: String,
+    /// Lines logged before the address line.
+    pub startup: Vec<String>,
     pub log: mpsc::Receiver<String>,
 }
 
@@ -55,21 +57,22 @@ pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let mut proc = Proc {
         child,
         addr: String::new(),
+        startup: Vec::new(),
         log: rx,
     };
-    let mut seen = Vec::new();
     loop {
         match proc.log.recv_timeout(Duration::from_secs(30)) {
             Ok(line) => {
-                if let Some(addr) = listening_addr(&line) {
+                let addr = listening_addr(&line);
+                proc.startup.push(line);
+                if let Some(addr) = addr {
                     proc.addr = addr;
                     return proc;
                 }
-                seen.push(line);
             }
             Err(_) => panic!(
                 "sluice {args:?} did not report its address; it said:\n{}",
-                seen.join("\n")
+                proc.startup.join("\n")
             ),
         }
     }
