@@ -58,6 +58,11 @@ cleanup() {
     wait "$pid" 2>/dev/null || true
   done
   if [[ -n $OUT ]]; then cp "$WORK"/*.log "$WORK"/sluice.toml "$KEEP"/ 2>/dev/null || true; fi
+  if [[ -f $WORK/gateway.log ]]; then
+    local dropped
+    dropped=$(grep -o '"dropped_total":[0-9]*' "$WORK/gateway.log" | tail -1 | cut -d: -f2 || true)
+    if [[ -n $dropped ]]; then echo "run.sh: note: the gateway dropped $dropped request records (queue full)" >&2; fi
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -146,8 +151,10 @@ name = "gpt-4o-mini"
 provider = "mock"
 EOF
 # No key from the environment may leak into the benchmark's gateway.
-env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u SLUICE_LISTEN \
-  "${PIN_GW[@]}" "$SLUICE" serve --config "$WORK/sluice.toml" >"$WORK/gateway.log" 2>&1 &
+# It runs in the temp dir, so whatever it writes there (its SQLite request store,
+# `sluice.db` by default) goes away with it rather than into the checkout.
+(cd "$WORK" && exec env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u SLUICE_LISTEN \
+  "${PIN_GW[@]}" "$SLUICE" serve --config "$WORK/sluice.toml") >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 wait_healthy "http://127.0.0.1:$GW_PORT/healthz" gateway "${PIDS[-1]}"
 

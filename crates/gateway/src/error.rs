@@ -19,6 +19,21 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
+    #[error("The input is empty: it has no visible characters.")]
+    EmptyInput { param: String },
+    #[error("{message}")]
+    InvalidEncoding { message: String },
+    #[error("{message}")]
+    InputTooLong { message: String, param: String },
+    #[error("{count} messages; the limit is {limit}")]
+    TooManyMessages { count: usize, limit: usize },
+    #[error("JSON nested deeper than {limit} levels")]
+    NestingTooDeep { limit: usize },
+    #[error("The input was blocked by the `{detection}` check.")]
+    InputBlocked { detection: &'static str },
+    /// The answer failed its output checks and the rule says to refuse it.
+    #[error("The model's answer failed its output checks: {message}")]
+    OutputInvalid { message: String },
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{message}")]
@@ -60,7 +75,14 @@ impl ApiError {
             ApiError::InvalidJson { .. } | ApiError::InvalidRequest { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::WrongModelKind { .. } => StatusCode::BAD_REQUEST,
+            ApiError::WrongModelKind { .. }
+            | ApiError::EmptyInput { .. }
+            | ApiError::InvalidEncoding { .. }
+            | ApiError::InputTooLong { .. }
+            | ApiError::TooManyMessages { .. }
+            | ApiError::NestingTooDeep { .. }
+            | ApiError::InputBlocked { .. } => StatusCode::BAD_REQUEST,
+            ApiError::OutputInvalid { .. } => StatusCode::BAD_GATEWAY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
@@ -83,11 +105,18 @@ impl ApiError {
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType { .. }
             | ApiError::WrongModelKind { .. }
+            | ApiError::EmptyInput { .. }
+            | ApiError::InvalidEncoding { .. }
+            | ApiError::InputTooLong { .. }
+            | ApiError::TooManyMessages { .. }
+            | ApiError::NestingTooDeep { .. }
+            | ApiError::InputBlocked { .. }
             | ApiError::ModelNotFound { .. }
             | ApiError::RouteNotFound { .. }
             | ApiError::RequestNotFound { .. }
             | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
             ApiError::RequestNotOwned { .. } => "permission_error",
+            ApiError::OutputInvalid { .. } => "upstream_error",
             ApiError::StorageUnavailable(_) => "server_error",
             ApiError::Unauthorized { .. } => "authentication_error",
             ApiError::Upstream(e) => match e.class {
@@ -111,6 +140,13 @@ impl ApiError {
             ApiError::InvalidJson { .. } => "invalid_json",
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::EmptyInput { .. } => "empty_input",
+            ApiError::InvalidEncoding { .. } => "invalid_encoding",
+            ApiError::InputTooLong { .. } => "input_too_long",
+            ApiError::TooManyMessages { .. } => "too_many_messages",
+            ApiError::NestingTooDeep { .. } => "nesting_too_deep",
+            ApiError::InputBlocked { .. } => "input_blocked",
+            ApiError::OutputInvalid { .. } => "output_invalid",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::Unauthorized { .. } => "invalid_api_key",
             ApiError::ModelNotFound { .. } => "model_not_found",
@@ -140,6 +176,13 @@ impl ApiError {
     pub fn param(&self) -> Option<&str> {
         match self {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::EmptyInput { param } => Some(param),
+            ApiError::InputTooLong { param, .. } => Some(param),
+            ApiError::TooManyMessages { .. } => Some("messages"),
+            ApiError::InputBlocked { detection } => Some(detection),
+            ApiError::InvalidEncoding { .. }
+            | ApiError::NestingTooDeep { .. }
+            | ApiError::OutputInvalid { .. } => None,
             ApiError::ModelNotFound { .. } | ApiError::WrongModelKind { .. } => Some("model"),
             ApiError::Upstream(e) => e.param.as_deref(),
             ApiError::InvalidJson { .. }

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod pipeline;
 pub mod providers;
 pub mod quality;

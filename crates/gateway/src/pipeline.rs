@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Principal, authenticate};
 use crate::config::{Config, ModelKind};
 use crate::error::ApiError;
+use crate::guard::{self, OnFail, OutputRule, output};
 use crate::providers::{ChatCall, ChunkStream, ErrorClass, UpstreamError};
 use crate::quality::{Regenerations, input_hash};
 use crate::retry::{Attempts, Retrier};
@@ -49,6 +50,8 @@ pub const HEADER_FALLBACK: &str = "x-sluice-fallback";
 pub const HEADER_FEATURE: &str = "x-sluice-feature";
 pub const HEADER_USER: &str = "x-sluice-user";
 pub const HEADER_REGENERATE_OF: &str = "x-sluice-regenerate-of";
+pub const HEADER_GUARD: &str = "x-sluice-guard";
+pub const HEADER_OUTPUT: &str = "x-sluice-output";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
@@ -95,13 +98,7 @@ impl Gateway {
     }
 
     fn record(&self, endpoint: Endpoint, started: Instant) -> RecordGuard {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        RecordGuard::new(
-            self.recorder.clone(),
-            format!("req_{id}"),
-            endpoint,
-            started,
-        )
+        RecordGuard::new(self.recorder.clone(), new_request_id(), endpoint, started)
     }
 
     /// The opt-in stored body: redacted JSON, or nothing when bodies are not stored.
@@ -113,6 +110,24 @@ impl Gateway {
             .ok()
             .map(|s| redact_secrets(&s))
     }
+}
+
+/// `req_` + a UUIDv7 (time-ordered, unique across instances). The random bits come
+/// from the thread's seeded generator: `Uuid::now_v7` asks the OS for randomness on
+/// every call, two syscalls per request on the hot path.
+fn new_request_id() -> String {
+    use rand::RngCore;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut random = [0u8; 10];
+    rand::rng().fill_bytes(&mut random);
+    let id = uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid();
+    let mut out = String::with_capacity(36);
+    out.push_str("req_");
+    out.push_str(id.simple().encode_lower(&mut uuid::Uuid::encode_buffer()));
+    out
 }
 
 /// A failed request: the error, plus what to record about it.
@@ -131,7 +146,14 @@ fn fail(record: RecordGuard, error: ApiError) -> Response {
         | ApiError::RouteNotFound { .. }
         | ApiError::RequestNotFound { .. }
         | ApiError::RequestNotOwned { .. }
+        | ApiError::EmptyInput { .. }
+        | ApiError::InvalidEncoding { .. }
+        | ApiError::InputTooLong { .. }
+        | ApiError::TooManyMessages { .. }
+        | ApiError::NestingTooDeep { .. }
+        | ApiError::InputBlocked { .. }
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
+        ApiError::OutputInvalid { .. } => Outcome::BadOutput,
     };
     if let ApiError::Internal(message) = &error {
         tracing::error!(request_id = record.request_id(), %message, "internal error");
@@ -174,9 +196,20 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             },
             serde_json::error::Category::Syntax
             | serde_json::error::Category::Eof
-            | serde_json::error::Category::Io => ApiError::InvalidJson {
-                message: format!("request body is not valid JSON: {inner}"),
-            },
+            | serde_json::error::Category::Io => {
+                let text = inner.to_string();
+                if text.contains("surrogate") || text.contains("invalid unicode code point") {
+                    ApiError::InvalidEncoding {
+                        message: format!("request body has an invalid Unicode escape: {text}"),
+                    }
+                } else if text.contains("recursion limit exceeded") {
+                    ApiError::NestingTooDeep { limit: 128 }
+                } else {
+                    ApiError::InvalidJson {
+                        message: format!("request body is not valid JSON: {text}"),
+                    }
+                }
+            }
         }
     })
 }
@@ -247,37 +280,75 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return fail(record, e),
     };
-    // 2. parse + check
-    let request = match body.and_then(|b| parse_chat(&b)) {
+    // 2. parse (encoding and nesting are checked on the raw bytes first)
+    let max_depth = gw.config.guard.input.max_depth;
+    let mut request = match body.and_then(|b| {
+        guard::input::precheck(&b, max_depth)?;
+        parse_chat(&b)
+    }) {
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let feature = request.sluice.as_ref().and_then(|s| s.feature.as_deref());
+    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
     let tags = Tags {
         principal: &principal,
         user: request.user.as_deref(),
-        feature,
+        feature: feature.as_deref(),
         model: &request.model,
         input_hash: input_hash(&request.messages),
         track_regenerations: true,
     };
     tag_request(&gw, &mut record, &headers, tags);
-    let body_log = gw.body_for_log(&request);
-    record.update(|r| {
-        r.stream = request.is_stream();
-        r.request_body = body_log;
-    });
+    record.update(|r| r.stream = request.is_stream());
     // 3. route
     let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    // 4-6. dispatch, fallback, respond (7. record happens inside, exactly once)
-    if request.is_stream() {
-        stream_chat(gw, record, request, chain).await
-    } else {
-        complete_chat(gw, record, request, chain).await
+    // 4. input guard: validate, sanitize, cap, scan (in place)
+    let policy = gw
+        .config
+        .guard
+        .input_for(&request.model, feature.as_deref(), None);
+    let upstream_model = chain
+        .routes
+        .first()
+        .map(|r| r.upstream_model.clone())
+        .unwrap_or_default();
+    let report = match guard::input::check_chat(
+        &mut request,
+        &policy,
+        &gw.config.guard.detector,
+        &upstream_model,
+    ) {
+        Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    // The stored body (opt-in) is what goes upstream: sanitized, capped, PII redacted.
+    let body_log = gw.body_for_log(&request);
+    record.update(|r| {
+        r.guard_changes = (!report.changes.is_empty()).then(|| report.changes.join(","));
+        r.guard_flags = (!report.flags.is_empty()).then(|| report.flags.join(","));
+        r.request_body = body_log;
+    });
+    // 5-8. dispatch, output guard, fallback, respond (9. record happens inside, once)
+    let rule = gw
+        .config
+        .guard
+        .output_for(&request.model, feature.as_deref(), None)
+        .cloned();
+    let mut response = match (request.is_stream(), &rule) {
+        // Actions that must see the whole answer buffer the stream (see OnFail).
+        (true, Some(r)) if r.on_fail.needs_whole_answer() => {
+            complete_chat(gw, record, request, chain, rule, true).await
+        }
+        (true, _) => stream_chat(gw, record, request, chain, rule).await,
+        (false, _) => complete_chat(gw, record, request, chain, rule, false).await,
+    };
+    if !report.is_empty() {
+        set_header(&mut response, HEADER_GUARD, &report.header());
     }
+    response
 }
 
 fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
@@ -297,63 +368,186 @@ fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
     Ok(request)
 }
 
+/// Call the chain for a whole answer, then hold it to the output rule: on failure,
+/// retry the same model, escalate to the next, fall back to the template, flag, or
+/// reject, as the rule says. `as_sse` replays the answer as a stream (buffered mode).
 async fn complete_chat(
     gw: Arc<Gateway>,
     mut record: RecordGuard,
     request: ChatRequest,
     chain: Chain,
+    rule: Option<OutputRule>,
+    as_sse: bool,
 ) -> Response {
-    let mut attempts = Attempts::default();
-    let result = gw
-        .retrier
-        .run_chain(&chain.routes, &mut attempts, |route| {
-            let request = &request;
-            async move {
-                let call = ChatCall {
-                    request,
-                    upstream_model: &route.upstream_model,
-                    timeouts: route.timeouts,
-                };
-                match tokio::time::timeout(route.timeouts.total, route.provider.chat(call)).await {
-                    Err(_) => Err(UpstreamError::timeout(
-                        route.provider.kind(),
-                        "complete answer",
-                        route.timeouts.total,
-                    )),
-                    Ok(r) => r.map(|response| (route, response)),
+    let mut first = 0usize;
+    let mut output_retries_left = rule.as_ref().map(|r| r.retries).unwrap_or(0);
+    let mut calls_before = Attempts::default();
+    loop {
+        let mut attempts = Attempts::default();
+        let result = gw
+            .retrier
+            .run_chain(&chain.routes[first..], &mut attempts, |route| {
+                let request = &request;
+                async move {
+                    let call = ChatCall {
+                        request,
+                        upstream_model: &route.upstream_model,
+                        timeouts: route.timeouts,
+                    };
+                    match tokio::time::timeout(route.timeouts.total, route.provider.chat(call))
+                        .await
+                    {
+                        Err(_) => Err(UpstreamError::timeout(
+                            route.provider.kind(),
+                            "complete answer",
+                            route.timeouts.total,
+                        )),
+                        Ok(r) => r.map(|response| (route, response)),
+                    }
                 }
+            })
+            .await;
+        attempts.calls += calls_before.calls;
+        attempts.retries += calls_before.retries;
+        attempts.answered_by += first;
+        note_attempts(&mut record, &attempts);
+        let (route, response) = match result {
+            Ok(answer) => answer,
+            Err(error) => {
+                return match template_fallback(&gw, &chain, &request, &record, &error) {
+                    Some(text) => respond_template(record, &request, &text, as_sse),
+                    None => fail(record, ApiError::Upstream(error)),
+                };
             }
-        })
-        .await;
-    note_attempts(&mut record, &attempts);
-    match result {
-        Ok((route, response)) => {
-            let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
-            let usage = response.usage;
-            record_usage(&mut record, usage, || estimate_chat(&request, &response));
-            let body_log = gw.body_for_log(&response);
-            record.update(|r| r.response_body = body_log);
-            respond_json(record, &route, fallback, &response)
+        };
+        record_usage(&mut record, response.usage, || {
+            estimate_chat(&request, &response)
+        });
+        let body_log = gw.body_for_log(&response);
+        record.update(|r| r.response_body = body_log);
+        let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
+
+        let Some(rule) = rule.as_ref() else {
+            return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
+        };
+        let failures = output::failures(&rule.validators, &answer_text(&response));
+        if failures.is_empty() {
+            record.update(|r| r.output_check = Some("pass".into()));
+            return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
         }
-        Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
-            Some(text) => {
-                let response = template_completion(&request.model, &text, record.request_id());
-                record.update(|r| {
-                    r.model = Some(request.model.clone());
-                    r.fallback = Some(FallbackKind::Template);
-                });
-                let mut http = axum::Json(&response).into_response();
-                finish_ok(
+        let why = failures.join("; ");
+        tracing::info!(request_id = record.request_id(), model = %route.model, action = rule.on_fail.as_str(), failures = %why, "answer failed its output checks");
+        record.update(|r| r.output_check = Some(format!("fail:{}", rule.on_fail.as_str())));
+        match rule.on_fail {
+            OnFail::Flag => {
+                return respond_completion(
                     record,
-                    &mut http,
-                    &request.model,
-                    Some(FallbackKind::Template),
+                    &route,
+                    fallback,
+                    &response,
+                    &request,
+                    as_sse,
+                    Some(Outcome::BadOutput),
                 );
-                http
             }
-            None => fail(record, ApiError::Upstream(error)),
-        },
+            OnFail::Retry if output_retries_left > 0 => {
+                output_retries_left -= 1;
+                first = attempts.answered_by;
+            }
+            OnFail::Escalate if attempts.answered_by + 1 < chain.routes.len() => {
+                first = attempts.answered_by + 1;
+            }
+            OnFail::Fallback => {
+                if let Some(text) = template_text(&gw, &chain, &request, &record) {
+                    return respond_template(record, &request, &text, as_sse);
+                }
+                return fail(record, ApiError::OutputInvalid { message: why });
+            }
+            OnFail::Retry | OnFail::Escalate | OnFail::Reject => {
+                return fail(record, ApiError::OutputInvalid { message: why });
+            }
+        }
+        calls_before = attempts;
+        calls_before.answered_by = 0;
     }
+}
+
+/// The text an output check reads: the first choice's content.
+fn answer_text(response: &ChatResponse) -> String {
+    response
+        .choices
+        .first()
+        .map(|c| c.message.text())
+        .unwrap_or_default()
+}
+
+/// Answer with a whole completion, as JSON or (buffered mode) replayed as SSE.
+fn respond_completion(
+    mut record: RecordGuard,
+    route: &Route,
+    fallback: Option<FallbackKind>,
+    response: &ChatResponse,
+    request: &ChatRequest,
+    as_sse: bool,
+    flagged: Option<Outcome>,
+) -> Response {
+    let outcome = flagged.unwrap_or(Outcome::Ok);
+    if !as_sse {
+        let mut http = respond_json(record, route, fallback, response, outcome);
+        if flagged.is_some() {
+            set_header(&mut http, HEADER_OUTPUT, "flagged");
+        }
+        return http;
+    }
+    record.update(|r| {
+        r.model = Some(route.model.clone());
+        r.provider = Some(route.provider_name.clone());
+        r.fallback = fallback;
+    });
+    // Buffered: the first byte goes out with the whole answer.
+    let elapsed = record.elapsed_ms();
+    record.update(|r| r.ttft_ms = Some(elapsed));
+    let request_id = record.request_id().to_string();
+    let frames = completion_frames(response, request.wants_stream_usage());
+    record.finish(outcome, 200, None);
+    let mut http = sse_from_frames(frames, &request_id, &route.model, fallback);
+    if flagged.is_some() {
+        set_header(&mut http, HEADER_OUTPUT, "flagged");
+    }
+    http
+}
+
+fn respond_template(
+    mut record: RecordGuard,
+    request: &ChatRequest,
+    text: &str,
+    as_sse: bool,
+) -> Response {
+    record.update(|r| {
+        r.model = Some(request.model.clone());
+        r.fallback = Some(FallbackKind::Template);
+    });
+    let response = template_completion(&request.model, text, record.request_id());
+    let request_id = record.request_id().to_string();
+    if as_sse {
+        record.finish(Outcome::Ok, 200, None);
+        let frames = completion_frames(&response, request.wants_stream_usage());
+        return sse_from_frames(
+            frames,
+            &request_id,
+            &request.model,
+            Some(FallbackKind::Template),
+        );
+    }
+    let mut http = axum::Json(&response).into_response();
+    finish_ok(
+        record,
+        &mut http,
+        &request.model,
+        Some(FallbackKind::Template),
+        Outcome::Ok,
+    );
+    http
 }
 
 fn note_attempts(record: &mut RecordGuard, attempts: &Attempts) {
@@ -401,6 +595,7 @@ fn respond_json<T: serde::Serialize>(
     route: &Route,
     fallback: Option<FallbackKind>,
     body: &T,
+    outcome: Outcome,
 ) -> Response {
     record.update(|r| {
         r.model = Some(route.model.clone());
@@ -416,7 +611,7 @@ fn respond_json<T: serde::Serialize>(
             );
         }
     };
-    finish_ok(record, &mut response, &route.model, fallback);
+    finish_ok(record, &mut response, &route.model, fallback, outcome);
     response
 }
 
@@ -425,13 +620,14 @@ fn finish_ok(
     response: &mut Response,
     model: &str,
     fallback: Option<FallbackKind>,
+    outcome: Outcome,
 ) {
     set_header(response, HEADER_REQUEST_ID, record.request_id());
     set_header(response, HEADER_MODEL, model);
     if let Some(f) = fallback {
         set_header(response, HEADER_FALLBACK, fallback_name(f));
     }
-    record.finish(Outcome::Ok, response.status().as_u16(), None);
+    record.finish(outcome, response.status().as_u16(), None);
 }
 
 fn fallback_name(f: FallbackKind) -> &'static str {
@@ -449,10 +645,22 @@ fn template_fallback(
     record: &RecordGuard,
     error: &UpstreamError,
 ) -> Option<String> {
-    let name = chain.template.as_deref()?;
     if !error.class.may_fall_back() {
         return None;
     }
+    let text = template_text(gw, chain, request, record)?;
+    tracing::warn!(request_id = record.request_id(), model = %request.model, error = %error, "all models failed; answering from the template fallback");
+    Some(text)
+}
+
+/// The requested model's template fallback, rendered for this request.
+fn template_text(
+    gw: &Gateway,
+    chain: &Chain,
+    request: &ChatRequest,
+    record: &RecordGuard,
+) -> Option<String> {
+    let name = chain.template.as_deref()?;
     let sluice = request.sluice.clone().unwrap_or_default();
     let input = request.last_user_text();
     let ctx = TemplateContext {
@@ -463,10 +671,7 @@ fn template_fallback(
         variables: &sluice.variables,
     };
     match gw.router.render_template(name, &ctx) {
-        Ok(text) => {
-            tracing::warn!(request_id = record.request_id(), model = %request.model, error = %error, "all models failed; answering from the template fallback");
-            Some(text)
-        }
+        Ok(text) => Some(text),
         Err(e) => {
             tracing::error!(request_id = record.request_id(), error = %e, "template fallback failed");
             None
@@ -509,11 +714,15 @@ struct Opened {
     ttft_ms: f64,
 }
 
+/// Stream the answer through as it arrives. An output rule here only flags (others
+/// need the whole answer first and use buffered mode): it is checked when the stream
+/// ends, and the record says `bad_output` if the answer failed.
 async fn stream_chat(
     gw: Arc<Gateway>,
     mut record: RecordGuard,
     request: ChatRequest,
     chain: Chain,
+    rule: Option<OutputRule>,
 ) -> Response {
     let mut attempts = Attempts::default();
     let started = Instant::now();
@@ -579,46 +788,46 @@ async fn stream_chat(
                 .iter()
                 .map(|m| estimate_tokens(&m.text()))
                 .sum();
+            let tally = StreamTally {
+                record,
+                usage: None,
+                content_chunks: 0,
+                prompt_estimate,
+                started: tokio::time::Instant::now(),
+                body: gw.config.storage.store_bodies.then(String::new),
+                answer: rule.as_ref().map(|_| String::new()),
+            };
             gw.tasks.spawn(forward_stream(
                 opened,
                 tx,
-                record,
+                tally,
                 wants_usage,
-                prompt_estimate,
-                gw.config.storage.store_bodies,
                 gw.shutdown.clone(),
+                rule,
             ));
             sse_response(rx, &request_id, &model, fallback)
         }
         Err(error) => match template_fallback(&gw, &chain, &request, &record, &error) {
-            Some(text) => {
-                let request_id = record.request_id().to_string();
-                record.update(|r| {
-                    r.model = Some(request.model.clone());
-                    r.fallback = Some(FallbackKind::Template);
-                });
-                let (tx, rx) = mpsc::channel::<Bytes>(8);
-                for frame in template_stream(
-                    &request.model,
-                    &text,
-                    &request_id,
-                    request.wants_stream_usage(),
-                ) {
-                    // The channel holds all frames of a template answer, so this never waits.
-                    let _ = tx.try_send(frame);
-                }
-                drop(tx);
-                record.finish(Outcome::Ok, 200, None);
-                sse_response(
-                    rx,
-                    &request_id,
-                    &request.model,
-                    Some(FallbackKind::Template),
-                )
-            }
+            Some(text) => respond_template(record, &request, &text, true),
             None => fail(record, ApiError::Upstream(error)),
         },
     }
+}
+
+/// Serve ready-made SSE frames (template answers, buffered mode).
+fn sse_from_frames(
+    frames: Vec<Bytes>,
+    request_id: &str,
+    model: &str,
+    fallback: Option<FallbackKind>,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Bytes>(frames.len().max(1));
+    for frame in frames {
+        // The channel was sized to hold every frame, so this never waits or fails.
+        let _ = tx.try_send(frame);
+    }
+    drop(tx);
+    sse_response(rx, request_id, model, fallback)
 }
 
 fn sse_frame(data: &str) -> Bytes {
@@ -666,6 +875,8 @@ struct StreamTally {
     started: tokio::time::Instant,
     /// The chunks' payloads, only when bodies are stored.
     body: Option<String>,
+    /// The answer's text, only when an output rule will check it.
+    answer: Option<String>,
 }
 
 impl StreamTally {
@@ -688,11 +899,10 @@ impl StreamTally {
 async fn forward_stream(
     opened: Opened,
     tx: mpsc::Sender<Bytes>,
-    record: RecordGuard,
+    mut tally: StreamTally,
     wants_usage: bool,
-    prompt_estimate: u32,
-    store_body: bool,
     shutdown: CancellationToken,
+    rule: Option<OutputRule>,
 ) {
     let Opened {
         first,
@@ -700,14 +910,6 @@ async fn forward_stream(
         deadline,
         ..
     } = opened;
-    let mut tally = StreamTally {
-        record,
-        usage: None,
-        content_chunks: 0,
-        prompt_estimate,
-        started: tokio::time::Instant::now(),
-        body: store_body.then(String::new),
-    };
     let mut next = Some(Ok(first));
     loop {
         let item = match next.take() {
@@ -741,7 +943,20 @@ async fn forward_stream(
                 if tx.send(Bytes::from_static(DONE_FRAME)).await.is_err() {
                     return;
                 }
-                tally.record.finish(Outcome::Ok, 200, None);
+                let outcome = match (&rule, &tally.answer) {
+                    (Some(rule), Some(text)) => {
+                        let failed = !output::failures(&rule.validators, text).is_empty();
+                        let check = if failed { "fail:flag" } else { "pass" };
+                        tally.record.update(|r| r.output_check = Some(check.into()));
+                        if failed {
+                            Outcome::BadOutput
+                        } else {
+                            Outcome::Ok
+                        }
+                    }
+                    _ => Outcome::Ok,
+                };
+                tally.record.finish(outcome, 200, None);
                 return;
             }
             Some(Ok(chunk)) => {
@@ -751,6 +966,12 @@ async fn forward_stream(
                 if let Some(body) = tally.body.as_mut() {
                     body.push_str(&chunk.data);
                     body.push('\n');
+                }
+                if let Some(answer) = tally.answer.as_mut()
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&chunk.data)
+                    && let Some(text) = v["choices"][0]["delta"]["content"].as_str()
+                {
+                    answer.push_str(text);
                 }
                 if chunk.usage_only && !wants_usage {
                     continue;
@@ -782,21 +1003,26 @@ async fn forward_stream(
     }
 }
 
-fn template_stream(model: &str, text: &str, request_id: &str, wants_usage: bool) -> Vec<Bytes> {
-    let id = format!("chatcmpl-{request_id}");
-    let created = unix_now();
+/// A whole completion as stream frames: the role, the content, the finish reason, the
+/// usage (when asked for), `[DONE]`.
+fn completion_frames(response: &ChatResponse, wants_usage: bool) -> Vec<Bytes> {
     let chunk = |delta: serde_json::Value, finish: Option<&str>| {
-        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        json!({"id": response.id, "object": "chat.completion.chunk", "created": response.created, "model": response.model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
+    let choice = response.choices.first();
+    let text = choice.map(|c| c.message.text()).unwrap_or_default();
+    let finish = choice
+        .and_then(|c| c.finish_reason.clone())
+        .unwrap_or_else(|| "stop".into());
     let mut frames = vec![
         sse_frame(&chunk(json!({"role": "assistant", "content": ""}), None).to_string()),
         sse_frame(&chunk(json!({"content": text}), None).to_string()),
-        sse_frame(&chunk(json!({}), Some("stop")).to_string()),
+        sse_frame(&chunk(json!({}), Some(&finish)).to_string()),
     ];
     if wants_usage {
-        let usage = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": [], "usage": Usage::new(0, 0)});
+        let usage = json!({"id": response.id, "object": "chat.completion.chunk", "created": response.created,
+                           "model": response.model, "choices": [], "usage": response.usage.unwrap_or_default()});
         frames.push(sse_frame(&usage.to_string()));
     }
     frames.push(Bytes::from_static(DONE_FRAME));
@@ -816,7 +1042,11 @@ pub async fn embeddings(
         Ok(p) => p,
         Err(e) => return fail(record, e),
     };
-    let request: EmbeddingsRequest = match body.and_then(|b| parse_body(&b)) {
+    let max_depth = gw.config.guard.input.max_depth;
+    let mut request: EmbeddingsRequest = match body.and_then(|b| {
+        guard::input::precheck(&b, max_depth)?;
+        parse_body(&b)
+    }) {
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
@@ -832,16 +1062,27 @@ pub async fn embeddings(
     tag_request(&gw, &mut record, &headers, tags);
     let body_log = gw.body_for_log(&request);
     record.update(|r| r.request_body = body_log);
-    if request.input.is_empty() {
-        return fail(
-            record,
-            ApiError::invalid("`input` must not be empty", Some("input".to_string())),
-        );
-    }
     let chain = match gw.router.chain(&request.model, ModelKind::Embeddings) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
+    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
+    let policy = gw
+        .config
+        .guard
+        .input_for(&request.model, feature.as_deref(), None);
+    let upstream_model = chain
+        .routes
+        .first()
+        .map(|r| r.upstream_model.clone())
+        .unwrap_or_default();
+    let report = match guard::input::check_embeddings(&mut request, &policy, &upstream_model) {
+        Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    record.update(|r| {
+        r.guard_changes = (!report.changes.is_empty()).then(|| report.changes.join(","))
+    });
     let mut attempts = Attempts::default();
     let result = gw
         .retrier
@@ -869,7 +1110,7 @@ pub async fn embeddings(
             let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
             let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
             record_usage(&mut record, usage, || Usage::new(0, 0));
-            respond_json(record, &route, fallback, &response)
+            respond_json(record, &route, fallback, &response, Outcome::Ok)
         }
         Err(error) => fail(record, ApiError::Upstream(error)),
     }

@@ -350,13 +350,21 @@ async fn sigterm_during_load_loses_nothing_accepted() {
             (base.clone(), answered.clone(), completed_streams.clone());
         workers.push(tokio::spawn(async move {
             let http = client();
-            // Keep sending until the gateway stops accepting.
-            for i in 0..200 {
+            // Keep sending until the gateway stops accepting (bounded, in case it never does).
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
+            for i in 0.. {
+                if tokio::time::Instant::now() > give_up {
+                    break;
+                }
                 let stream = (w + i) % 4 == 0;
                 let model = if stream { "slow" } else { "gpt-4o-mini" };
                 let body = json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": format!("w{w} i{i}")}]});
-                let Ok(r) = http.post(format!("{base}/v1/chat/completions")).json(&body).send().await else {
-                    break;
+                let r = match http.post(format!("{base}/v1/chat/completions")).json(&body).send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("worker {w} stops after {i} requests: {e:?}");
+                        break;
+                    }
                 };
                 // A status line means the gateway accepted the request: it must be logged.
                 answered.fetch_add(1, Ordering::SeqCst);
@@ -367,14 +375,28 @@ async fn sigterm_during_load_loses_nothing_accepted() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // SIGTERM once the load is well under way.
+    for _ in 0..200 {
+        if answered.load(Ordering::SeqCst) >= 48 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let before = answered.load(Ordering::SeqCst);
+    eprintln!("{before} requests answered before SIGTERM");
     sigterm(&s.gateway);
     for w in workers {
         w.await.unwrap();
     }
     wait_exit(&mut s.gateway).await;
     let total = answered.load(Ordering::SeqCst);
+    let log: Vec<String> = s
+        .gateway
+        .log
+        .try_iter()
+        .filter(|l| !l.contains("ai_request_complete"))
+        .collect();
+    eprintln!("gateway said:\n{}", log.join("\n"));
     assert!(
         total > before,
         "requests in flight at SIGTERM were answered"

@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 
 pub use env::{Env, SystemEnv, interpolate};
 
+use crate::guard::GuardConfig;
+use crate::guard::config::RawGuard;
 use crate::providers::Timeouts;
 pub use crate::store::StorageTarget;
 use crate::telemetry::RecorderConfig;
@@ -34,6 +36,7 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub telemetry: TelemetryConfig,
     pub storage: StorageConfig,
+    pub guard: GuardConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -401,13 +404,16 @@ impl Config {
         let storage: RawStorage = section("storage")
             .and_then(|v| problems.take("storage", v))
             .unwrap_or_default();
+        let guard: RawGuard = section("guard")
+            .and_then(|v| problems.take("guard", v))
+            .unwrap_or_default();
         let providers: Vec<(usize, RawProvider)> =
             take_array(section("providers"), "providers", &mut problems);
         let models: Vec<(usize, RawModel)> = take_array(section("models"), "models", &mut problems);
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, telemetry)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry)",
             );
         }
 
@@ -418,6 +424,7 @@ impl Config {
             models,
             telemetry,
             storage,
+            guard,
             env,
             source,
             &mut problems,
@@ -502,6 +509,7 @@ impl Config {
             models.into_iter().enumerate().collect(),
             RawTelemetry::default(),
             RawStorage::default(),
+            RawGuard::default(),
             env,
             ConfigSource::Embedded { simulated },
             &mut problems,
@@ -603,6 +611,7 @@ fn build(
     models: Vec<(usize, RawModel)>,
     telemetry: RawTelemetry,
     storage: RawStorage,
+    guard: RawGuard,
     env: &dyn Env,
     source: ConfigSource,
     problems: &mut Problems,
@@ -787,9 +796,12 @@ fn build(
     }
 
     let storage = build_storage(storage, problems);
+    let guard =
+        crate::guard::config::build(guard, &mut |path, message| problems.push(path, message));
 
     Config {
         storage,
+        guard,
         server: ServerConfig {
             listen,
             master_key,
@@ -822,9 +834,9 @@ fn build_storage(raw: RawStorage, problems: &mut Problems) -> StorageConfig {
     if recorder.queue == 0 {
         problems.push("storage.queue", "must be at least 1");
     }
-    if recorder.batch == 0 || recorder.batch > 900 {
-        // 900 rows x 35 columns stays under SQLite's 32766 bound parameters.
-        problems.push("storage.batch", "must be between 1 and 900");
+    if recorder.batch == 0 || recorder.batch > 800 {
+        // 800 rows x 38 columns stays under SQLite's 32766 bound parameters.
+        problems.push("storage.batch", "must be between 1 and 800");
     }
     let target = match (raw.path, raw.url) {
         (Some(_), Some(_)) => {

@@ -20,8 +20,9 @@ const KIND: &str = "openai";
 
 pub struct OpenAiProvider {
     client: reqwest::Client,
-    chat_url: String,
-    embeddings_url: String,
+    // Parsed once: reqwest would re-parse a string URL on every request.
+    chat_url: reqwest::Url,
+    embeddings_url: reqwest::Url,
 }
 
 impl OpenAiProvider {
@@ -32,14 +33,14 @@ impl OpenAiProvider {
         }
         Ok(Self {
             client: client(config, headers)?,
-            chat_url: format!("{}/chat/completions", config.base_url),
-            embeddings_url: format!("{}/embeddings", config.base_url),
+            chat_url: reqwest::Url::parse(&format!("{}/chat/completions", config.base_url))?,
+            embeddings_url: reqwest::Url::parse(&format!("{}/embeddings", config.base_url))?,
         })
     }
 
-    fn post(&self, url: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+    fn post(&self, url: &reqwest::Url, body: Vec<u8>) -> reqwest::RequestBuilder {
         self.client
-            .post(url)
+            .post(url.clone())
             .header(::http::header::CONTENT_TYPE, "application/json")
             .body(body)
     }

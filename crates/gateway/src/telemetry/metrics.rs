@@ -92,6 +92,16 @@ impl Metrics {
             if r.outcome() == Outcome::RateLimited {
                 counter!("sluice_rate_limited_total", "endpoint" => endpoint).increment(1);
             }
+            for flag in r.guard_flags.iter().flat_map(|f| f.split(',')) {
+                counter!("sluice_guard_flags_total", "flag" => flag.to_string()).increment(1);
+            }
+            for change in r.guard_changes.iter().flat_map(|c| c.split(',')) {
+                counter!("sluice_guard_changes_total", "change" => change.to_string()).increment(1);
+            }
+            if let Some(check) = r.output_check.as_deref() {
+                let (result, action) = check.split_once(':').unwrap_or((check, ""));
+                counter!("sluice_output_checks_total", "model" => model.clone(), "result" => result.to_string(), "action" => action.to_string()).increment(1);
+            }
             if r.regeneration_of.is_some() {
                 counter!("sluice_regenerations_total", "model" => model, "feature" => feature).increment(1);
             }

@@ -141,6 +141,12 @@ pub struct RequestRecord {
     pub input_hash: Option<String>,
     /// The earlier request this one regenerates, when it does.
     pub regeneration_of: Option<String>,
+    /// What the input guard changed (`input_truncated,max_tokens_clamped`, ...).
+    pub guard_changes: Option<String>,
+    /// What the input guard flagged (`prompt_injection,pii_email`, ...).
+    pub guard_flags: Option<String>,
+    /// The output checks: `pass`, or `fail:<action>` (`fail:retry`, `fail:flag`, ...).
+    pub output_check: Option<String>,
     /// Only with `[storage] store_bodies = true`, secrets redacted.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
@@ -204,6 +210,8 @@ pub struct Recorder {
 
 struct RecorderInner {
     dropped: AtomicU64,
+    /// Unix second of the last "dropped" log line.
+    last_drop_log: AtomicU64,
     /// Request id -> key id of recent requests, so feedback can check ownership before
     /// the batch reaches the store.
     recent: moka::sync::Cache<String, Option<String>>,
@@ -238,6 +246,7 @@ impl Recorder {
             tx,
             inner: Arc::new(RecorderInner {
                 dropped: AtomicU64::new(0),
+                last_drop_log: AtomicU64::new(0),
                 recent: moka::sync::Cache::builder()
                     .max_capacity(100_000)
                     .time_to_live(Duration::from_secs(600))
@@ -252,11 +261,16 @@ impl Recorder {
             .insert(record.request_id.clone(), record.key_id.clone());
         if let Err(e) = self.tx.try_send(record) {
             let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            let (why, r) = match &e {
-                mpsc::error::TrySendError::Full(r) => ("queue full", r),
-                mpsc::error::TrySendError::Closed(r) => ("recorder stopped", r),
-            };
-            tracing::warn!(request_id = %r.request_id, dropped_total = n, reason = why, "request record dropped");
+            // Logged at most once a second: under overload a line per drop would add to
+            // the load that caused it. The metric counts every one.
+            let now = unix_secs();
+            if self.inner.last_drop_log.swap(now, Ordering::Relaxed) != now {
+                let (why, r) = match &e {
+                    mpsc::error::TrySendError::Full(r) => ("queue full", r),
+                    mpsc::error::TrySendError::Closed(r) => ("recorder stopped", r),
+                };
+                tracing::warn!(request_id = %r.request_id, dropped_total = n, reason = why, "request records dropped");
+            }
         }
     }
 
@@ -362,6 +376,13 @@ impl RecordGuard {
             self.recorder.emit(r);
         }
     }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -1,0 +1,87 @@
+//! Micro-benchmarks of the per-request hot functions: request parse + input guard on a
+//! typical 1 KB chat request, and the pieces around it.
+//! Run: `cargo bench -p sluice-gateway --bench hot_paths`.
+
+use std::hint::black_box;
+
+use sluice_gateway::config::{Config, ConfigSource};
+use sluice_gateway::guard::input::{check_chat, precheck};
+use sluice_gateway::pipeline::parse_body;
+use sluice_gateway::quality::input_hash;
+use sluice_gateway::wire::{ChatRequest, StreamChunk};
+
+fn main() {
+    divan::main();
+}
+
+/// About 1 KB: a system prompt, a short history, and a user question.
+fn typical_body() -> Vec<u8> {
+    serde_json::json!({
+        "model": "gpt-4o-mini",
+        "temperature": 0.7,
+        "max_tokens": 400,
+        "user": "user-1234",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant for an online bookshop. Answer briefly, cite the catalogue when you can, and never invent prices or delivery dates."},
+            {"role": "user", "content": "Hi! I'm looking for a present for my father, who likes history and long walks."},
+            {"role": "assistant", "content": "How about a narrative history of the great canals, or a guide to walking the old towpaths? Both are in stock."},
+            {"role": "user", "content": "The canal book sounds great. Is there a hardback edition, and could it arrive before Saturday if I order today? He lives in the north of England, near Leeds, and I would like it gift-wrapped with a short note saying happy birthday from all of us."}
+        ]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn config() -> Config {
+    Config::from_toml(
+        "",
+        &[("UNUSED", "")],
+        ConfigSource::Embedded { simulated: true },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[divan::bench]
+fn parse_and_guard_1kb(bencher: divan::Bencher) {
+    let body = typical_body();
+    let config = config();
+    let policy = config.guard.input.clone();
+    let detector = config.guard.detector.clone();
+    bencher.bench_local(|| {
+        precheck(black_box(&body), policy.max_depth).ok();
+        let mut req: ChatRequest = parse_body(black_box(&body)).unwrap_or_else(|e| panic!("{e}"));
+        black_box(check_chat(&mut req, &policy, &detector, "gpt-4o-mini").ok())
+    });
+}
+
+#[divan::bench]
+fn guard_only_1kb(bencher: divan::Bencher) {
+    let body = typical_body();
+    let config = config();
+    let policy = config.guard.input.clone();
+    let detector = config.guard.detector.clone();
+    let req: ChatRequest = parse_body(&body).unwrap_or_else(|e| panic!("{e}"));
+    bencher
+        .with_inputs(|| req.clone())
+        .bench_local_values(|mut req| {
+            black_box(check_chat(&mut req, &policy, &detector, "gpt-4o-mini").ok())
+        });
+}
+
+#[divan::bench]
+fn parse_only_1kb(bencher: divan::Bencher) {
+    let body = typical_body();
+    bencher.bench_local(|| black_box(parse_body::<ChatRequest>(black_box(&body)).ok()));
+}
+
+#[divan::bench]
+fn input_hash_1kb(bencher: divan::Bencher) {
+    let req: ChatRequest = parse_body(&typical_body()).unwrap_or_else(|e| panic!("{e}"));
+    bencher.bench_local(|| black_box(input_hash(&req.messages)));
+}
+
+#[divan::bench]
+fn stream_chunk_peek(bencher: divan::Bencher) {
+    let data = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" canal"},"finish_reason":null}]}"#;
+    bencher.bench_local(|| black_box(StreamChunk::peek(black_box(data.to_string())).ok()));
+}
