@@ -394,16 +394,9 @@ async fn complete_chat(
                         upstream_model: &route.upstream_model,
                         timeouts: route.timeouts,
                     };
-                    match tokio::time::timeout(route.timeouts.total, route.provider.chat(call))
-                        .await
-                    {
-                        Err(_) => Err(UpstreamError::timeout(
-                            route.provider.kind(),
-                            "complete answer",
-                            route.timeouts.total,
-                        )),
-                        Ok(r) => r.map(|response| (route, response)),
-                    }
+                    let response =
+                        within_total(&route, "complete answer", route.provider.chat(call)).await?;
+                    Ok((route, response))
                 }
             })
             .await;
@@ -548,6 +541,22 @@ fn respond_template(
         Outcome::Ok,
     );
     http
+}
+
+/// An upstream call bounded by the model's total timeout.
+async fn within_total<T>(
+    route: &Route,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    match tokio::time::timeout(route.timeouts.total, call).await {
+        Err(_) => Err(UpstreamError::timeout(
+            route.provider.kind(),
+            what,
+            route.timeouts.total,
+        )),
+        Ok(r) => r,
+    }
 }
 
 fn note_attempts(record: &mut RecordGuard, attempts: &Attempts) {
@@ -1093,14 +1102,8 @@ pub async fn embeddings(
                     route
                         .provider
                         .embeddings(request, &route.upstream_model, route.timeouts);
-                match tokio::time::timeout(route.timeouts.total, call).await {
-                    Err(_) => Err(UpstreamError::timeout(
-                        route.provider.kind(),
-                        "embeddings",
-                        route.timeouts.total,
-                    )),
-                    Ok(r) => r.map(|response| (route, response)),
-                }
+                let response = within_total(&route, "embeddings", call).await?;
+                Ok((route, response))
             }
         })
         .await;

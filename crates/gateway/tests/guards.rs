@@ -8,47 +8,15 @@
     reason = "test helpers fail loudly by design"
 )]
 
-use std::sync::Arc;
-
-use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use sluice_gateway::config::{Config, ConfigSource};
-use sluice_gateway::pipeline::Gateway;
-use sluice_gateway::server::app;
-use sluice_gateway::store::{StorageTarget, Store};
-use sluice_gateway::telemetry::{ChannelSink, Outcome, RequestRecord};
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_util::task::TaskTracker;
+use sluice_gateway::telemetry::{Outcome, RequestRecord};
 use tower::ServiceExt;
 
-struct Harness {
-    app: Router,
-    records: UnboundedReceiver<RequestRecord>,
-}
+mod support;
 
-async fn harness(toml: &str) -> Harness {
-    let config = Config::from_toml(
-        toml,
-        &[("UNUSED", "")],
-        ConfigSource::Embedded { simulated: false },
-    )
-    .unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    let store = Store::open(&StorageTarget::Memory).await.unwrap();
-    let (tx, records) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = Gateway::start(
-        Arc::new(config),
-        store,
-        vec![Box::new(ChannelSink(tx))],
-        TaskTracker::new(),
-    )
-    .unwrap();
-    Harness {
-        app: app(gateway),
-        records,
-    }
-}
+use support::{Harness, harness};
 
 impl Harness {
     async fn chat(

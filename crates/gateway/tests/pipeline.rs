@@ -10,52 +10,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use sluice_gateway::config::{Config, ConfigSource};
+use sluice_gateway::config::Config;
 use sluice_gateway::pipeline::Gateway;
 use sluice_gateway::server::app;
 use sluice_gateway::store::{StorageTarget, Store};
-use sluice_gateway::telemetry::{ChannelSink, Outcome, RequestRecord};
-use tokio::sync::mpsc::UnboundedReceiver;
+use sluice_gateway::telemetry::{Outcome, RequestRecord};
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-struct Harness {
-    app: Router,
-    gateway: Arc<Gateway>,
-    records: UnboundedReceiver<RequestRecord>,
-    tasks: TaskTracker,
-}
+mod support;
 
-/// A gateway on `toml`, its request log in memory, its records also sent to a channel.
-async fn harness(toml: &str) -> Harness {
-    let config = Config::from_toml(
-        toml,
-        &[("UNUSED", "")],
-        ConfigSource::Embedded { simulated: false },
-    )
-    .unwrap_or_else(|e| panic!("test config invalid: {e}"));
-    let store = Store::open(&StorageTarget::Memory).await.unwrap();
-    let tasks = TaskTracker::new();
-    let (tx, records) = tokio::sync::mpsc::unbounded_channel();
-    let gateway = Gateway::start(
-        Arc::new(config),
-        store,
-        vec![Box::new(ChannelSink(tx))],
-        tasks.clone(),
-    )
-    .unwrap();
-    Harness {
-        app: app(gateway.clone()),
-        gateway,
-        records,
-        tasks,
-    }
-}
+use support::{Harness, harness};
 
 impl Harness {
     async fn post(&self, path: &str, body: Value) -> axum::response::Response {

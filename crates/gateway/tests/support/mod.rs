@@ -56,3 +56,38 @@ pub async fn open(
         ),
     }
 }
+
+/// A gateway on inline TOML, its request log in memory, its records also sent to a
+/// channel so a test can read each one.
+pub struct Harness {
+    pub app: axum::Router,
+    pub gateway: std::sync::Arc<sluice_gateway::pipeline::Gateway>,
+    pub records: tokio::sync::mpsc::UnboundedReceiver<sluice_gateway::telemetry::RequestRecord>,
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+pub async fn harness(toml: &str) -> Harness {
+    use sluice_gateway::config::{Config, ConfigSource};
+    let config = Config::from_toml(
+        toml,
+        &[("UNUSED", "")],
+        ConfigSource::Embedded { simulated: false },
+    )
+    .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let store = open("sqlite", &StorageTarget::Memory).await;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let (tx, records) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = sluice_gateway::pipeline::Gateway::start(
+        std::sync::Arc::new(config),
+        store,
+        vec![Box::new(sluice_gateway::telemetry::ChannelSink(tx))],
+        tasks.clone(),
+    )
+    .unwrap_or_else(|e| panic!("gateway did not start: {e:#}"));
+    Harness {
+        app: sluice_gateway::server::app(gateway.clone()),
+        gateway,
+        records,
+        tasks,
+    }
+}
