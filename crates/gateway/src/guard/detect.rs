@@ -240,8 +240,9 @@ const CARD: &str = r"\b\d(?:[ -]?\d){12,18}\b";
 /// Built once from config; shared by all requests (`Send + Sync`).
 #[derive(Debug)]
 pub struct Detector {
-    /// Injection phrases (built-in and from config) and the built-in injection, SQL and
-    /// code patterns in one set, so benign text is one pass.
+    /// Injection phrases (built-in and from config), the built-in injection, SQL and code
+    /// patterns, the PII candidates and an invisible-character probe in one set, so clean
+    /// text costs one pass.
     builtin: RegexSet,
     /// The kind of each pattern in `builtin`, by index; `None` for the last one, which
     /// finds invisible characters.
@@ -269,7 +270,9 @@ const PII_PATTERNS: [&str; 3] = [EMAIL, PHONE, CARD];
 impl Detector {
     /// `extra_injection_phrases` and `extra_injection_patterns` (regex strings) come from
     /// config and extend the built-in prompt-injection lists. Phrases match ASCII-case-
-    /// insensitively; patterns match as written (add `(?i)` for case-insensitivity).
+    /// insensitively, like the built-in ones; patterns match as written, with the usual
+    /// Unicode semantics (add `(?i)` for case-insensitivity). Patterns cost one extra pass
+    /// per scan, and a Unicode `\b` in them is slow on non-ASCII text; `(?-u:\b)` is not.
     ///
     /// Errors name the bad phrase (empty ones are refused: they would match everything) or
     /// pattern.
@@ -348,12 +351,13 @@ impl Detector {
         self.scan_set(text).iter().collect()
     }
 
-    /// Every kind found in `text`, as a bitset (no allocation unless the text contains
-    /// invisible characters, see below).
+    /// Every kind found in `text`, as a bitset. Allocates only when the text contains
+    /// invisible characters (see below).
     ///
     /// Invisible characters are removed before matching, so "ig\u{200B}nore previous
-    /// instructions" is still caught. Other obfuscation (homoglyphs, fullwidth letters,
-    /// extra spaces inside a literal phrase) is out of reach of this layer.
+    /// instructions" is still caught, and phrases allow any whitespace between words.
+    /// Other obfuscation (homoglyphs, fullwidth letters, leetspeak) is out of reach of
+    /// this layer.
     pub fn scan_set(&self, text: &str) -> DetectionSet {
         self.scan_inner(text, true)
     }
@@ -361,10 +365,11 @@ impl Detector {
     fn scan_inner(&self, text: &str, may_fold: bool) -> DetectionSet {
         let b = text.as_bytes();
         let mut found = DetectionSet::EMPTY;
-        // `is_match` stops early and skips the bookkeeping of which patterns matched; the
-        // full `matches` pass only runs for the rare text that has something in it.
-        if self.builtin.is_match(b) {
-            let hits = self.builtin.matches(b);
+        // One `matches` pass, not `is_match` first: on clean text `is_match` saved about
+        // 15%, but code fences and PII are common enough that paying a second full pass
+        // for them was the worse trade.
+        let hits = self.builtin.matches(b);
+        if hits.matched_any() {
             // The set itself spots invisible characters, which saves a separate pass
             // decoding every char of non-ASCII text. Found: drop them and scan again.
             if may_fold && hits.matched(self.builtin_kinds.len() - 1) {
@@ -403,16 +408,33 @@ impl Detector {
     ///
     /// Returns `Cow::Borrowed` when nothing was found.
     pub fn redact_pii<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let mut cur = Cow::Borrowed(text);
         let b = text.as_bytes();
-        let at = memchr::memchr(b'@', b).is_some();
-        let digits = count_digits(b);
-        if !at && digits < *PHONE_DIGITS.start() {
-            return cur;
+        if memchr::memchr(b'@', b).is_none() && count_digits(b) < *PHONE_DIGITS.start() {
+            return Cow::Borrowed(text);
         }
         // One pass to learn which kinds are present instead of up to three.
         let present = self.pii.matches(b);
-        if present.matched(PII_EMAIL)
+        let kinds = [
+            (PII_EMAIL, Detection::Email),
+            (PII_PHONE, Detection::Phone),
+            (PII_CARD, Detection::CardNumber),
+        ]
+        .into_iter()
+        .filter(|&(i, _)| present.matched(i))
+        .map(|(_, kind)| kind)
+        .collect();
+        self.redact_kinds(text, kinds)
+    }
+
+    /// [`redact_pii`](Self::redact_pii) for callers that already scanned: replaces only the
+    /// PII kinds in `kinds` (others in the set are ignored), skipping the pass that finds
+    /// out which are present.
+    ///
+    /// A scan looks through invisible characters and redaction does not, so an address
+    /// split by a zero-width space is only replaced from the split onwards.
+    pub fn redact_kinds<'a>(&self, text: &'a str, kinds: DetectionSet) -> Cow<'a, str> {
+        let mut cur = Cow::Borrowed(text);
+        if kinds.contains(Detection::Email)
             && let Some(out) = replace_spans(
                 &cur,
                 self.email.find_iter(cur.as_bytes()).map(|m| m.range()),
@@ -421,12 +443,12 @@ impl Detector {
         {
             cur = Cow::Owned(out);
         }
-        if present.matched(PII_CARD)
+        if kinds.contains(Detection::CardNumber)
             && let Some(out) = replace_spans(&cur, self.cards(cur.as_bytes()), "[CARD]")
         {
             cur = Cow::Owned(out);
         }
-        if present.matched(PII_PHONE)
+        if kinds.contains(Detection::Phone)
             && let Some(out) = replace_spans(&cur, self.phones(cur.as_bytes()), "[PHONE]")
         {
             cur = Cow::Owned(out);
@@ -591,6 +613,12 @@ mod tests {
                 "{kind:?} not found in {t:?} (got {found:?})"
             );
         }
+    }
+
+    #[test]
+    fn detector_is_shareable() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Detector>();
     }
 
     #[test]
@@ -865,6 +893,25 @@ mod tests {
     }
 
     #[test]
+    fn redact_kinds_follows_the_scan() {
+        let d = detector();
+        let text = "x@y.io, 555-123-4567, 4111 1111 1111 1111";
+        let found = d.scan_set(text);
+        assert_eq!(d.redact_kinds(text, found), "[EMAIL], [PHONE], [CARD]");
+        let only_email: DetectionSet = [Detection::Email, Detection::CodeBlock]
+            .into_iter()
+            .collect();
+        assert_eq!(
+            d.redact_kinds(text, only_email),
+            "[EMAIL], 555-123-4567, 4111 1111 1111 1111"
+        );
+        assert!(matches!(
+            d.redact_kinds(text, DetectionSet::EMPTY),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
     fn extra_phrases_and_patterns() {
         let text = "Please enter the secret maintenance room now";
         assert!(detector().scan(text).is_empty());
@@ -902,65 +949,5 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(err.contains("#2"), "{err}");
-    }
-}
-#[cfg(test)]
-mod throwaway_timing {
-    use super::*;
-    use crate::guard::text::{Changes, Sanitize, sanitize};
-    fn p50(f: &dyn Fn()) -> u128 {
-        let mut s = Vec::new();
-        for _ in 0..20000 {
-            let t0 = std::time::Instant::now();
-            f();
-            s.push(t0.elapsed().as_nanos());
-        }
-        s.sort();
-        s[s.len() / 2]
-    }
-    #[test]
-    #[ignore]
-    fn timing() {
-        let en = "Hello! I'm planning a two-week trip to Japan next spring with my partner, and we would love some help putting together an itinerary. We are interested in a mix of big-city experiences in Tokyo and Osaka, some quieter time in Kyoto visiting temples and gardens, and maybe a day or two in the countryside, perhaps near Hakone or the Japanese Alps. Our budget is moderate: we are happy to spend on a couple of nice dinners but would rather stay in comfortable business hotels than luxury ryokans every night. Could you suggest a day-by-day plan, including which rail passes make sense, how long to spend in each place, and any seasonal events we should not miss? Also, what are some etiquette tips we should know before visiting shrines, onsen, and restaurants? We don't speak Japanese beyond a few basic phrases, so any advice on getting around would be appreciated. Finally, please list a few dishes we really must try, and where to find good vegetarian options, since my partner does not eat meat. Thanks a lot!\n".to_string();
-        let code = "Why does this not compile?\n\n```rust\nfn main() {\n    let v = vec![1, 2, 3];\n    for i in 0..10 {\n        println!(\"{}\", v[i]);\n    }\n}\n```\nThe error says index out of bounds at runtime, order 2024-05-17.\n".repeat(4);
-        let cjk =
-            "日本への二週間の旅行を計画しています。東京と大阪、京都の寺院と庭園を訪れたいです。"
-                .repeat(10);
-        let pii = format!("{en} mail me john@example.com or +1 555-123-4567");
-        let d = Detector::new(&[], &[]).unwrap();
-        println!(
-            "calib count spaces: {}",
-            p50(&|| {
-                std::hint::black_box(
-                    std::hint::black_box(en.as_bytes())
-                        .iter()
-                        .filter(|&&x| x == b' ')
-                        .count(),
-                );
-            })
-        );
-        for (label, t) in [("en", &en), ("code", &code), ("cjk", &cjk), ("pii", &pii)] {
-            let t = t.as_str();
-            let sa = p50(&|| {
-                let mut c = Changes::default();
-                std::hint::black_box(sanitize(std::hint::black_box(t), Sanitize::ALL, &mut c));
-            });
-            let sc = p50(&|| {
-                std::hint::black_box(d.scan_set(std::hint::black_box(t)));
-            });
-            let rd = p50(&|| {
-                std::hint::black_box(d.redact_pii(std::hint::black_box(t)));
-            });
-            let all = p50(&|| {
-                let mut c = Changes::default();
-                let s = sanitize(std::hint::black_box(t), Sanitize::ALL, &mut c);
-                std::hint::black_box(d.scan_set(&s));
-                std::hint::black_box(d.redact_pii(&s));
-            });
-            println!(
-                "{label} ({} B): sanitize {sa} scan {sc} redact {rd} all {all}",
-                t.len()
-            );
-        }
     }
 }
