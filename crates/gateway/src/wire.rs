@@ -156,8 +156,10 @@ impl ChatMessage {
         match &self.content {
             None => String::new(),
             Some(Content::Text(s)) => s.clone(),
+            // Only `text` parts: the same parts the input guard sanitizes and scans.
             Some(Content::Parts(parts)) => parts
                 .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
                 .collect::<Vec<_>>()
                 .join("\n"),

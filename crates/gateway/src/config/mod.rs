@@ -319,6 +319,8 @@ struct RawStorage {
     store_bodies: Option<bool>,
     queue: Option<usize>,
     batch: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    flush_interval: Option<Duration>,
 }
 
 const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(60);
@@ -830,6 +832,7 @@ fn build_storage(raw: RawStorage, problems: &mut Problems) -> StorageConfig {
     let recorder = RecorderConfig {
         queue: raw.queue.unwrap_or(d.queue),
         batch: raw.batch.unwrap_or(d.batch),
+        flush_interval: raw.flush_interval.unwrap_or(d.flush_interval),
     };
     if recorder.queue == 0 {
         problems.push("storage.queue", "must be at least 1");

@@ -346,6 +346,16 @@ fn cap_chat(
     for _ in 0..6 {
         let (chars, bytes) = total_text(req);
         let char_excess = chars.saturating_sub(policy.max_chars);
+        if char_excess > 0 && policy.on_too_long == TooLong::Reject {
+            // Over the character cap already: no need to spend CPU counting tokens.
+            return Err(ApiError::InputTooLong {
+                message: format!(
+                    "input is {chars} characters; the limit is {}",
+                    policy.max_chars
+                ),
+                param: "messages".into(),
+            });
+        }
         let token_excess = if tokens::upper_bound(bytes) > policy.max_tokens {
             count_tokens(req, model).saturating_sub(policy.max_tokens)
         } else {
@@ -524,6 +534,22 @@ pub fn check_embeddings(
     };
     let mut changes = text::Changes::default();
     let single = matches!(req.input, EmbeddingInput::Text(_));
+    // The character cap holds for all inputs together (by bytes, cheap and an upper
+    // bound), so many items each under it cannot add up to an unbounded request.
+    let total_bytes: usize = match &req.input {
+        EmbeddingInput::Text(s) => s.len(),
+        EmbeddingInput::Texts(v) => v.iter().map(String::len).sum(),
+        EmbeddingInput::Tokens(_) | EmbeddingInput::TokenLists(_) => 0,
+    };
+    if total_bytes > policy.max_chars.saturating_mul(4) {
+        return Err(ApiError::InputTooLong {
+            message: format!(
+                "inputs total {total_bytes} bytes; the limit is {} characters",
+                policy.max_chars
+            ),
+            param: "input".into(),
+        });
+    }
     let texts: Vec<&mut String> = match &mut req.input {
         EmbeddingInput::Text(s) => vec![s],
         EmbeddingInput::Texts(v) => v.iter_mut().collect(),

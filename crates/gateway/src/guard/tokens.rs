@@ -6,11 +6,45 @@
 /// and later, cl100k for gpt-4, gpt-3.5 and the embedding models. Other models (Claude,
 /// Llama, ...) get ceil(chars / 4): their tokenizers are not public or differ, and four
 /// characters a token is the usual English average (code and non-Latin text run denser).
+///
+/// Exact counting runs over pieces of at most [`PIECE`] bytes, cut at whitespace when
+/// there is some: BPE merging is quadratic in the length of one unbroken run ("aaaa…"),
+/// so a hostile 400 KB word would otherwise cost seconds of CPU. A cut can split a token
+/// in two, so the count may run a token high per piece: harmless for a cap.
 pub fn count(model: &str, text: &str) -> usize {
     match encoding(model) {
-        Some(bpe) => bpe.encode_ordinary(text).len(),
+        Some(bpe) => pieces(text).map(|p| bpe.encode_ordinary(p).len()).sum(),
         None => estimate(text),
     }
+}
+
+/// Largest piece handed to the tokenizer at once.
+const PIECE: usize = 2048;
+
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= PIECE {
+            return Some(std::mem::take(&mut rest));
+        }
+        let mut cut = PIECE;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        // Prefer the last whitespace in the piece, so words stay whole.
+        if let Some(ws) = rest[..cut]
+            .rfind(char::is_whitespace)
+            .filter(|&i| i > PIECE / 2)
+        {
+            cut = ws;
+        }
+        let (head, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(head)
+    })
 }
 
 /// The cheap upper bound used to skip exact counting: no encoding makes more tokens
@@ -46,6 +80,25 @@ fn encoding(model: &str) -> Option<&'static tiktoken_rs::CoreBPE> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_unbroken_runs_are_counted_in_pieces() {
+        let hostile = "a".repeat(400_000);
+        let n = count("gpt-4o-mini", &hostile);
+        assert!(n > 0 && n <= 400_000, "{n}");
+        let accents = "é".repeat(3000);
+        assert!(
+            pieces(&accents).all(|p| p.len() <= PIECE),
+            "cuts fall on char boundaries"
+        );
+        assert_eq!(pieces(&accents).collect::<String>(), accents);
+        let text = "word ".repeat(2000);
+        assert_eq!(
+            super::pieces(&text).collect::<String>(),
+            text,
+            "pieces cover the text exactly"
+        );
+    }
 
     #[test]
     fn openai_models_count_exactly_and_others_estimate() {

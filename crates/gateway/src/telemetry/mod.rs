@@ -188,6 +188,9 @@ pub struct RecorderConfig {
     pub queue: usize,
     /// Most records handed to the sinks at once.
     pub batch: usize,
+    /// How long a partial batch waits for more records before it is written: at
+    /// moderate rates this turns a transaction per request into one per interval.
+    pub flush_interval: Duration,
 }
 
 impl Default for RecorderConfig {
@@ -195,6 +198,7 @@ impl Default for RecorderConfig {
         Self {
             queue: 8192,
             batch: 512,
+            flush_interval: Duration::from_millis(100),
         }
     }
 }
@@ -231,11 +235,20 @@ impl Recorder {
     ) -> Recorder {
         let (tx, mut rx) = mpsc::channel::<RequestRecord>(config.queue.max(1));
         let max_batch = config.batch.max(1);
+        let interval = config.flush_interval;
         tasks.spawn(async move {
             let mut batch = Vec::with_capacity(max_batch);
-            // No artificial delay: write whatever has queued up. Under load, batches grow
-            // by themselves while the previous one is being written.
             while rx.recv_many(&mut batch, max_batch).await > 0 {
+                // Gather more for up to one interval (a closed channel ends the wait at
+                // once, so shutdown never waits on it).
+                let deadline = tokio::time::Instant::now() + interval;
+                while batch.len() < max_batch {
+                    let room = max_batch - batch.len();
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
+                        Ok(n) if n > 0 => {}
+                        Ok(_) | Err(_) => break,
+                    }
+                }
                 for sink in sinks.iter_mut() {
                     sink.write(&batch).await;
                 }
@@ -457,7 +470,11 @@ mod tests {
         let recorder = Recorder::start_with(
             vec![Box::new(Stuck)],
             &tasks,
-            RecorderConfig { queue: 4, batch: 1 },
+            RecorderConfig {
+                queue: 4,
+                batch: 1,
+                flush_interval: Duration::ZERO,
+            },
         );
         for i in 0..20 {
             RecordGuard::new(
