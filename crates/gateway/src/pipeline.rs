@@ -306,31 +306,21 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     // 4. input guard: validate, sanitize, cap, scan (in place)
-    let policy = gw
-        .config
-        .guard
-        .input_for(&request.model, feature.as_deref(), None);
-    let upstream_model = chain
-        .routes
-        .first()
-        .map(|r| r.upstream_model.clone())
-        .unwrap_or_default();
-    let report = match guard::input::check_chat(
+    let model = request.model.clone();
+    let detector = &gw.config.guard.detector;
+    let guarded = guard_input(
+        &gw,
+        &mut record,
         &mut request,
-        &policy,
-        &gw.config.guard.detector,
-        &upstream_model,
-    ) {
+        &model,
+        feature.as_deref(),
+        &chain,
+        |r, p, m| guard::input::check_chat(r, p, detector, m),
+    );
+    let report = match guarded {
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    // The stored body (opt-in) is what goes upstream: sanitized, capped, PII redacted.
-    let body_log = gw.body_for_log(&request);
-    record.update(|r| {
-        r.guard_changes = (!report.changes.is_empty()).then(|| report.changes.join(","));
-        r.guard_flags = (!report.flags.is_empty()).then(|| report.flags.join(","));
-        r.request_body = body_log;
-    });
     // 5-8. dispatch, output guard, fallback, respond (9. record happens inside, once)
     let rule = gw
         .config
@@ -543,6 +533,35 @@ fn respond_template(
     http
 }
 
+/// The input guard step both endpoints share: the policy for this model and feature,
+/// `check` run against the chain's first upstream model (for exact token counts), and
+/// on success what the guard did noted in the record, with the opt-in stored body being
+/// what goes upstream (sanitized, capped, PII redacted).
+fn guard_input<T: serde::Serialize>(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    request: &mut T,
+    model: &str,
+    feature: Option<&str>,
+    chain: &Chain,
+    check: impl FnOnce(&mut T, &guard::config::InputPolicy, &str) -> Result<guard::Report, ApiError>,
+) -> Result<guard::Report, ApiError> {
+    let policy = gw.config.guard.input_for(model, feature, None);
+    let upstream_model = chain
+        .routes
+        .first()
+        .map(|r| r.upstream_model.as_str())
+        .unwrap_or(model);
+    let report = check(request, &policy, upstream_model)?;
+    let body_log = gw.body_for_log(&*request);
+    record.update(|r| {
+        r.guard_changes = (!report.changes.is_empty()).then(|| report.changes.join(","));
+        r.guard_flags = (!report.flags.is_empty()).then(|| report.flags.join(","));
+        r.request_body = body_log;
+    });
+    Ok(report)
+}
+
 /// An upstream call bounded by the model's total timeout.
 async fn within_total<T>(
     route: &Route,
@@ -634,16 +653,9 @@ fn finish_ok(
     set_header(response, HEADER_REQUEST_ID, record.request_id());
     set_header(response, HEADER_MODEL, model);
     if let Some(f) = fallback {
-        set_header(response, HEADER_FALLBACK, fallback_name(f));
+        set_header(response, HEADER_FALLBACK, f.as_str());
     }
     record.finish(outcome, response.status().as_u16(), None);
-}
-
-fn fallback_name(f: FallbackKind) -> &'static str {
-    match f {
-        FallbackKind::Model => "model",
-        FallbackKind::Template => "template",
-    }
 }
 
 /// The template's text when the chain failed in a way a template should cover.
@@ -870,7 +882,7 @@ fn sse_response(
     set_header(&mut response, HEADER_REQUEST_ID, request_id);
     set_header(&mut response, HEADER_MODEL, model);
     if let Some(f) = fallback {
-        set_header(&mut response, HEADER_FALLBACK, fallback_name(f));
+        set_header(&mut response, HEADER_FALLBACK, f.as_str());
     }
     response
 }
@@ -1059,39 +1071,35 @@ pub async fn embeddings(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
+    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
     let tags = Tags {
         principal: &principal,
         user: request.user.as_deref(),
-        feature: request.sluice.as_ref().and_then(|s| s.feature.as_deref()),
+        feature: feature.as_deref(),
         model: &request.model,
         input_hash: input_hash(&request.input),
         // Embeddings are deterministic: asking again is not a sign of a bad answer.
         track_regenerations: false,
     };
     tag_request(&gw, &mut record, &headers, tags);
-    let body_log = gw.body_for_log(&request);
-    record.update(|r| r.request_body = body_log);
     let chain = match gw.router.chain(&request.model, ModelKind::Embeddings) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
-    let policy = gw
-        .config
-        .guard
-        .input_for(&request.model, feature.as_deref(), None);
-    let upstream_model = chain
-        .routes
-        .first()
-        .map(|r| r.upstream_model.clone())
-        .unwrap_or_default();
-    let report = match guard::input::check_embeddings(&mut request, &policy, &upstream_model) {
+    let model = request.model.clone();
+    let guarded = guard_input(
+        &gw,
+        &mut record,
+        &mut request,
+        &model,
+        feature.as_deref(),
+        &chain,
+        guard::input::check_embeddings,
+    );
+    let report = match guarded {
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    record.update(|r| {
-        r.guard_changes = (!report.changes.is_empty()).then(|| report.changes.join(","))
-    });
     let mut attempts = Attempts::default();
     let result = gw
         .retrier
@@ -1108,7 +1116,7 @@ pub async fn embeddings(
         })
         .await;
     note_attempts(&mut record, &attempts);
-    match result {
+    let mut response = match result {
         Ok((route, response)) => {
             let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
             let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
@@ -1116,7 +1124,11 @@ pub async fn embeddings(
             respond_json(record, &route, fallback, &response, Outcome::Ok)
         }
         Err(error) => fail(record, ApiError::Upstream(error)),
+    };
+    if !report.is_empty() {
+        set_header(&mut response, HEADER_GUARD, &report.header());
     }
+    response
 }
 
 // ---------------------------------------------------------------- models

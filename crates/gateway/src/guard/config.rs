@@ -1,8 +1,6 @@
 //! `[guard]` configuration: raw TOML shapes and their validated forms, with overrides
 //! per model, feature and tier (first matching override wins, field by field).
 
-use std::time::Duration;
-
 use serde::Deserialize;
 
 use super::detect::Detector;
@@ -269,9 +267,6 @@ pub struct GuardConfig {
     pub overrides: Vec<(Match, RawInputPolicy)>,
     pub detector: std::sync::Arc<Detector>,
     pub output: Vec<OutputRule>,
-    /// How long to wait between output retries: none by default (a new sample, not a
-    /// transient failure).
-    pub output_retry_delay: Duration,
 }
 
 impl GuardConfig {
@@ -324,7 +319,10 @@ pub fn build(raw: RawGuard, problems: &mut dyn FnMut(String, String)) -> GuardCo
         Ok(d) => d,
         Err(e) => {
             problems("guard.input.injection_patterns".into(), e);
-            Detector::new(&[], &[]).unwrap_or_else(|_| unreachable_detector())
+            // The config is refused anyway; the built-ins stand in so building can go on
+            // and report every other problem too. They always compile (a unit test runs them).
+            Detector::new(&[], &[])
+                .unwrap_or_else(|e| panic!("built-in detector patterns must compile: {e}"))
         }
     };
     let output = raw
@@ -369,15 +367,7 @@ pub fn build(raw: RawGuard, problems: &mut dyn FnMut(String, String)) -> GuardCo
             .collect(),
         detector: std::sync::Arc::new(detector),
         output,
-        output_retry_delay: Duration::ZERO,
     }
-}
-
-fn unreachable_detector() -> Detector {
-    // The built-in lists always compile (a unit test proves it); this only satisfies
-    // the type when a user pattern failed and the built-ins are rebuilt alone.
-    Detector::new(&[], &[])
-        .unwrap_or_else(|e| panic!("built-in detector patterns must compile: {e}"))
 }
 
 fn check_policy(p: &InputPolicy, path: &str, problems: &mut dyn FnMut(String, String)) {

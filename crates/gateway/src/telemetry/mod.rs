@@ -364,10 +364,6 @@ impl RecordGuard {
             .unwrap_or("")
     }
 
-    pub fn key_id(&self) -> Option<&str> {
-        self.record.as_ref().and_then(|r| r.key_id.as_deref())
-    }
-
     /// Emit with the given outcome and status.
     pub fn finish(mut self, outcome: Outcome, status: u16, error_code: Option<String>) {
         self.emit(outcome, status, error_code);
