@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::limits::RateHeaders;
 use crate::providers::{ErrorClass, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,34 @@ pub enum ApiError {
     RouteNotFound { path: String },
     #[error("{method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    /// One of our limits refused the request (429 `rate_limit_exceeded`).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        /// Which limit refused (`user:rpm`, `key:tpm`, ...), for the record.
+        limit: String,
+        /// `requests` or `tokens`, as OpenAI's `type` says.
+        unit: &'static str,
+        retry_after: Duration,
+        headers: Box<RateHeaders>,
+    },
+    /// The end user is blocked for a while after repeated abuse signals.
+    #[error("Requests from this user are blocked for {}s after repeated abuse signals.", retry_after.as_secs().max(1))]
+    AbuseBlocked { retry_after: Duration },
+    /// Provider capacity is short and this request's priority lost (shed, 429).
+    #[error("{message}")]
+    CapacityExceeded {
+        message: String,
+        retry_after: Duration,
+    },
+    /// The key's tier (or the key) may not use this model.
+    #[error("The model `{model}` is not available to {who}.")]
+    ModelNotAllowed { model: String, who: String },
+    /// The shared limit store is unreachable and `[redis] on_failure = "closed"`.
+    #[error(
+        "rate limits cannot be checked right now (the limit store is unreachable); try again shortly"
+    )]
+    LimitsUnavailable,
     /// An upstream failure that survived retries and fallbacks.
     #[error("{0}")]
     Upstream(UpstreamError),
@@ -83,6 +112,11 @@ impl ApiError {
             | ApiError::NestingTooDeep { .. }
             | ApiError::InputBlocked { .. } => StatusCode::BAD_REQUEST,
             ApiError::OutputInvalid { .. } => StatusCode::BAD_GATEWAY,
+            ApiError::RateLimited { .. }
+            | ApiError::AbuseBlocked { .. }
+            | ApiError::CapacityExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ApiError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
@@ -115,7 +149,12 @@ impl ApiError {
             | ApiError::RouteNotFound { .. }
             | ApiError::RequestNotFound { .. }
             | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
-            ApiError::RequestNotOwned { .. } => "permission_error",
+            ApiError::RequestNotOwned { .. } | ApiError::ModelNotAllowed { .. } => {
+                "permission_error"
+            }
+            ApiError::RateLimited { unit, .. } => unit,
+            ApiError::AbuseBlocked { .. } | ApiError::CapacityExceeded { .. } => "rate_limit_error",
+            ApiError::LimitsUnavailable => "server_error",
             ApiError::OutputInvalid { .. } => "upstream_error",
             ApiError::StorageUnavailable(_) => "server_error",
             ApiError::Unauthorized { .. } => "authentication_error",
@@ -147,6 +186,11 @@ impl ApiError {
             ApiError::NestingTooDeep { .. } => "nesting_too_deep",
             ApiError::InputBlocked { .. } => "input_blocked",
             ApiError::OutputInvalid { .. } => "output_invalid",
+            ApiError::RateLimited { .. } => "rate_limit_exceeded",
+            ApiError::AbuseBlocked { .. } => "abuse_blocked",
+            ApiError::CapacityExceeded { .. } => "capacity_exceeded",
+            ApiError::ModelNotAllowed { .. } => "model_not_allowed",
+            ApiError::LimitsUnavailable => "rate_limiter_unavailable",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::Unauthorized { .. } => "invalid_api_key",
             ApiError::ModelNotFound { .. } => "model_not_found",
@@ -182,8 +226,14 @@ impl ApiError {
             ApiError::InputBlocked { detection } => Some(detection),
             ApiError::InvalidEncoding { .. }
             | ApiError::NestingTooDeep { .. }
-            | ApiError::OutputInvalid { .. } => None,
-            ApiError::ModelNotFound { .. } | ApiError::WrongModelKind { .. } => Some("model"),
+            | ApiError::OutputInvalid { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::AbuseBlocked { .. }
+            | ApiError::CapacityExceeded { .. }
+            | ApiError::LimitsUnavailable => None,
+            ApiError::ModelNotFound { .. }
+            | ApiError::WrongModelKind { .. }
+            | ApiError::ModelNotAllowed { .. } => Some("model"),
             ApiError::Upstream(e) => e.param.as_deref(),
             ApiError::InvalidJson { .. }
             | ApiError::PayloadTooLarge { .. }
@@ -202,6 +252,9 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ApiError::Upstream(e) if e.class == ErrorClass::RateLimited => e.retry_after,
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::AbuseBlocked { retry_after }
+            | ApiError::CapacityExceeded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -266,6 +319,9 @@ impl IntoResponse for ApiError {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
+        }
+        if let ApiError::RateLimited { headers, .. } = &self {
+            headers.apply(response.headers_mut());
         }
         response
     }

@@ -1,10 +1,12 @@
 //! Sluice: a production gateway for LLM APIs, as a library. The `sluice` binary only
 //! parses its command line and calls into here.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod guard;
+pub mod limits;
 pub mod pipeline;
 pub mod providers;
 pub mod quality;

@@ -28,10 +28,13 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Principal, authenticate};
+use crate::auth::{Auth, Principal};
 use crate::config::{Config, ModelKind};
 use crate::error::ApiError;
 use crate::guard::{self, OnFail, OutputRule, output};
+use crate::limits::config::glob_match;
+use crate::limits::limiter::MAX_USER_LEN;
+use crate::limits::{Limiter, RateHeaders, Subject, Tier};
 use crate::providers::{ChatCall, ChunkStream, ErrorClass, UpstreamError};
 use crate::quality::{Regenerations, input_hash};
 use crate::retry::{Attempts, Retrier};
@@ -52,13 +55,16 @@ pub const HEADER_USER: &str = "x-sluice-user";
 pub const HEADER_REGENERATE_OF: &str = "x-sluice-regenerate-of";
 pub const HEADER_GUARD: &str = "x-sluice-guard";
 pub const HEADER_OUTPUT: &str = "x-sluice-output";
+pub const HEADER_TIER: &str = "x-sluice-tier";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
     pub config: Arc<Config>,
+    pub auth: Auth,
     pub router: Router,
     pub retrier: Arc<Retrier>,
     pub recorder: Recorder,
+    pub limiter: Arc<Limiter>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
@@ -83,8 +89,19 @@ impl Gateway {
         sinks.push(Box::new(LogSink));
         sinks.push(Box::new(MetricsSink(metrics.clone())));
         sinks.push(Box::new(StoreSink(store.clone())));
+        let shutdown = CancellationToken::new();
+        let limiter = Limiter::new(
+            config.limits.clone(),
+            crate::limits::shared_backend(&config.limits)?,
+            shutdown.clone(),
+        );
+        if config.limits.abuse.is_some() {
+            sinks.push(Box::new(crate::limits::AbuseSink(limiter.clone())));
+        }
         let recorder = Recorder::start_with(sinks, &tasks, config.storage.recorder);
         Ok(Arc::new(Self {
+            limiter,
+            auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
             regenerations: Regenerations::new(config.telemetry.regeneration_window),
@@ -93,7 +110,7 @@ impl Gateway {
             store,
             metrics,
             tasks,
-            shutdown: CancellationToken::new(),
+            shutdown,
         }))
     }
 
@@ -133,9 +150,13 @@ fn new_request_id() -> String {
 /// A failed request: the error, plus what to record about it.
 fn fail(record: RecordGuard, error: ApiError) -> Response {
     let outcome = match &error {
-        ApiError::Upstream(_) | ApiError::Internal(_) | ApiError::StorageUnavailable(_) => {
-            Outcome::ApiError
-        }
+        ApiError::Upstream(_)
+        | ApiError::Internal(_)
+        | ApiError::StorageUnavailable(_)
+        | ApiError::LimitsUnavailable => Outcome::ApiError,
+        ApiError::RateLimited { .. }
+        | ApiError::AbuseBlocked { .. }
+        | ApiError::CapacityExceeded { .. } => Outcome::RateLimited,
         ApiError::InvalidJson { .. }
         | ApiError::InvalidRequest { .. }
         | ApiError::PayloadTooLarge { .. }
@@ -152,6 +173,7 @@ fn fail(record: RecordGuard, error: ApiError) -> Response {
         | ApiError::TooManyMessages { .. }
         | ApiError::NestingTooDeep { .. }
         | ApiError::InputBlocked { .. }
+        | ApiError::ModelNotAllowed { .. }
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
         ApiError::OutputInvalid { .. } => Outcome::BadOutput,
     };
@@ -225,7 +247,13 @@ struct Tags<'a> {
     track_regenerations: bool,
 }
 
-fn tag_request(gw: &Gateway, record: &mut RecordGuard, headers: &HeaderMap, tags: Tags<'_>) {
+/// Returns the end user, refusing ids too long to be anyone's.
+fn tag_request(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    headers: &HeaderMap,
+    tags: Tags<'_>,
+) -> Result<Option<String>, ApiError> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -241,7 +269,16 @@ fn tag_request(gw: &Gateway, record: &mut RecordGuard, headers: &HeaderMap, tags
         .feature
         .map(str::to_string)
         .or_else(|| header(HEADER_FEATURE));
+    if let Some(u) = &user
+        && u.chars().count() > MAX_USER_LEN
+    {
+        return Err(ApiError::invalid(
+            format!("the end-user id is longer than {MAX_USER_LEN} characters"),
+            Some("user".to_string()),
+        ));
+    }
     let key_id = tags.principal.key_id.clone();
+    let owner = tags.principal.owner.clone();
     let regeneration_of = header(HEADER_REGENERATE_OF).or_else(|| {
         tags.track_regenerations
             .then(|| {
@@ -255,14 +292,107 @@ fn tag_request(gw: &Gateway, record: &mut RecordGuard, headers: &HeaderMap, tags
             .flatten()
     });
     let model = tags.model.to_string();
+    let end_user = user.clone();
     record.update(|r| {
         r.key_id = key_id;
+        r.owner = owner;
         r.user = user;
         r.feature = feature;
         r.model_requested = Some(model);
         r.input_hash = Some(format!("{:016x}", tags.input_hash));
         r.regeneration_of = regeneration_of;
     });
+    Ok(end_user)
+}
+
+/// Identity: the tier the request runs under, and whether the key and its tier may use
+/// the requested model.
+fn identify(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    principal: &Principal,
+    headers: &HeaderMap,
+    model: &str,
+) -> Result<Option<Tier>, ApiError> {
+    let tier = resolve_tier(gw, principal, headers)?.cloned();
+    let name = tier.as_ref().map(|t| t.name.clone());
+    record.update(|r| r.tier = name);
+    match refused_model(principal, tier.as_ref(), model) {
+        Some(who) => Err(ApiError::ModelNotAllowed {
+            model: model.to_string(),
+            who,
+        }),
+        None => Ok(tier),
+    }
+}
+
+/// The tier named by `x-sluice-tier` when the key may assert it, else the key's, else
+/// the default.
+fn resolve_tier<'g>(
+    gw: &'g Gateway,
+    principal: &Principal,
+    headers: &HeaderMap,
+) -> Result<Option<&'g Tier>, ApiError> {
+    let asserted = headers
+        .get(HEADER_TIER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| principal.can_assert_tier && !v.is_empty());
+    gw.limiter.tier(principal.tier.as_deref(), asserted)
+}
+
+/// Who refuses `model`: the key's own model list, or its tier's; `None` when allowed.
+fn refused_model(principal: &Principal, tier: Option<&Tier>, model: &str) -> Option<String> {
+    if !principal.models.is_empty() && !principal.models.iter().any(|m| glob_match(m, model)) {
+        return Some("this API key".into());
+    }
+    tier.filter(|t| !t.allows_model(model))
+        .map(|t| format!("tier `{}`", t.name))
+}
+
+/// Limits: charge the request (and its token estimate) to every bucket of its key, end
+/// user and tier, in one call to the limit store. What it holds is settled when the
+/// record is finished: the estimate reconciled with real usage, slots released.
+async fn admit(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    principal: &Principal,
+    user: Option<&str>,
+    tier: Option<&Tier>,
+    tokens: impl FnOnce() -> u64,
+) -> Result<RateHeaders, ApiError> {
+    if !gw.limiter.config().any_limits() {
+        return Ok(RateHeaders::default());
+    }
+    let request_id = record.request_id().to_string();
+    let subject = Subject {
+        key_id: principal.key_id.as_deref(),
+        owner: principal.owner.as_deref(),
+        user,
+        tier,
+        request_id: &request_id,
+        tokens: tokens(),
+    };
+    match gw.limiter.admit(&subject).await {
+        Ok(admission) => {
+            let headers = admission.headers.clone();
+            let (tier, limited_by) = (admission.tier.clone(), admission.limited_by.clone());
+            record.update(|r| {
+                r.tier = tier;
+                r.limited_by = limited_by;
+            });
+            record.after(Box::new(move |r| admission.settle(r)));
+            Ok(headers)
+        }
+        Err(e) => {
+            let limited_by = match &e {
+                ApiError::RateLimited { limit, .. } => Some(limit.clone()),
+                ApiError::AbuseBlocked { .. } => Some("abuse:block".to_string()),
+                _ => None,
+            };
+            record.update(|r| r.limited_by = limited_by);
+            Err(e)
+        }
+    }
 }
 
 // ---------------------------------------------------------------- chat completions
@@ -276,7 +406,7 @@ pub async fn chat_completions(
     let mut record = gw.record(Endpoint::ChatCompletions, started);
 
     // 1. authenticate
-    let principal: Principal = match authenticate(&headers, &gw.config) {
+    let principal: Principal = match gw.auth.authenticate(&headers) {
         Ok(p) => p,
         Err(e) => return fail(record, e),
     };
@@ -298,27 +428,57 @@ pub async fn chat_completions(
         input_hash: input_hash(&request.messages),
         track_regenerations: true,
     };
-    tag_request(&gw, &mut record, &headers, tags);
+    let user = match tag_request(&gw, &mut record, &headers, tags) {
+        Ok(u) => u,
+        Err(e) => return fail(record, e),
+    };
     record.update(|r| r.stream = request.is_stream());
-    // 3. route
+    // 3. identity: tier, model access
+    let tier = match identify(&gw, &mut record, &principal, &headers, &request.model) {
+        Ok(t) => t,
+        Err(e) => return fail(record, e),
+    };
+    // 4. route
     let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    // 4. input guard: validate, sanitize, cap, scan (in place)
+    // 5. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
     let detector = &gw.config.guard.detector;
     let guarded = guard_input(
         &gw,
         &mut record,
         &mut request,
-        &model,
-        feature.as_deref(),
+        (&model, feature.as_deref(), tier.as_ref()),
         &chain,
         |r, p, m| guard::input::check_chat(r, p, detector, m),
     );
     let report = match guarded {
         Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    // 6. limits: requests, tokens (input estimate + output allowance), concurrency
+    let tokens = || {
+        let input: u32 = request
+            .messages
+            .iter()
+            .map(|m| estimate_tokens(&m.text()))
+            .sum();
+        let output = request.max_completion_tokens.or(request.max_tokens);
+        u64::from(input) + u64::from(output.unwrap_or(0))
+    };
+    let limits = admit(
+        &gw,
+        &mut record,
+        &principal,
+        user.as_deref(),
+        tier.as_ref(),
+        tokens,
+    )
+    .await;
+    let rate_headers = match limits {
+        Ok(h) => h,
         Err(e) => return fail(record, e),
     };
     // 5-8. dispatch, output guard, fallback, respond (9. record happens inside, once)
@@ -338,6 +498,7 @@ pub async fn chat_completions(
     if !report.is_empty() {
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
+    rate_headers.apply(response.headers_mut());
     response
 }
 
@@ -383,6 +544,7 @@ async fn complete_chat(
                         request,
                         upstream_model: &route.upstream_model,
                         timeouts: route.timeouts,
+                        capacity: route.capacity.as_deref(),
                     };
                     let response =
                         within_total(&route, "complete answer", route.provider.chat(call)).await?;
@@ -541,12 +703,26 @@ fn guard_input<T: serde::Serialize>(
     gw: &Gateway,
     record: &mut RecordGuard,
     request: &mut T,
-    model: &str,
-    feature: Option<&str>,
+    (model, feature, tier): (&str, Option<&str>, Option<&Tier>),
     chain: &Chain,
     check: impl FnOnce(&mut T, &guard::config::InputPolicy, &str) -> Result<guard::Report, ApiError>,
 ) -> Result<guard::Report, ApiError> {
-    let policy = gw.config.guard.input_for(model, feature, None);
+    let mut policy = gw
+        .config
+        .guard
+        .input_for(model, feature, tier.map(|t| t.name.as_str()));
+    // A tier's caps tighten the guard's, never loosen them.
+    if let Some(t) = tier {
+        if let Some(cap) = t.max_input_tokens.filter(|c| *c < policy.max_tokens) {
+            policy.to_mut().max_tokens = cap;
+        }
+        if let Some(cap) = t
+            .max_tokens
+            .filter(|c| policy.max_output_tokens.is_none_or(|p| *c < p))
+        {
+            policy.to_mut().max_output_tokens = Some(cap);
+        }
+    }
     let upstream_model = chain
         .routes
         .first()
@@ -760,6 +936,7 @@ async fn stream_chat(
                         request,
                         upstream_model: &route.upstream_model,
                         timeouts: route.timeouts,
+                        capacity: route.capacity.as_deref(),
                     };
                     let mut rest = route.provider.chat_stream(call).await?;
                     match rest.next().await {
@@ -1059,7 +1236,7 @@ pub async fn embeddings(
 ) -> Response {
     let started = Instant::now();
     let mut record = gw.record(Endpoint::Embeddings, started);
-    let principal = match authenticate(&headers, &gw.config) {
+    let principal = match gw.auth.authenticate(&headers) {
         Ok(p) => p,
         Err(e) => return fail(record, e),
     };
@@ -1081,7 +1258,14 @@ pub async fn embeddings(
         // Embeddings are deterministic: asking again is not a sign of a bad answer.
         track_regenerations: false,
     };
-    tag_request(&gw, &mut record, &headers, tags);
+    let user = match tag_request(&gw, &mut record, &headers, tags) {
+        Ok(u) => u,
+        Err(e) => return fail(record, e),
+    };
+    let tier = match identify(&gw, &mut record, &principal, &headers, &request.model) {
+        Ok(t) => t,
+        Err(e) => return fail(record, e),
+    };
     let chain = match gw.router.chain(&request.model, ModelKind::Embeddings) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
@@ -1091,13 +1275,26 @@ pub async fn embeddings(
         &gw,
         &mut record,
         &mut request,
-        &model,
-        feature.as_deref(),
+        (&model, feature.as_deref(), tier.as_ref()),
         &chain,
         guard::input::check_embeddings,
     );
     let report = match guarded {
         Ok(r) => r,
+        Err(e) => return fail(record, e),
+    };
+    let tokens = || request.input.estimated_tokens();
+    let limits = admit(
+        &gw,
+        &mut record,
+        &principal,
+        user.as_deref(),
+        tier.as_ref(),
+        tokens,
+    )
+    .await;
+    let rate_headers = match limits {
+        Ok(h) => h,
         Err(e) => return fail(record, e),
     };
     let mut attempts = Attempts::default();
@@ -1106,10 +1303,12 @@ pub async fn embeddings(
         .run_chain(&chain.routes, &mut attempts, |route| {
             let request = &request;
             async move {
-                let call =
-                    route
-                        .provider
-                        .embeddings(request, &route.upstream_model, route.timeouts);
+                let call = route.provider.embeddings(
+                    request,
+                    &route.upstream_model,
+                    route.timeouts,
+                    route.capacity.as_deref(),
+                );
                 let response = within_total(&route, "embeddings", call).await?;
                 Ok((route, response))
             }
@@ -1128,18 +1327,26 @@ pub async fn embeddings(
     if !report.is_empty() {
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
+    rate_headers.apply(response.headers_mut());
     response
 }
 
 // ---------------------------------------------------------------- models
 
+/// The models this key may use: its own list, within its tier's.
 pub async fn models(gw: Arc<Gateway>, headers: HeaderMap) -> Response {
-    if let Err(e) = authenticate(&headers, &gw.config) {
-        return e.into_response();
-    }
+    let principal = match gw.auth.authenticate(&headers) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let tier = match resolve_tier(&gw, &principal, &headers) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
     let data: Vec<_> = gw
         .router
         .model_names()
+        .filter(|(name, _)| refused_model(&principal, tier, name).is_none())
         .map(|(name, provider)| json!({"id": name, "object": "model", "created": 0, "owned_by": provider}))
         .collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ModelConfig, ModelKind, ProviderConfig, ProviderKind};
 use crate::error::ApiError;
+use crate::limits::capacity::{Capacity, CapacityConfig, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT};
 use crate::providers::anthropic::AnthropicProvider;
 use crate::providers::openai::OpenAiProvider;
 use crate::providers::sim::SimProvider;
@@ -21,6 +22,9 @@ pub struct Route {
     pub provider: Arc<dyn Provider>,
     pub upstream_model: String,
     pub timeouts: Timeouts,
+    /// The model entry's capacity, shared by every route built from that entry (all the
+    /// names a pattern matches included).
+    pub capacity: Option<Arc<Capacity>>,
 }
 
 /// What to try for one request, in order.
@@ -36,6 +40,8 @@ pub struct Router {
     models: Vec<ModelConfig>,
     /// The provider client each model entry calls (its own when it sets a connect timeout).
     providers: HashMap<String, Arc<dyn Provider>>,
+    /// Each model entry's capacity, by entry name.
+    capacities: HashMap<String, Arc<Capacity>>,
     templates: minijinja::Environment<'static>,
     config: Arc<Config>,
 }
@@ -76,6 +82,20 @@ impl Router {
             };
             providers.insert(m.name.clone(), provider);
         }
+        // Every entry gets one, configured or not: upstream headers and 429s set limits too.
+        let capacities: HashMap<String, Arc<Capacity>> = config
+            .models
+            .iter()
+            .map(|m| {
+                let capacity = Capacity::new(CapacityConfig {
+                    requests_per_minute: m.requests_per_minute,
+                    tokens_per_minute: m.tokens_per_minute,
+                    max_queue: DEFAULT_MAX_QUEUE,
+                    max_wait: DEFAULT_MAX_WAIT,
+                });
+                (m.name.clone(), Arc::new(capacity))
+            })
+            .collect();
         let mut templates = minijinja::Environment::new();
         let mut exact = HashMap::new();
         for m in &config.models {
@@ -83,7 +103,7 @@ impl Router {
                 templates.add_template_owned(m.name.clone(), t.clone())?;
             }
             if !m.is_pattern()
-                && let Some(route) = route_for(m, &m.name, &providers)
+                && let Some(route) = route_for(m, &m.name, &providers, &capacities)
             {
                 exact.insert(m.name.clone(), Arc::new(route));
             }
@@ -92,6 +112,7 @@ impl Router {
             exact,
             models: config.models.clone(),
             providers,
+            capacities,
             templates,
             config,
         })
@@ -120,9 +141,11 @@ impl Router {
         }
         let first = match self.exact.get(requested) {
             Some(r) => r.clone(),
-            None => Arc::new(route_for(model, requested, &self.providers).ok_or_else(|| {
-                ApiError::Internal(format!("model `{}` has no provider", model.name))
-            })?),
+            None => Arc::new(
+                route_for(model, requested, &self.providers, &self.capacities).ok_or_else(
+                    || ApiError::Internal(format!("model `{}` has no provider", model.name)),
+                )?,
+            ),
         };
         let mut routes = Vec::with_capacity(1 + model.fallbacks.len());
         routes.push(first);
@@ -171,6 +194,7 @@ fn route_for(
     model: &ModelConfig,
     requested: &str,
     providers: &HashMap<String, Arc<dyn Provider>>,
+    capacities: &HashMap<String, Arc<Capacity>>,
 ) -> Option<Route> {
     let provider = providers.get(&model.name)?.clone();
     Some(Route {
@@ -182,5 +206,77 @@ fn route_for(
             .clone()
             .unwrap_or_else(|| requested.to_string()),
         timeouts: model.timeouts,
+        capacity: capacities.get(&model.name).cloned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+    use crate::config::ConfigSource;
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    fn config(models: &str) -> Result<Config, crate::config::ConfigError> {
+        let text = format!("[[providers]]\nname = \"sim\"\nkind = \"sim\"\n\n{models}");
+        Config::from_toml(&text, &NO_ENV, ConfigSource::Embedded { simulated: false })
+    }
+
+    #[tokio::test]
+    async fn each_model_entry_has_one_capacity_with_its_rates() {
+        let config = config(
+            r#"
+            [[models]]
+            name = "gpt-*"
+            provider = "sim"
+            requests_per_minute = 60
+
+            [[models]]
+            name = "other"
+            provider = "sim"
+            "#,
+        )
+        .unwrap();
+        let router = Router::new(Arc::new(config)).unwrap();
+        let route = |name: &str| router.chain(name, ModelKind::Chat).unwrap().routes[0].clone();
+        let (a, b, other) = (route("gpt-a"), route("gpt-b"), route("other"));
+        let capacity = a.capacity.clone().unwrap();
+        assert!(Arc::ptr_eq(&capacity, b.capacity.as_ref().unwrap()));
+        assert!(!Arc::ptr_eq(&capacity, other.capacity.as_ref().unwrap()));
+
+        // 60 a minute: a burst of 10 for every name the pattern matches together.
+        let far = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut admitted = 0;
+        while let Some(Ok(())) = capacity.admit(0, 1, far).now_or_never() {
+            admitted += 1;
+        }
+        assert_eq!(admitted, 10);
+        let unlimited = other.capacity.clone().unwrap();
+        for _ in 0..100 {
+            assert_eq!(unlimited.admit(0, 1, far).now_or_never(), Some(Ok(())));
+        }
+    }
+
+    #[test]
+    fn zero_rates_are_rejected() {
+        let err = config(
+            r#"
+            [[models]]
+            name = "m"
+            provider = "sim"
+            requests_per_minute = 0
+            tokens_per_minute = 0
+            "#,
+        )
+        .err()
+        .unwrap();
+        let paths: Vec<&str> = err.problems.iter().map(|p| p.path.as_str()).collect();
+        assert!(
+            paths.contains(&"models[0].requests_per_minute"),
+            "{paths:?}"
+        );
+        assert!(paths.contains(&"models[0].tokens_per_minute"), "{paths:?}");
+    }
 }

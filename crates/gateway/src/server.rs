@@ -16,19 +16,22 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::authenticate;
+use crate::admin;
 use crate::config::{Config, ConfigSource};
 use crate::error::ApiError;
+use crate::limits::config::FailMode;
 use crate::pipeline::{self, Gateway};
 use crate::quality::submit_feedback;
 use crate::store::{StorageTarget, Store};
 use crate::telemetry::RecordSink;
 
-/// The gateway's routes. `/healthz` and `/readyz` are open; every `/v1` handler
-/// authenticates as the first pipeline stage.
+/// The gateway's routes. `/healthz`, `/readyz` and `/metrics` are open; every `/v1`
+/// handler authenticates as the first pipeline stage; `/admin` needs the master key, one
+/// check in front of all of it ([`admin::require_admin`]).
 pub fn app(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.config.server.max_body_bytes;
     Router::new()
+        .nest("/admin", admin::router(gateway.clone()))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
@@ -84,7 +87,7 @@ async fn feedback(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let principal = authenticate(&headers, &gw.config)?;
+        let principal = gw.auth.authenticate(&headers)?;
         let body = body_or_error(body, gw.config.server.max_body_bytes)?;
         submit_feedback(&gw, &principal, &body).await
     }
@@ -99,23 +102,43 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
-/// Ready when the request log answers (Redis joins here when it exists).
+/// Ready when the request log answers and, with `[redis]`, when limits can be checked:
+/// Redis down with `on_failure = "open"` is `degraded` (still 200: this instance serves
+/// on local limits), with `"closed"` it is not ready (503).
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let storage = gw.store.ping().await;
-    let status = if storage {
+    let limits = gw.limiter.status();
+    let (limits_text, limits_ok) = match (gw.limiter.ping_shared().await, limits.on_failure) {
+        (None, _) => ("ok", true),
+        (Some(true), _) => ("ok", true),
+        (Some(false), Some(FailMode::Closed)) => ("unreachable", false),
+        (Some(false), _) => ("unreachable_serving_local_limits", true),
+    };
+    let degraded = limits_text != "ok";
+    let ready = storage && limits_ok;
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if storage { "ready" } else { "not_ready" },
-        "checks": {"storage": if storage { "ok" } else { "unreachable" }},
+        "status": match (ready, degraded) {
+            (false, _) => "not_ready",
+            (true, true) => "degraded",
+            (true, false) => "ready",
+        },
+        "checks": {
+            "storage": if storage { "ok" } else { "unreachable" },
+            "limits": {"backend": limits.backend, "status": limits_text},
+        },
     });
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let text = gw.metrics.render(&gw.recorder, gw.store.failed());
+    let text = gw
+        .metrics
+        .render(&gw.recorder, gw.store.failed(), &gw.limiter.status());
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         text,
@@ -138,7 +161,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     .into_response()
 }
 
-/// Refuse to run keyless on anything but loopback: an open gateway spends your money.
+/// Refuse to run without a master key on anything but loopback: an open gateway spends
+/// your money. Virtual keys alone are not enough: this runs before the store is read, and
+/// a gateway whose keys table is empty (a fresh or swapped database) would be keyless.
 pub fn check_exposure(config: &Config, listen: SocketAddr) -> anyhow::Result<()> {
     if config.server.master_key.is_none() && !listen.ip().is_loopback() {
         anyhow::bail!(
@@ -184,6 +209,8 @@ pub async fn start(
     let grace = config.server.shutdown_grace;
     let tasks = TaskTracker::new();
     let gateway = Gateway::start(Arc::new(config), store.clone(), extra_sinks, tasks.clone())?;
+    // Keys created before start work from the first request on.
+    gateway.auth.ready().await?;
     let cancel = gateway.shutdown.clone();
     let router = app(gateway.clone());
     let done = tokio::spawn(async move {
@@ -249,7 +276,6 @@ pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
         }
         ConfigSource::File(p) => p.display().to_string(),
     };
-    let keyless = config.server.master_key.is_none();
     let storage = match &config.storage.target {
         StorageTarget::Sqlite(p) => format!("sqlite {}", p.display()),
         StorageTarget::Memory => "sqlite in memory".to_string(),
@@ -259,10 +285,14 @@ pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
         ),
     };
     let running = start(config, listen, Vec::new()).await?;
-    tracing::info!(storage = %storage, "request log ready");
+    let auth = &running.gateway.auth;
+    let keyless = auth.is_keyless();
+    tracing::info!(storage = %storage, virtual_keys = auth.active_keys(), "request log ready");
     tracing::info!(addr = %running.addr, config = %source, keyless, "sluice listening on http://{}", running.addr);
     if keyless {
         tracing::warn!("no SLUICE_MASTER_KEY set: running keyless, loopback only");
+    } else if !auth.has_master_key() {
+        tracing::warn!("no SLUICE_MASTER_KEY set: virtual keys only, /admin is off, loopback only");
     }
     shutdown_signal().await;
     tracing::info!("shutting down: draining in-flight requests");

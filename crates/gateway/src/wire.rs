@@ -330,6 +330,18 @@ impl EmbeddingInput {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A cheap token estimate for limits: about four characters a token for text,
+    /// the exact count for token arrays.
+    pub fn estimated_tokens(&self) -> u64 {
+        let chars = |t: &String| (t.len() as u64).div_ceil(4);
+        match self {
+            EmbeddingInput::Text(t) => chars(t),
+            EmbeddingInput::Texts(v) => v.iter().map(chars).sum(),
+            EmbeddingInput::Tokens(v) => v.len() as u64,
+            EmbeddingInput::TokenLists(v) => v.iter().map(|l| l.len() as u64).sum(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -8,9 +8,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice_gateway::config::{ProviderConfig, ProviderKind};
+use sluice_gateway::limits::capacity::{Capacity, CapacityConfig, ShedReason};
 use sluice_gateway::providers::anthropic::AnthropicProvider;
 use sluice_gateway::providers::{ChatCall, ErrorClass, Provider, Timeouts};
 use sluice_gateway::wire::{ChatRequest, Content};
@@ -59,6 +61,7 @@ fn call(request: &ChatRequest) -> ChatCall<'_> {
             first_byte: Duration::from_secs(5),
             total: Duration::from_secs(10),
         },
+        capacity: None,
     }
 }
 
@@ -205,4 +208,43 @@ async fn anthropic_cut_stream_ends_with_a_connection_error() {
     let (last, rest) = out.split_last().unwrap();
     assert!(rest.iter().all(Result::is_ok));
     assert_eq!(last.as_ref().unwrap_err().class, ErrorClass::Connection);
+}
+
+#[tokio::test]
+async fn rate_limit_headers_and_429s_reach_the_routes_capacity() {
+    let (_server, provider) = start(ChaosConfig {
+        rpm: Some(2),
+        retry_after: Some(Duration::from_secs(30)),
+        ..ChaosConfig::default()
+    })
+    .await;
+    let capacity = Capacity::new(CapacityConfig {
+        max_queue: 0,
+        ..CapacityConfig::default()
+    });
+    let far = tokio::time::Instant::now() + Duration::from_secs(60);
+    let admit = || capacity.admit(0, 1, far).now_or_never();
+    let req = request(false);
+    let with_capacity = || ChatCall {
+        capacity: Some(&capacity),
+        ..call(&req)
+    };
+
+    // Nothing configured, nothing announced yet: no limit.
+    for _ in 0..5 {
+        assert_eq!(admit(), Some(Ok(())));
+    }
+    // The answer announces 2 a minute with 1 left before the window resets (RFC 3339):
+    // one more may go at once, the next would need the window to reset.
+    provider.chat(with_capacity()).await.unwrap();
+    assert_eq!(admit(), Some(Ok(())));
+    let shed = admit().unwrap().unwrap_err();
+    assert_eq!(shed.reason, ShedReason::QueueFull);
+
+    // The 429 pauses admission for its retry-after.
+    provider.chat(with_capacity()).await.unwrap();
+    let e = provider.chat(with_capacity()).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::RateLimited);
+    let shed = admit().unwrap().unwrap_err();
+    assert!(shed.retry_after >= Duration::from_secs(29), "{shed:?}");
 }

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use crate::chaos::RateWindow;
 use crate::openai::{SimError, push_content, retry_headers};
 use crate::reply::{self, Reply};
 
@@ -43,6 +44,22 @@ pub fn error(status: u16, retry_after: Option<Duration>) -> SimError {
         body: error_body(kind, message),
         headers,
     }
+}
+
+/// Anthropic's `anthropic-ratelimit-requests-*` headers, sent with every answer when
+/// `rpm` is set; the reset is a point in time.
+pub fn rate_limit_headers(w: RateWindow) -> Vec<(&'static str, String)> {
+    vec![
+        ("anthropic-ratelimit-requests-limit", w.limit.to_string()),
+        (
+            "anthropic-ratelimit-requests-remaining",
+            w.remaining.to_string(),
+        ),
+        (
+            "anthropic-ratelimit-requests-reset",
+            humantime::format_rfc3339_millis(SystemTime::now() + w.reset).to_string(),
+        ),
+    ]
 }
 
 fn error_body(kind: &str, message: &str) -> Value {

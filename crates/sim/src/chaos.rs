@@ -40,6 +40,15 @@ pub struct ChaosConfig {
     pub seed: u64,
 }
 
+/// Where the `rpm` window stands, as an upstream announces it with every answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateWindow {
+    pub limit: u32,
+    pub remaining: u32,
+    /// Until the window resets (the limit is whole again).
+    pub reset: Duration,
+}
+
 /// The fate of one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -131,6 +140,26 @@ impl Chaos {
             status,
             retry_after,
         }
+    }
+
+    /// The `rpm` window as it stands now (one atomic load); `None` without `rpm`.
+    pub fn window(&self) -> Option<RateWindow> {
+        let limit = self.cfg.rpm?;
+        let elapsed = self.epoch.elapsed();
+        let now_window = elapsed.as_secs() / WINDOW.as_secs();
+        let current = self.window.load(Ordering::Acquire);
+        let used = if current >> 32 == now_window {
+            current & 0xffff_ffff
+        } else {
+            0
+        };
+        let remaining = u64::from(limit).saturating_sub(used);
+        let reset = WINDOW.saturating_mul((now_window + 1) as u32);
+        Some(RateWindow {
+            limit,
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            reset: reset.saturating_sub(elapsed),
+        })
     }
 
     /// Counts one request in the current window; returns the time until the window
@@ -252,6 +281,24 @@ mod tests {
             } => assert!(after > Duration::ZERO && after <= WINDOW, "{after:?}"),
             other => panic!("expected 429, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn window_reports_what_remains() {
+        assert_eq!(Chaos::new(ChaosConfig::default()).window(), None);
+        let chaos = Chaos::new(ChaosConfig {
+            rpm: Some(3),
+            ..ChaosConfig::default()
+        });
+        let w = chaos.window().unwrap();
+        assert_eq!((w.limit, w.remaining), (3, 3));
+        assert!(w.reset > Duration::ZERO && w.reset <= WINDOW, "{w:?}");
+        chaos.decide();
+        assert_eq!(chaos.window().unwrap().remaining, 2);
+        for _ in 0..5 {
+            chaos.decide();
+        }
+        assert_eq!(chaos.window().unwrap().remaining, 0);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 pub mod anthropic;
 pub mod chaos;
 pub mod openai;
+pub mod outage;
 pub mod reply;
 pub mod server;
 
-pub use chaos::{Chaos, ChaosConfig, Decision};
+pub use chaos::{Chaos, ChaosConfig, Decision, RateWindow};
 pub use server::{MockArgs, MockServer};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
+use crate::chaos::RateWindow;
 use crate::reply::{self, Reply};
 
 /// `created` timestamp of every body: fixed so that replies are byte-for-byte repeatable.
@@ -116,6 +117,15 @@ pub(crate) fn retry_headers(retry_after: Option<Duration>) -> Vec<(&'static str,
         ],
         None => Vec::new(),
     }
+}
+
+/// OpenAI's `x-ratelimit-*-requests` headers, sent with every answer when `rpm` is set.
+pub fn rate_limit_headers(w: RateWindow) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-ratelimit-limit-requests", w.limit.to_string()),
+        ("x-ratelimit-remaining-requests", w.remaining.to_string()),
+        ("x-ratelimit-reset-requests", reset_text(w.reset)),
+    ]
 }
 
 /// The compact duration form of OpenAI's reset headers: "20ms", "1s", "6m0s".

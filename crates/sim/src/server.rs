@@ -258,6 +258,24 @@ impl AppState {
     fn next_id(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// With `rpm` set, every answer chaos let through says where the window stands, as
+    /// real upstreams do (429s carry their own).
+    fn announce(&self, wire: Wire, mut resp: Response) -> Response {
+        if let Some(window) = self.chaos.window() {
+            let pairs = match wire {
+                Wire::OpenAi => openai::rate_limit_headers(window),
+                Wire::Anthropic => anthropic::rate_limit_headers(window),
+            };
+            let headers = resp.headers_mut();
+            for (name, value) in pairs {
+                if let Ok(value) = HeaderValue::try_from(value) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+        resp
+    }
 }
 
 fn parse_body(body: &[u8], wire: Wire) -> Result<Value, SimError> {
@@ -279,7 +297,11 @@ async fn chat_completions(State(st): Shared, body: Bytes) -> Response {
         Ok(plan) => plan,
         Err(err) => return error_response(err),
     };
-    let req = match parse_body(&body, Wire::OpenAi) {
+    st.announce(Wire::OpenAi, chat_answer(&st, &plan, &body))
+}
+
+fn chat_answer(st: &AppState, plan: &Plan, body: &[u8]) -> Response {
+    let req = match parse_body(body, Wire::OpenAi) {
         Ok(req) => req,
         Err(err) => return error_response(err),
     };
@@ -292,7 +314,7 @@ async fn chat_completions(State(st): Shared, body: Bytes) -> Response {
             for chunk in &chunks {
                 sse.frame(None, chunk);
             }
-            sse.into_response(&plan, Some(b"data: [DONE]\n\n"))
+            sse.into_response(plan, Some(b"data: [DONE]\n\n"))
         }
         Err(err) => error_response(err),
     }
@@ -303,7 +325,11 @@ async fn messages(State(st): Shared, body: Bytes) -> Response {
         Ok(plan) => plan,
         Err(err) => return error_response(err),
     };
-    let req = match parse_body(&body, Wire::Anthropic) {
+    st.announce(Wire::Anthropic, message_answer(&st, &plan, &body))
+}
+
+fn message_answer(st: &AppState, plan: &Plan, body: &[u8]) -> Response {
+    let req = match parse_body(body, Wire::Anthropic) {
         Ok(req) => req,
         Err(err) => return error_response(err),
     };
@@ -318,7 +344,7 @@ async fn messages(State(st): Shared, body: Bytes) -> Response {
                 sse.frame(Some(name), data);
             }
             // message_stop is the end marker; there is no [DONE] in this format.
-            sse.into_response(&plan, None)
+            sse.into_response(plan, None)
         }
         Err(err) => error_response(err),
     }
@@ -328,7 +354,8 @@ async fn embeddings(State(st): Shared, body: Bytes) -> Response {
     if let Err(err) = st.gate(Wire::OpenAi).await {
         return error_response(err);
     }
-    respond(parse_body(&body, Wire::OpenAi).and_then(|req| openai::embeddings(&req)))
+    let answer = respond(parse_body(&body, Wire::OpenAi).and_then(|req| openai::embeddings(&req)));
+    st.announce(Wire::OpenAi, answer)
 }
 
 async fn models() -> Response {

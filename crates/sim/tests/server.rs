@@ -173,6 +173,38 @@ async fn rate_limit_answers_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn answers_announce_the_rate_window_in_both_formats() {
+    let server = start(ChaosConfig {
+        rpm: Some(3),
+        ..ChaosConfig::default()
+    })
+    .await;
+    let resp = post(&server, "/chat/completions", &chat_req(false)).await;
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers();
+    assert_eq!(headers["x-ratelimit-limit-requests"], "3");
+    assert_eq!(headers["x-ratelimit-remaining-requests"], "2");
+    let reset = headers["x-ratelimit-reset-requests"].to_str().unwrap();
+    assert!(reset.ends_with('s'), "{reset}");
+
+    let resp = post(&server, "/messages", &anthropic_req(true)).await;
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers();
+    assert_eq!(headers["anthropic-ratelimit-requests-limit"], "3");
+    assert_eq!(headers["anthropic-ratelimit-requests-remaining"], "1");
+    let reset = headers["anthropic-ratelimit-requests-reset"]
+        .to_str()
+        .unwrap();
+    humantime::parse_rfc3339(reset).unwrap();
+
+    // Without rpm nothing is announced.
+    let plain = start(ChaosConfig::default()).await;
+    let resp = post(&plain, "/embeddings", &json!({"model": "e", "input": "x"})).await;
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("x-ratelimit-limit-requests"));
+}
+
+#[tokio::test]
 async fn fail_first_then_recovers_on_anthropic_route() {
     let server = start(ChaosConfig {
         fail_first: 1,

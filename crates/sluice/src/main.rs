@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use sluice_gateway::admin::KeysArgs;
 use sluice_gateway::config::{Config, SystemEnv};
 use sluice_gateway::stats::GroupBy;
 use sluice_gateway::telemetry::init_logging;
@@ -46,6 +47,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Virtual keys: create (printed once, stored hashed), list, revoke.
+    Keys {
+        /// The gateway's config (for `[storage]` and `[[tiers]]`); without it, ./sluice.db.
+        #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: KeysArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,11 +84,13 @@ fn main() -> ExitCode {
             } => {
                 let config = load(config.as_deref())?;
                 let out = sluice_gateway::stats::report(&config, since, by, json).await?;
-                // The report is the command's output, so it goes to stdout.
-                #[expect(clippy::print_stdout, reason = "the report is this command's output")]
-                {
-                    println!("{out}");
-                }
+                print(&out);
+                Ok(())
+            }
+            Command::Keys { config, args } => {
+                let config = load(config.as_deref())?;
+                let out = sluice_gateway::admin::keys_command(&config, args).await?;
+                print(&out);
                 Ok(())
             }
         }
@@ -91,6 +102,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command's output (a report, a new key) goes to stdout; logs and errors to stderr.
+#[expect(clippy::print_stdout, reason = "this is the commands' output")]
+fn print(out: &str) {
+    println!("{out}");
 }
 
 fn load(path: Option<&Path>) -> anyhow::Result<Config> {

@@ -19,6 +19,8 @@ pub use env::{Env, SystemEnv, interpolate};
 
 use crate::guard::GuardConfig;
 use crate::guard::config::RawGuard;
+pub use crate::limits::config::{LimitsConfig, Tier};
+use crate::limits::config::{RawLimits, RawRedis, RawTier};
 use crate::providers::Timeouts;
 pub use crate::store::StorageTarget;
 use crate::telemetry::RecorderConfig;
@@ -37,6 +39,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub storage: StorageConfig,
     pub guard: GuardConfig,
+    /// Tiers, rate limits, Redis, abuse handling.
+    pub limits: LimitsConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -133,6 +137,10 @@ pub struct ModelConfig {
     pub connect_timeout: Option<Duration>,
     /// Answer with this text (a minijinja template) when the whole chain failed.
     pub template_fallback: Option<String>,
+    /// Provider capacity of this model entry (per gateway instance); `None`: only what
+    /// the upstream announces or its 429s teach.
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
 }
 
 impl ModelConfig {
@@ -299,6 +307,8 @@ struct RawModel {
     #[serde(default, with = "humantime_serde")]
     connect_timeout: Option<Duration>,
     template_fallback: Option<String>,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -412,12 +422,20 @@ impl Config {
         let providers: Vec<(usize, RawProvider)> =
             take_array(section("providers"), "providers", &mut problems);
         let models: Vec<(usize, RawModel)> = take_array(section("models"), "models", &mut problems);
+        let tiers: Vec<(usize, RawTier)> = take_array(section("tiers"), "tiers", &mut problems);
+        let limits: RawLimits = section("limits")
+            .and_then(|v| problems.take("limits", v))
+            .unwrap_or_default();
+        let redis: Option<RawRedis> = section("redis").and_then(|v| problems.take("redis", v));
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis)",
             );
         }
+        let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
+            problems.push(path, message)
+        });
 
         let config = build(
             server,
@@ -427,6 +445,7 @@ impl Config {
             telemetry,
             storage,
             guard,
+            limits,
             env,
             source,
             &mut problems,
@@ -456,6 +475,8 @@ impl Config {
             total_timeout: None,
             connect_timeout: None,
             template_fallback: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
         };
         let openai = env.var("OPENAI_API_KEY").is_some() || env.var("OPENAI_BASE_URL").is_some();
         let anthropic =
@@ -512,6 +533,7 @@ impl Config {
             RawTelemetry::default(),
             RawStorage::default(),
             RawGuard::default(),
+            LimitsConfig::default(),
             env,
             ConfigSource::Embedded { simulated },
             &mut problems,
@@ -614,6 +636,7 @@ fn build(
     telemetry: RawTelemetry,
     storage: RawStorage,
     guard: RawGuard,
+    limits: LimitsConfig,
     env: &dyn Env,
     source: ConfigSource,
     problems: &mut Problems,
@@ -755,6 +778,14 @@ fn build(
                     format!("invalid template: {e}"),
                 );
             }
+            for (field, rate) in [
+                ("requests_per_minute", m.requests_per_minute),
+                ("tokens_per_minute", m.tokens_per_minute),
+            ] {
+                if rate == Some(0) {
+                    problems.push(format!("{path}.{field}"), "must be greater than 0");
+                }
+            }
             let kind = m.kind.unwrap_or_else(|| {
                 if m.name.contains("embedding") {
                     ModelKind::Embeddings
@@ -774,6 +805,8 @@ fn build(
                 kind,
                 fallbacks: m.fallbacks,
                 template_fallback: m.template_fallback,
+                requests_per_minute: m.requests_per_minute,
+                tokens_per_minute: m.tokens_per_minute,
             }
         })
         .collect();
@@ -804,6 +837,7 @@ fn build(
     Config {
         storage,
         guard,
+        limits,
         server: ServerConfig {
             listen,
             master_key,

@@ -15,6 +15,7 @@ use super::http::{
 };
 use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
 use crate::config::ProviderConfig;
+use crate::limits::capacity::Capacity;
 use crate::wire::{
     ChatMessage, ChatRequest, ChatResponse, Choice, Content, EmbeddingsRequest, EmbeddingsResponse,
     StreamChunk, Usage,
@@ -70,6 +71,7 @@ impl AnthropicProvider {
             self.post(bytes),
             call.timeouts.first_byte,
             parse_error,
+            call.capacity,
         )
         .await
         .map_err(reclassify)
@@ -100,6 +102,7 @@ impl Provider for AnthropicProvider {
         _request: &EmbeddingsRequest,
         _upstream_model: &str,
         _timeouts: Timeouts,
+        _capacity: Option<&Capacity>,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
         Err(UpstreamError::new(
             ErrorClass::BadRequest,

@@ -8,8 +8,9 @@ use futures::{Stream, StreamExt};
 use secrecy::ExposeSecret;
 use sse_stream::{Sse, SseByteStream};
 
-use super::{ErrorClass, UpstreamError, retry_after_from_headers};
+use super::{ErrorClass, UpstreamError, report, retry_after_from_headers};
 use crate::config::ProviderConfig;
+use crate::limits::capacity::Capacity;
 
 /// A client per provider, so its connect timeout and pool are its own.
 pub(crate) fn client(
@@ -52,12 +53,14 @@ pub(crate) fn secret_header(
 }
 
 /// Send and wait for the response headers within `first_byte`; a non-2xx answer becomes
-/// a classified error, its body read by `parse_error`.
+/// a classified error, its body read by `parse_error`. Every answer's rate-limit
+/// headers and status go to `capacity`.
 pub(crate) async fn send(
     provider: &'static str,
     request: reqwest::RequestBuilder,
     first_byte: Duration,
     parse_error: fn(&serde_json::Value) -> ErrorBody,
+    capacity: Option<&Capacity>,
 ) -> Result<reqwest::Response, UpstreamError> {
     let response = match tokio::time::timeout(first_byte, request.send()).await {
         Err(_) => {
@@ -71,6 +74,7 @@ pub(crate) async fn send(
         Ok(Ok(r)) => r,
     };
     let status = response.status();
+    report(capacity, status.as_u16(), response.headers());
     if status.is_success() {
         return Ok(response);
     }

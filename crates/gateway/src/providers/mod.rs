@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::Stream;
 
+use crate::limits::capacity::{Capacity, UpstreamLimits};
 use crate::wire::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, StreamChunk};
 
 /// A stream of chunks; it ends with `Ok` items only when the upstream finished cleanly
@@ -33,6 +34,8 @@ pub struct ChatCall<'a> {
     pub request: &'a ChatRequest,
     pub upstream_model: &'a str,
     pub timeouts: Timeouts,
+    /// The route's capacity, told what every upstream answer says about its limits.
+    pub capacity: Option<&'a Capacity>,
 }
 
 #[async_trait]
@@ -48,11 +51,13 @@ pub trait Provider: Send + Sync + 'static {
     /// the usage chunk if the client did not ask for it.
     async fn chat_stream(&self, call: ChatCall<'_>) -> Result<ChunkStream, UpstreamError>;
 
+    /// `capacity` as in [`ChatCall::capacity`].
     async fn embeddings(
         &self,
         request: &EmbeddingsRequest,
         upstream_model: &str,
         timeouts: Timeouts,
+        capacity: Option<&Capacity>,
     ) -> Result<EmbeddingsResponse, UpstreamError>;
 }
 
@@ -227,6 +232,20 @@ pub fn retry_after_from_headers(headers: &::http::HeaderMap) -> Option<Duration>
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s >= 0.0)
         .map(Duration::from_secs_f64)
+}
+
+/// Tell a route's capacity what an upstream answer (success or error) said: its
+/// rate-limit headers, then AIMD (a 429 shrinks the allowed rate, a success grows it).
+pub(crate) fn report(capacity: Option<&Capacity>, status: u16, headers: &::http::HeaderMap) {
+    let Some(capacity) = capacity else { return };
+    if let Some(limits) = UpstreamLimits::from_headers(headers) {
+        capacity.observe(&limits);
+    }
+    match status {
+        429 => capacity.on_rate_limited(retry_after_from_headers(headers)),
+        200..=299 => capacity.on_success(),
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use super::http::{
 };
 use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
 use crate::config::ProviderConfig;
+use crate::limits::capacity::Capacity;
 use crate::wire::{
     ChatResponse, EmbeddingsRequest, EmbeddingsResponse, PeekedChunk, StreamChunk, StreamOptions,
     UpstreamChat, UpstreamEmbeddings,
@@ -93,6 +94,7 @@ impl Provider for OpenAiProvider {
             self.post(&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
+            call.capacity,
         )
         .await?;
         let bytes = body_bytes(KIND, response, call.timeouts.total).await?;
@@ -115,6 +117,7 @@ impl Provider for OpenAiProvider {
             self.post(&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
+            call.capacity,
         )
         .await?;
         Ok(openai_chunks(KIND, sse_events(KIND, response)))
@@ -125,6 +128,7 @@ impl Provider for OpenAiProvider {
         request: &EmbeddingsRequest,
         upstream_model: &str,
         timeouts: Timeouts,
+        capacity: Option<&Capacity>,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
         let body = to_json(&UpstreamEmbeddings {
             model: upstream_model,
@@ -135,6 +139,7 @@ impl Provider for OpenAiProvider {
             self.post(&self.embeddings_url, body),
             timeouts.first_byte,
             parse_error,
+            capacity,
         )
         .await?;
         let bytes = body_bytes(KIND, response, timeouts.total).await?;

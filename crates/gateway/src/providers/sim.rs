@@ -12,7 +12,11 @@ use sluice_sim::{Chaos, ChaosConfig, Decision};
 
 use super::http::invalid_response;
 use super::openai::parse_error;
-use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
+use super::{
+    ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError, report,
+    retry_after_from_headers,
+};
+use crate::limits::capacity::Capacity;
 use crate::wire::{
     ChatResponse, EmbeddingsRequest, EmbeddingsResponse, PeekedChunk, StreamChunk, StreamOptions,
     UpstreamChat, UpstreamEmbeddings,
@@ -40,12 +44,19 @@ impl SimProvider {
 
     /// Decide this call's fate and wait its latency (as a real upstream would make us
     /// wait for headers, under the first-byte timeout); `Ok` carries the stream settings.
-    async fn admit(&self, timeouts: Timeouts) -> Result<(Duration, Option<usize>), UpstreamError> {
+    async fn admit(
+        &self,
+        timeouts: Timeouts,
+        capacity: Option<&Capacity>,
+    ) -> Result<(Duration, Option<usize>), UpstreamError> {
         match self.chaos.decide() {
             Decision::Fail {
                 status,
                 retry_after,
-            } => Err(to_error(sluice_sim::openai::error(status, retry_after))),
+            } => Err(fail(
+                capacity,
+                sluice_sim::openai::error(status, retry_after),
+            )),
             Decision::Ok {
                 latency,
                 ttft,
@@ -66,30 +77,45 @@ impl SimProvider {
             }
         }
     }
+
+    /// A simulated success, with the rate-limit headers the HTTP simulator would send.
+    fn succeed(&self, capacity: Option<&Capacity>) {
+        if capacity.is_none() {
+            return;
+        }
+        let headers = self
+            .chaos
+            .window()
+            .map(|w| header_map(&sluice_sim::openai::rate_limit_headers(w)))
+            .unwrap_or_default();
+        report(capacity, 200, &headers);
+    }
 }
 
-fn to_error(e: sluice_sim::openai::SimError) -> UpstreamError {
-    let body = parse_error(&e.body);
-    let retry_after = e
-        .headers
+fn header_map(pairs: &[(&'static str, String)]) -> ::http::HeaderMap {
+    pairs
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case("retry-after-ms"))
-        .and_then(|(_, v)| v.parse::<f64>().ok())
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .or_else(|| {
-            e.headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                .and_then(|(_, v)| v.parse::<f64>().ok())
-                .map(Duration::from_secs_f64)
-        });
+        .filter_map(|(k, v)| {
+            Some((
+                ::http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                ::http::HeaderValue::from_str(v).ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A simulated error answer, reported to the route's capacity as a real one would be.
+fn fail(capacity: Option<&Capacity>, e: sluice_sim::openai::SimError) -> UpstreamError {
+    let headers = header_map(&e.headers);
+    report(capacity, e.status, &headers);
+    let body = parse_error(&e.body);
     let mut error = UpstreamError::from_status(
         KIND,
         e.status,
         body.message,
         body.code,
         body.kind.as_deref(),
-        retry_after,
+        retry_after_from_headers(&headers),
     );
     error.param = body.param;
     error
@@ -107,7 +133,7 @@ impl Provider for SimProvider {
     }
 
     async fn chat(&self, call: ChatCall<'_>) -> Result<ChatResponse, UpstreamError> {
-        self.admit(call.timeouts).await?;
+        self.admit(call.timeouts, call.capacity).await?;
         let request = to_value(&UpstreamChat {
             model: call.upstream_model,
             stream: false,
@@ -115,12 +141,14 @@ impl Provider for SimProvider {
             request: call.request,
         })?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let body = sluice_sim::openai::chat_completion(&request, id).map_err(to_error)?;
+        let body = sluice_sim::openai::chat_completion(&request, id)
+            .map_err(|e| fail(call.capacity, e))?;
+        self.succeed(call.capacity);
         serde_json::from_value(body).map_err(|e| invalid_response(KIND, "chat completion", e))
     }
 
     async fn chat_stream(&self, call: ChatCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let (ttft, cut_after) = self.admit(call.timeouts).await?;
+        let (ttft, cut_after) = self.admit(call.timeouts, call.capacity).await?;
         let request = to_value(&UpstreamChat {
             model: call.upstream_model,
             stream: true,
@@ -131,7 +159,9 @@ impl Provider for SimProvider {
             request: call.request,
         })?;
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let payloads = sluice_sim::openai::chat_chunks(&request, id).map_err(to_error)?;
+        let payloads =
+            sluice_sim::openai::chat_chunks(&request, id).map_err(|e| fail(call.capacity, e))?;
+        self.succeed(call.capacity);
         let pace = self
             .chaos
             .config()
@@ -177,13 +207,56 @@ impl Provider for SimProvider {
         request: &EmbeddingsRequest,
         upstream_model: &str,
         timeouts: Timeouts,
+        capacity: Option<&Capacity>,
     ) -> Result<EmbeddingsResponse, UpstreamError> {
-        self.admit(timeouts).await?;
+        self.admit(timeouts, capacity).await?;
         let request = to_value(&UpstreamEmbeddings {
             model: upstream_model,
             request,
         })?;
-        let body = sluice_sim::openai::embeddings(&request).map_err(to_error)?;
+        let body = sluice_sim::openai::embeddings(&request).map_err(|e| fail(capacity, e))?;
+        self.succeed(capacity);
         serde_json::from_value(body).map_err(|e| invalid_response(KIND, "embeddings response", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+    use sluice_sim::ChaosConfig;
+
+    use super::*;
+    use crate::limits::capacity::CapacityConfig;
+    use crate::wire::ChatRequest;
+
+    #[tokio::test]
+    async fn answers_report_the_window_to_the_capacity() {
+        let sim = SimProvider::new(ChaosConfig {
+            rpm: Some(1),
+            ..ChaosConfig::default()
+        });
+        let capacity = Capacity::new(CapacityConfig::default());
+        let request: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+        }))
+        .unwrap();
+        let timeouts = Timeouts {
+            first_byte: Duration::from_secs(5),
+            total: Duration::from_secs(10),
+        };
+        let call = || ChatCall {
+            request: &request,
+            upstream_model: "gpt-4o-mini",
+            timeouts,
+            capacity: Some(&capacity),
+        };
+        sim.chat(call()).await.unwrap();
+        // "1 a minute, none left until the window resets" holds the next request back.
+        let far = tokio::time::Instant::now() + Duration::from_secs(60);
+        assert_eq!(capacity.admit(0, 1, far).now_or_never(), None);
+        let e = sim.chat(call()).await.unwrap_err();
+        assert_eq!(e.class, ErrorClass::RateLimited);
+        assert_eq!(capacity.queued(), 0);
     }
 }

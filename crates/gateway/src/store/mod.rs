@@ -1,7 +1,9 @@
-//! Storage: the request log and feedback, in SQLite (default, one file, WAL) or
-//! PostgreSQL. One set of queries serves both through sqlx's `Any` driver; placeholders
-//! are written `$N`, which both backends read. Migrations are versioned per backend.
+//! Storage: the request log, feedback and virtual keys, in SQLite (default, one file,
+//! WAL) or PostgreSQL. One set of queries serves both through sqlx's `Any` driver;
+//! placeholders are written `$N`, which both backends read. Migrations are versioned per
+//! backend.
 
+mod keys;
 mod redact;
 
 use std::path::PathBuf;
@@ -15,6 +17,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, key_hint};
 pub use redact::redact_secrets;
 
 use crate::telemetry::{RecordSink, RequestRecord};
@@ -79,7 +82,7 @@ pub struct Feedback {
     pub created_at_ms: i64,
 }
 
-const COLUMNS: [&str; 38] = [
+const COLUMNS: [&str; 40] = [
     "request_id",
     "started_at_ms",
     "endpoint",
@@ -118,6 +121,8 @@ const COLUMNS: [&str; 38] = [
     "guard_changes",
     "guard_flags",
     "output_check",
+    "owner",
+    "limited_by",
 ];
 
 impl Store {
@@ -215,6 +220,8 @@ impl Store {
                 .bind(r.guard_changes.clone())
                 .bind(r.guard_flags.clone())
                 .bind(r.output_check.clone())
+                .bind(r.owner.clone())
+                .bind(r.limited_by.clone())
                 .execute(&mut *tx)
                 .await?;
         }

@@ -116,8 +116,24 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the recorder's live gauges.
-    pub fn render(&self, recorder: &Recorder, store_failed: u64) -> String {
+    pub fn render(
+        &self,
+        recorder: &Recorder,
+        store_failed: u64,
+        limits: &crate::limits::LimiterStatus,
+    ) -> String {
         self.with(|| {
+            if let Some(up) = limits.shared_up {
+                gauge!("sluice_limits_store_up", "backend" => limits.backend)
+                    .set(f64::from(u8::from(up)));
+                counter!("sluice_limits_local_fallbacks_total").absolute(limits.fallbacks);
+            }
+            for (i, signal) in crate::limits::limiter::SIGNALS.iter().enumerate() {
+                counter!("sluice_abuse_signals_total", "signal" => *signal)
+                    .absolute(limits.signals[i]);
+                counter!("sluice_abuse_penalties_total", "signal" => *signal)
+                    .absolute(limits.penalties[i]);
+            }
             gauge!("sluice_record_queue_depth").set(recorder.depth() as f64);
             counter!("sluice_records_dropped_total", "reason" => "queue_full")
                 .absolute(recorder.dropped());
@@ -197,6 +213,22 @@ fn describe() {
     describe_counter!(
         "sluice_records_dropped_total",
         "Request records lost: the writer queue was full, or the store refused them after retries."
+    );
+    describe_gauge!(
+        "sluice_limits_store_up",
+        "1 when the shared limit store (Redis) answers; 0 while limits are local or refused."
+    );
+    describe_counter!(
+        "sluice_limits_local_fallbacks_total",
+        "Limit checks served by this instance's own limits because Redis was unreachable."
+    );
+    describe_counter!(
+        "sluice_abuse_penalties_total",
+        "End users penalized (blocked or throttled) after repeated abuse signals, by signal."
+    );
+    describe_counter!(
+        "sluice_abuse_signals_total",
+        "Abuse signals counted per end user: rejected inputs, injection flags, refusals."
     );
 }
 

@@ -106,8 +106,13 @@ pub struct RequestRecord {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub key_id: Option<String>,
+    /// The key's owner (end users are scoped by it).
+    pub owner: Option<String>,
     pub user: Option<String>,
     pub tier: Option<String>,
+    /// Which limit refused the request, or what limited it (`user:requests`,
+    /// `key:tokens`, `abuse:block`, `abuse:throttle`, `capacity:gpt-4o`, ...).
+    pub limited_by: Option<String>,
     pub feature: Option<String>,
     pub model_requested: Option<String>,
     /// The gateway model that answered.
@@ -313,7 +318,13 @@ pub struct RecordGuard {
     /// Time spent in upstream calls and in retry waits, for the overhead figure.
     upstream: Duration,
     waited: Duration,
+    /// Runs once, with the finished record, just before it is emitted: settles what
+    /// the request held (token estimates reconciled, concurrency slots released).
+    after: Option<AfterRecord>,
 }
+
+/// Work that needs the finished record (see [`RecordGuard::after`]).
+pub type AfterRecord = Box<dyn FnOnce(&RequestRecord) + Send>;
 
 impl RecordGuard {
     pub fn new(
@@ -337,7 +348,13 @@ impl RecordGuard {
             recorder,
             upstream: Duration::ZERO,
             waited: Duration::ZERO,
+            after: None,
         }
+    }
+
+    /// Run `f` with the finished record, however the request ends (also on drop).
+    pub fn after(&mut self, f: AfterRecord) {
+        self.after = Some(f);
     }
 
     /// Fill in fields as the request moves through the pipeline.
@@ -381,6 +398,9 @@ impl RecordGuard {
                 r.overhead_ms = Some(ms(latency.saturating_sub(self.upstream + self.waited)));
             } else {
                 r.overhead_ms = Some(r.latency_ms);
+            }
+            if let Some(after) = self.after.take() {
+                after(&r);
             }
             self.recorder.emit(r);
         }

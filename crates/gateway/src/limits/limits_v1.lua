@@ -1,0 +1,155 @@
+-- limits_v1: Sluice's rate-limit script, version 1. Its keys live under `<prefix>rl:v1:`;
+-- a changed script is a new file (limits_v2.lua) with new keys, so two versions running
+-- side by side during a rollout never read each other's numbers.
+--
+-- ARGV[1] picks the operation; each is one atomic step on Redis's own clock (TIME), so
+-- any number of gateways share exact limits. Layouts (KEYS / ARGV) are documented in
+-- redis.rs beside the code that builds them.
+--
+-- Precision: Lua numbers are doubles, exact for integers below 2^53 (~9.0e15). Every
+-- value here is an integer number of microseconds: now (~1.8e15 µs since the epoch), a
+-- period or an increment (the caller clamps both to 2^50 µs, ~35 years, and passes an
+-- increment already computed exactly in 128-bit arithmetic: cost * period for a large
+-- token limit would not fit a double), and a TAT (capped at now + 2^51 below). Sums stay
+-- under 2^53 until about the year 2100. The products that could lose precision
+-- (remaining = free * limit / period) are not computed here: the script returns the TAT
+-- each charge started from and the caller derives the bucket state exactly.
+-- Numbers going back to Redis are formatted with '%.0f': Lua's own tostring keeps only
+-- 14 significant digits.
+
+-- Redis < 5 replicates scripts verbatim unless told otherwise, and TIME would then make
+-- replicas diverge; from Redis 7 on this call does nothing.
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
+local MAX_AHEAD_US = 2 ^ 51
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+-- Milliseconds a key must live to outlast the moment `until_us`.
+local function ms_until(until_us, now)
+  return int(math.ceil((until_us - now) / 1000) + 1)
+end
+
+local op = ARGV[1]
+
+if op == 'check' then
+  -- KEYS: [penalty key if ARGV[2] == '1'], n bucket keys, m lease keys.
+  -- ARGV: 'check', has_penalty, n, m, then (increment_us, period_us) per charge,
+  --       then (max, ttl_us, lease id) per lease.
+  -- Returns {0, penalty, pttl_ms} when penalized, else
+  --         {1, now_us, refused (0-based, -1 = none), tat each charge started from...}.
+  local now = now_us()
+  local k = 1
+  if ARGV[2] == '1' then
+    local penalty = redis.call('GET', KEYS[1])
+    if penalty then
+      return {0, penalty, redis.call('PTTL', KEYS[1])}
+    end
+    k = 2
+  end
+  local n, m = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local out = {1, now, -1}
+  local refused = -1
+  -- Several charges may name the same bucket: each sees the ones before it.
+  local tats, stored, order = {}, {}, {}
+  for i = 0, n - 1 do
+    local key = KEYS[k + i]
+    local inc, period = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
+    local tat = tats[key]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', key)) or 0
+      stored[key] = tat
+      order[#order + 1] = key
+    end
+    out[#out + 1] = tat
+    local new_tat = math.max(tat, now) + inc
+    if new_tat <= now + period then
+      tats[key] = new_tat
+    else
+      tats[key] = tat
+      if refused < 0 then
+        refused = i
+      end
+    end
+  end
+  local lease_argv = 5 + 2 * n
+  if refused < 0 then
+    local taken = {}
+    for j = 0, m - 1 do
+      local key = KEYS[k + n + j]
+      local max = tonumber(ARGV[lease_argv + 3 * j])
+      if taken[key] == nil then
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+        taken[key] = 0
+      end
+      if redis.call('ZCARD', key) + taken[key] >= max then
+        refused = n + j
+        break
+      end
+      taken[key] = taken[key] + 1
+    end
+  end
+  out[3] = refused
+  if refused >= 0 then
+    return out
+  end
+  for _, key in ipairs(order) do
+    local tat = tats[key]
+    if tat ~= stored[key] and tat > now then
+      redis.call('SET', key, int(tat), 'PX', ms_until(tat, now))
+    end
+  end
+  for j = 0, m - 1 do
+    local key = KEYS[k + n + j]
+    local ttl, id = tonumber(ARGV[lease_argv + 3 * j + 1]), ARGV[lease_argv + 3 * j + 2]
+    redis.call('ZADD', key, int(now + ttl), id)
+    -- The set lives as long as its longest lease.
+    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+    redis.call('PEXPIRE', key, ms_until(tonumber(last[2]), now))
+  end
+  return out
+elseif op == 'adjust' then
+  -- KEYS: bucket key. ARGV: 'adjust', '+' (add) or '-' (refund), increment_us.
+  local now = now_us()
+  local key = KEYS[1]
+  local inc = tonumber(ARGV[3])
+  local tat = tonumber(redis.call('GET', key)) or 0
+  local new_tat
+  if ARGV[2] == '+' then
+    new_tat = math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
+  else
+    -- Unused allowance does not carry into the future.
+    new_tat = math.max(tat - inc, now)
+  end
+  if new_tat > now then
+    redis.call('SET', key, int(new_tat), 'PX', ms_until(new_tat, now))
+  else
+    redis.call('DEL', key)
+  end
+  return 1
+elseif op == 'signal' then
+  -- KEYS: counter key, penalty key. ARGV: 'signal', window_ms, threshold, penalty,
+  -- period_ms. Returns 1 when this signal started the penalty.
+  local count = redis.call('INCR', KEYS[1])
+  -- A fixed window from the first signal; a counter somehow left without a TTL gets one.
+  if count == 1 or redis.call('PTTL', KEYS[1]) < 0 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
+  if count >= tonumber(ARGV[3]) and redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+    -- Counting starts afresh once the penalty is over.
+    redis.call('DEL', KEYS[1])
+    return 1
+  end
+  return 0
+end
+return redis.error_reply('limits_v1: unknown operation')

@@ -1,0 +1,44 @@
+//! Rate limiting: tiers, per key / end user / tier limits, abuse penalties, and provider
+//! capacity. One [`Backend`] trait with a memory store (one instance) and a Redis store
+//! (several instances; every check one atomic script).
+
+pub mod backend;
+pub mod capacity;
+pub mod config;
+pub mod gcra;
+pub mod limiter;
+pub mod memory;
+pub mod redis;
+
+pub use backend::{
+    Backend, BackendError, Bucket, BucketState, Charge, Check, Lease, Unit, Verdict,
+};
+pub use config::{LimitsConfig, Rates, Tier};
+pub use limiter::{Admission, Limiter, LimiterStatus, RateHeaders, Subject};
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::telemetry::{RecordSink, RequestRecord};
+
+/// The shared limit store when `[redis]` is configured.
+pub fn shared_backend(config: &LimitsConfig) -> anyhow::Result<Option<Arc<dyn Backend>>> {
+    let Some(redis_config) = &config.redis else {
+        return Ok(None);
+    };
+    let backend = redis::RedisBackend::new(redis_config)?;
+    Ok(Some(Arc::new(backend)))
+}
+
+/// Feeds finished records to the limiter's abuse counters, off the request path.
+pub struct AbuseSink(pub Arc<Limiter>);
+
+#[async_trait]
+impl RecordSink for AbuseSink {
+    async fn write(&mut self, batch: &[RequestRecord]) {
+        for record in batch {
+            self.0.observe(record).await;
+        }
+    }
+}

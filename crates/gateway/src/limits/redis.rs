@@ -1,0 +1,572 @@
+//! The Redis limit store: exact limits shared by every gateway instance. Each check,
+//! adjustment and abuse signal is one call of one Lua script (`limits_v1.lua`) that reads
+//! Redis's clock, so the read-modify-write is atomic across instances and immune to
+//! their clock skew. The connection is a [`ConnectionManager`], which reconnects by
+//! itself; every call is bounded by the configured timeout and fails as
+//! [`BackendError::Unavailable`], so the limiter can fall back or refuse.
+//!
+//! Keys: `{prefix}rl:v1:{kind}:{logical key}`, where `v1` is the script's version and
+//! `kind` keeps the four kinds of state apart as the memory store's four maps do (`b`
+//! buckets, `l` leases, `c` signal counters, `p` penalties): a logical name used for a
+//! bucket and a lease never meets itself as the wrong Redis type, and [`Backend::penalties`]
+//! scans exactly the penalty keys. Every key carries a TTL. Logical keys (they hold end
+//! user ids) reach Redis only as script KEYS, never inside the script's source.
+//!
+//! Script layouts (ARGV[1] names the operation):
+//!
+//! | op | KEYS | ARGV after the op |
+//! | --- | --- | --- |
+//! | `check` | penalty key (when given), one bucket key per charge, one lease key per lease | `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
+//! | `adjust` | bucket key | `+` or `-`, `increment_us` |
+//! | `signal` | counter key, penalty key | `window_ms threshold penalty period_ms` |
+//!
+//! `check` answers `{0, penalty, pttl_ms}` when penalized, else `{1, now_us, refused,
+//! tat...}` with `refused` the 0-based index of the first refusing charge or lease (-1
+//! for none) and, per charge, the TAT it was charged against; [`gcra::charge`] on those
+//! gives the exact bucket states here, so the script does no multiplication that a
+//! double could round.
+//!
+//! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
+//! would hash to different slots.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, RedisResult, Script, Value};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::backend::{
+    ActivePenalty, Backend, BackendError, Bucket, BucketState, Check, Lease, Signal, Verdict,
+};
+use super::config::RedisConfig;
+use super::gcra;
+
+/// The script's name and version; the version is also in every key it writes.
+pub const SCRIPT_NAME: &str = "limits_v1";
+const SCRIPT_VERSION: &str = "v1";
+const SCRIPT_SOURCE: &str = include_str!("limits_v1.lua");
+
+/// Periods, lease ttls and increments are clamped to 2^50 µs (~35.7 years) so every sum
+/// the script makes stays an exact integer in a Lua double (see `limits_v1.lua`).
+const MAX_SPAN_US: u64 = 1 << 50;
+
+/// What a refused lease asks the client to wait, as the memory store does.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
+/// Keys per SCAN round trip when listing penalties.
+const SCAN_COUNT: usize = 500;
+
+/// Reconnection backoff: a quick first retry, and at most a second between attempts so
+/// the store is back soon after Redis is.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// The four kinds of state, each under its own key segment.
+#[derive(Clone, Copy)]
+enum Kind {
+    Bucket,
+    Lease,
+    Counter,
+    Penalty,
+}
+
+impl Kind {
+    fn segment(self) -> &'static str {
+        match self {
+            Kind::Bucket => "b:",
+            Kind::Lease => "l:",
+            Kind::Counter => "c:",
+            Kind::Penalty => "p:",
+        }
+    }
+}
+
+pub struct RedisBackend {
+    con: ConnectionManager,
+    script: Script,
+    /// `{prefix}rl:v1:`
+    base: String,
+    timeout: Duration,
+    /// Scrubbed from every error message.
+    password: Option<SecretString>,
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection's own Debug would show the URL with its password.
+        f.debug_struct("RedisBackend")
+            .field("keys", &self.base)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn span_us(d: Duration) -> u64 {
+    us(d).min(MAX_SPAN_US)
+}
+
+/// Whole milliseconds, at least one (Redis refuses a zero expiry).
+fn ms(d: Duration) -> u64 {
+    span_us(d).div_ceil(1000).max(1)
+}
+
+impl RedisBackend {
+    /// A store for `config`. Never waits for Redis: the connection is made in the
+    /// background and remade whenever it drops; until then every call fails as
+    /// [`BackendError::Unavailable`] within `config.timeout`. Fails only for a URL that
+    /// does not parse, or outside a Tokio runtime.
+    pub fn new(config: &RedisConfig) -> Result<RedisBackend, BackendError> {
+        let info = config
+            .url
+            .expose_secret()
+            .into_connection_info()
+            .map_err(|e| {
+                // The URL is not shown: it may hold a password.
+                let hint = if config.url.expose_secret().starts_with("rediss://") {
+                    ": rediss:// needs TLS, which this build does not include"
+                } else {
+                    ""
+                };
+                BackendError::Unavailable(format!(
+                    "the [redis] url is not valid ({:?}){hint}",
+                    e.kind()
+                ))
+            })?;
+        let password = info
+            .redis_settings()
+            .password()
+            .filter(|p| !p.is_empty())
+            .map(SecretString::from);
+        let scrubbed = |e: redis::RedisError| scrub(e.to_string(), password.as_ref());
+        let client = redis::Client::open(info)
+            .map_err(|e| BackendError::Unavailable(format!("redis client: {}", scrubbed(e))))?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BackendError::Unavailable(
+                "the Redis store must be created inside a Tokio runtime".into(),
+            ));
+        }
+        let manager_config = ConnectionManagerConfig::new()
+            .set_min_delay(RECONNECT_MIN_DELAY)
+            .set_max_delay(RECONNECT_MAX_DELAY)
+            .set_response_timeout(Some(config.timeout));
+        let con = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| BackendError::Unavailable(format!("redis connection: {}", scrubbed(e))))?;
+        // Connect now rather than on the first request; a failure here only means the
+        // manager tries again when the next command needs it.
+        let mut first = con.clone();
+        let scrub_password = password.clone();
+        tokio::spawn(async move {
+            match redis::cmd("PING").query_async::<()>(&mut first).await {
+                Ok(()) => tracing::debug!("connected to the Redis limit store"),
+                Err(e) => tracing::warn!(
+                    error = %scrub(e.to_string(), scrub_password.as_ref()),
+                    "the Redis limit store is not reachable yet; retrying in the background"
+                ),
+            }
+        });
+        Ok(RedisBackend {
+            con,
+            script: Script::new(SCRIPT_SOURCE),
+            base: format!("{}rl:{SCRIPT_VERSION}:", config.prefix),
+            timeout: config.timeout,
+            password,
+        })
+    }
+
+    /// The full Redis key for a logical key.
+    fn key(&self, kind: Kind, logical: &str) -> String {
+        let segment = kind.segment();
+        let mut key = String::with_capacity(self.base.len() + segment.len() + logical.len());
+        key.push_str(&self.base);
+        key.push_str(segment);
+        key.push_str(logical);
+        key
+    }
+
+    /// Run one round trip within the timeout; every failure is `Unavailable`.
+    async fn within<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, BackendError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(BackendError::Unavailable(format!(
+                "redis {what}: {}",
+                scrub(e.to_string(), self.password.as_ref())
+            ))),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "redis {what}: no answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+fn scrub(message: String, password: Option<&SecretString>) -> String {
+    match password {
+        Some(p) if message.contains(p.expose_secret()) => message.replace(p.expose_secret(), "***"),
+        _ => message,
+    }
+}
+
+fn bad_reply(what: &str) -> BackendError {
+    BackendError::Unavailable(format!("redis {what}: unexpected reply from {SCRIPT_NAME}"))
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// What one bucket's step looks like to the script: the exact increment, clamped so a
+/// charge larger than the bucket (which never fits) stays a small number.
+fn increment(cost: u64, bucket: &Bucket) -> (u64, u64) {
+    let period = span_us(bucket.period);
+    let inc = gcra::increment(cost, bucket.limit, period).min(period + 1);
+    (inc, period)
+}
+
+/// Read the `check` reply into a verdict, deriving the bucket states exactly.
+fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
+    let Value::Array(items) = reply else {
+        return Err(bad_reply("check"));
+    };
+    match items.first().and_then(int) {
+        Some(0) => {
+            let penalty = items
+                .get(1)
+                .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .ok_or_else(|| bad_reply("check"))?;
+            let pttl = items
+                .get(2)
+                .and_then(int)
+                .ok_or_else(|| bad_reply("check"))?;
+            Ok(Verdict::Penalized {
+                penalty,
+                remaining: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+            })
+        }
+        Some(1) => {
+            let n = check.charges.len();
+            let (Some(now), Some(refused)) = (
+                items
+                    .get(1)
+                    .and_then(int)
+                    .and_then(|v| u64::try_from(v).ok()),
+                items.get(2).and_then(int),
+            ) else {
+                return Err(bad_reply("check"));
+            };
+            if items.len() != 3 + n {
+                return Err(bad_reply("check"));
+            }
+            let mut states = Vec::with_capacity(n);
+            let mut steps = Vec::with_capacity(n);
+            for (c, tat) in check.charges.iter().zip(&items[3..]) {
+                let tat = int(tat)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .ok_or_else(|| bad_reply("check"))?;
+                let period = span_us(c.bucket.period);
+                let step = gcra::charge(tat, now, c.cost, c.bucket.limit, period);
+                states.push(BucketState {
+                    limit: c.bucket.limit,
+                    remaining: step.remaining,
+                    reset: Duration::from_micros(step.reset_us),
+                });
+                steps.push(step);
+            }
+            let Ok(index) = usize::try_from(refused) else {
+                return Ok(Verdict::Allowed { states });
+            };
+            let retry_after = match steps.get(index) {
+                Some(step) => Duration::from_micros(step.retry_after_us),
+                None if index < n + check.leases.len() => LEASE_RETRY,
+                None => return Err(bad_reply("check")),
+            };
+            Ok(Verdict::Refused {
+                index,
+                retry_after,
+                states,
+            })
+        }
+        _ => Err(bad_reply("check")),
+    }
+}
+
+/// `*`, `?`, `[`, `]` and `\` in the configured prefix taken literally by SCAN MATCH.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(&self, check: &Check) -> Result<Verdict, BackendError> {
+        if check.penalty_key.is_none() && check.charges.is_empty() && check.leases.is_empty() {
+            return Ok(Verdict::Allowed { states: Vec::new() });
+        }
+        let mut call = self.script.prepare_invoke();
+        call.arg("check")
+            .arg(if check.penalty_key.is_some() {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(check.charges.len())
+            .arg(check.leases.len());
+        if let Some(penalty) = &check.penalty_key {
+            call.key(self.key(Kind::Penalty, penalty));
+        }
+        for c in &check.charges {
+            let (inc, period) = increment(c.cost, &c.bucket);
+            call.key(self.key(Kind::Bucket, &c.bucket.key))
+                .arg(inc)
+                .arg(period);
+        }
+        for l in &check.leases {
+            call.key(self.key(Kind::Lease, &l.key))
+                .arg(l.max)
+                .arg(span_us(l.ttl))
+                .arg(&l.id);
+        }
+        let mut con = self.con.clone();
+        let reply: Value = self.within("check", call.invoke_async(&mut con)).await?;
+        verdict(&reply, check)
+    }
+
+    async fn adjust(&self, bucket: &Bucket, delta: i64) -> Result<(), BackendError> {
+        if delta == 0 {
+            return Ok(());
+        }
+        let period = span_us(bucket.period);
+        let inc = gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US);
+        let mut call = self.script.prepare_invoke();
+        call.arg("adjust")
+            .arg(if delta > 0 { "+" } else { "-" })
+            .arg(inc)
+            .key(self.key(Kind::Bucket, &bucket.key));
+        let mut con = self.con.clone();
+        self.within("adjust", call.invoke_async::<()>(&mut con))
+            .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
+        let mut con = self.con.clone();
+        self.within("release", cmd.query_async::<()>(&mut con))
+            .await
+    }
+
+    async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
+        let mut call = self.script.prepare_invoke();
+        call.arg("signal")
+            .arg(ms(signal.window))
+            .arg(signal.threshold)
+            .arg(&signal.penalty)
+            .arg(ms(signal.period))
+            .key(self.key(Kind::Counter, &signal.counter_key))
+            .key(self.key(Kind::Penalty, &signal.penalty_key));
+        let mut con = self.con.clone();
+        let started: i64 = self.within("signal", call.invoke_async(&mut con)).await?;
+        Ok(started == 1)
+    }
+
+    async fn penalties(&self) -> Result<Vec<ActivePenalty>, BackendError> {
+        let base = self.key(Kind::Penalty, "");
+        let pattern = format!("{}*", glob_escape(&base));
+        let mut con = self.con.clone();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) =
+                self.within("penalties", scan.query_async(&mut con)).await?;
+            // SCAN may return a key twice.
+            let keys: Vec<String> = keys
+                .into_iter()
+                .filter(|k| k.starts_with(&base) && seen.insert(k.clone()))
+                .collect();
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
+                }
+                let answers: Vec<Value> =
+                    self.within("penalties", pipe.query_async(&mut con)).await?;
+                for (k, pair) in keys.iter().zip(answers.chunks_exact(2)) {
+                    // Gone between the SCAN and the GET: it just expired.
+                    let (Ok(penalty), Some(left)) = (
+                        redis::from_redis_value_ref::<String>(&pair[0]),
+                        int(&pair[1]).and_then(|v| u64::try_from(v).ok()),
+                    ) else {
+                        continue;
+                    };
+                    out.push(ActivePenalty {
+                        key: k[base.len()..].to_string(),
+                        penalty,
+                        remaining: Duration::from_millis(left),
+                    });
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.key(Kind::Penalty, key));
+        let mut con = self.con.clone();
+        let removed: i64 = self
+            .within("clear_penalty", cmd.query_async(&mut con))
+            .await?;
+        Ok(removed > 0)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        let mut con = self.con.clone();
+        self.within("ping", redis::cmd("PING").query_async::<()>(&mut con))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::backend::{Charge, Unit};
+
+    fn charge(limit: u64, period: Duration, cost: u64) -> Charge {
+        Charge {
+            bucket: Bucket {
+                key: "b".into(),
+                limit,
+                period,
+            },
+            cost,
+            unit: Unit::Tokens,
+        }
+    }
+
+    #[test]
+    fn a_huge_charge_stays_a_small_exact_number_for_the_script() {
+        let day = Duration::from_secs(86_400);
+        // 10^9 tokens a day, 10^9 asked: cost * period is 8.64e19, past a double's
+        // exact integers; the increment passed is computed in 128 bits.
+        let (inc, period) = increment(1_000_000_000, &charge(1_000_000_000, day, 0).bucket);
+        assert_eq!((inc, period), (86_400_000_000, 86_400_000_000));
+        // More than the bucket holds: clamped just past the period (always refused).
+        let (inc, _) = increment(u64::MAX, &charge(7, day, 0).bucket);
+        assert_eq!(inc, 86_400_000_001);
+        assert!(inc < 1 << 53);
+    }
+
+    #[test]
+    fn the_check_reply_becomes_exact_states() {
+        let now = 1_800_000_000_000_000u64;
+        let check = Check {
+            penalty_key: None,
+            charges: vec![
+                charge(100, Duration::from_secs(60), 60),
+                charge(10, Duration::from_secs(60), 5),
+            ],
+            leases: vec![],
+        };
+        // The second bucket already spent 8 of 10: refused, index 1.
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(now as i64),
+            Value::Int(1),
+            Value::Int(0),
+            Value::Int((now + 48_000_000) as i64),
+        ]);
+        let Ok(Verdict::Refused {
+            index,
+            retry_after,
+            states,
+        }) = verdict(&reply, &check)
+        else {
+            panic!("expected a refusal")
+        };
+        assert_eq!(index, 1);
+        assert_eq!(retry_after, Duration::from_secs(18));
+        assert_eq!(states[0].remaining, 40);
+        assert_eq!(states[1].remaining, 2);
+        let penalized = Value::Array(vec![
+            Value::Int(0),
+            Value::BulkString(b"block".to_vec()),
+            Value::Int(1500),
+        ]);
+        assert_eq!(
+            verdict(&penalized, &check).ok(),
+            Some(Verdict::Penalized {
+                penalty: "block".into(),
+                remaining: Duration::from_millis(1500)
+            })
+        );
+        assert!(verdict(&Value::Int(3), &check).is_err());
+    }
+
+    #[test]
+    fn scan_patterns_take_the_prefix_literally() {
+        assert_eq!(glob_escape("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
+    }
+
+    #[test]
+    fn urls_that_cannot_be_served_fail_without_showing_the_password() {
+        for url in [
+            "redis://:hunter2@127.0.0.1:notaport",
+            "http://:hunter2@127.0.0.1:6379",
+            "rediss://:hunter2@127.0.0.1:6379",
+        ] {
+            let config = RedisConfig {
+                url: SecretString::from(url),
+                prefix: "t:".into(),
+                on_failure: super::super::config::FailMode::Open,
+                timeout: Duration::from_millis(100),
+            };
+            match RedisBackend::new(&config) {
+                Err(BackendError::Unavailable(m)) => assert!(!m.contains("hunter2"), "{m}"),
+                Ok(b) => panic!("{url} accepted: {b:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let pw = SecretString::from("hunter2");
+        assert_eq!(
+            scrub("auth hunter2 failed".into(), Some(&pw)),
+            "auth *** failed"
+        );
+    }
+}

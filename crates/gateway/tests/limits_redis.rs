@@ -1,0 +1,646 @@
+//! The Redis limit store against a real Redis: exact under concurrency from several
+//! instances, the same answers as the memory store, expiry of leases and penalties, a
+//! TTL on every key, and surviving Redis going away and coming back.
+//!
+//! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); a test
+//! fails with a clear message when it is not reachable. Each test writes under a prefix
+//! of its own.
+
+use std::sync::Arc;
+
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use sluice_gateway::limits::backend::{Signal, Verdict};
+use sluice_gateway::limits::config::{FailMode, RedisConfig};
+use sluice_gateway::limits::memory::MemoryBackend;
+use sluice_gateway::limits::redis::RedisBackend;
+use sluice_gateway::limits::{Backend, BackendError, Bucket, Charge, Check, Lease, Unit};
+use sluice_sim::outage::OutageProxy;
+use tokio::task::JoinHandle;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+/// Generous: these tests share two cores with builds; test 5 uses a short one.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `SLUICE_TEST_REDIS_URL`, or the local server every dev and CI machine runs.
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn unique_prefix() -> String {
+    format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
+}
+
+fn config(url: String, prefix: &str, timeout: Duration) -> RedisConfig {
+    RedisConfig {
+        url: SecretString::from(url),
+        prefix: prefix.into(),
+        on_failure: FailMode::Open,
+        timeout,
+    }
+}
+
+/// A plain connection for looking at what the store wrote.
+async fn raw() -> redis::aio::MultiplexedConnection {
+    let connect = async {
+        redis::Client::open(redis_url())?
+            .get_multiplexed_async_connection()
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("{}", unreachable_message(&e.to_string())),
+        Err(_) => panic!("{}", unreachable_message("no answer within 5s")),
+    }
+}
+
+fn unreachable_message(error: &str) -> String {
+    format!(
+        "cannot reach Redis: {error}\n(Redis tests need a server at SLUICE_TEST_REDIS_URL, default redis://127.0.0.1:6379; start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`)"
+    )
+}
+
+/// A store on the test server under `prefix`, connected before it is returned.
+async fn store(prefix: &str) -> RedisBackend {
+    raw().await;
+    let b = RedisBackend::new(&config(redis_url(), prefix, TIMEOUT))
+        .unwrap_or_else(|e| panic!("RedisBackend::new: {e}"));
+    b.ping()
+        .await
+        .unwrap_or_else(|e| panic!("{}", unreachable_message(&e.to_string())));
+    b
+}
+
+fn charge(key: &str, limit: u64, period: Duration, cost: u64) -> Charge {
+    Charge {
+        bucket: Bucket {
+            key: key.into(),
+            limit,
+            period,
+        },
+        cost,
+        unit: if cost == 1 {
+            Unit::Requests
+        } else {
+            Unit::Tokens
+        },
+    }
+}
+
+fn lease(key: &str, max: u64, id: &str, ttl: Duration) -> Lease {
+    Lease {
+        key: key.into(),
+        max,
+        id: id.into(),
+        ttl,
+    }
+}
+
+fn charges(charges: Vec<Charge>) -> Check {
+    Check {
+        penalty_key: None,
+        charges,
+        leases: vec![],
+    }
+}
+
+fn remaining(v: &Verdict) -> Vec<u64> {
+    match v {
+        Verdict::Allowed { states } | Verdict::Refused { states, .. } => {
+            states.iter().map(|s| s.remaining).collect()
+        }
+        Verdict::Penalized { .. } => vec![],
+    }
+}
+
+fn ok<T>(r: Result<T, BackendError>) -> T {
+    r.unwrap_or_else(|e| panic!("the store failed: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_admit_exactly_the_limit() {
+    let prefix = unique_prefix();
+    // Three gateways sharing one Redis.
+    let stores: Vec<Arc<RedisBackend>> = vec![
+        Arc::new(store(&prefix).await),
+        Arc::new(store(&prefix).await),
+        Arc::new(store(&prefix).await),
+    ];
+    const N: usize = 300;
+
+    // Requests: 60 a minute, 300 at once.
+    let started = Instant::now();
+    let tasks: Vec<JoinHandle<Result<Verdict, BackendError>>> = (0..N)
+        .map(|i| {
+            let s = stores[i % 3].clone();
+            tokio::spawn(async move { s.check(&charges(vec![charge("rpm", 60, MINUTE, 1)])).await })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        match t.await.unwrap_or_else(|e| panic!("task: {e}")) {
+            Ok(Verdict::Allowed { .. }) => allowed += 1,
+            Ok(Verdict::Refused { index: 0, .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let burst = started.elapsed();
+    // One request frees up each second; the burst must not span one.
+    assert!(burst < Duration::from_secs(1), "the burst took {burst:?}");
+    assert_eq!(allowed, 60, "exactly the limit, across three instances");
+
+    // Tokens: 10,000 a day, costs of 1..=200 from 300 requests at once. A token frees up
+    // every 8.6 s, so nothing refills during the burst.
+    let limit = 10_000;
+    let cost = |i: usize| (i as u64 * 7919) % 200 + 1;
+    let tasks: Vec<(u64, JoinHandle<Result<Verdict, BackendError>>)> = (0..N)
+        .map(|i| {
+            let s = stores[i % 3].clone();
+            let c = cost(i);
+            (
+                c,
+                tokio::spawn(
+                    async move { s.check(&charges(vec![charge("tpd", limit, DAY, c)])).await },
+                ),
+            )
+        })
+        .collect();
+    let mut spent = 0;
+    for (c, t) in tasks {
+        match t.await.unwrap_or_else(|e| panic!("task: {e}")) {
+            Ok(Verdict::Allowed { .. }) => spent += c,
+            Ok(Verdict::Refused { .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(spent <= limit, "admitted {spent} tokens of {limit}");
+    // Some request was refused, so what is left is less than the largest cost...
+    assert!(
+        limit - spent < 200,
+        "only {spent} of {limit} tokens admitted"
+    );
+    // ...and exactly what was not admitted: nothing was lost or double-counted.
+    let left = limit - spent;
+    let over = ok(stores[0]
+        .check(&charges(vec![charge("tpd", limit, DAY, left + 1)]))
+        .await);
+    assert!(matches!(over, Verdict::Refused { .. }), "{over:?}");
+    if left > 0 {
+        let exact = ok(stores[1]
+            .check(&charges(vec![charge("tpd", limit, DAY, left)]))
+            .await);
+        assert_eq!(remaining(&exact), vec![0], "{exact:?}");
+    }
+
+    // A rough latency figure: one check at a time, then many at once.
+    let one = stores[0].clone();
+    let started = Instant::now();
+    for _ in 0..200 {
+        ok(one
+            .check(&charges(vec![charge("lat", 1_000_000, MINUTE, 1)]))
+            .await);
+    }
+    let sequential = started.elapsed() / 200;
+    eprintln!(
+        "redis check: {sequential:?} each one at a time; {:?} per check for {N} at once on 3 instances",
+        burst / N as u32
+    );
+}
+
+/// Outcomes written down for comparison.
+#[derive(Default)]
+struct Log(Vec<String>);
+
+impl Log {
+    fn note(&mut self, what: &str, v: Verdict) -> Verdict {
+        let outcome = match &v {
+            Verdict::Allowed { .. } => "allowed".to_string(),
+            Verdict::Refused { index, .. } => format!("refused at {index}"),
+            Verdict::Penalized { penalty, .. } => format!("penalized: {penalty}"),
+        };
+        self.0
+            .push(format!("{what}: {outcome} {:?}", remaining(&v)));
+        v
+    }
+
+    fn line(&mut self, line: String) {
+        self.0.push(line);
+    }
+}
+
+/// The same sequence on any store.
+async fn sequence(b: &dyn Backend) -> Vec<String> {
+    let mut log = Log::default();
+    // Periods of a day with limits that divide it: nothing refills while the sequence
+    // runs, so remaining counts are the same whatever the timing.
+    let pair = |tokens| {
+        charges(vec![
+            charge("k:rpm", 10, DAY, 1),
+            charge("k:tpd", 100, DAY, tokens),
+        ])
+    };
+    log.note("pair 60", ok(b.check(&pair(60)).await));
+    log.note("pair 60 again", ok(b.check(&pair(60)).await));
+    log.note(
+        "rpm 9 after the refusal",
+        ok(b.check(&charges(vec![charge("k:rpm", 10, DAY, 9)])).await),
+    );
+    log.note("pair 1 on an empty rpm", ok(b.check(&pair(1)).await));
+    let v = log.note(
+        "more than the bucket holds",
+        ok(b.check(&charges(vec![charge("big", 100, DAY, 101)])).await),
+    );
+    let Verdict::Refused { retry_after, .. } = v else {
+        panic!("{v:?}")
+    };
+    assert_eq!(retry_after, DAY);
+    // A limit whose cost * period is far past a double's exact integers.
+    log.note(
+        "a trillion tokens a day",
+        ok(b.check(&charges(vec![charge(
+            "huge",
+            1_000_000_000_000,
+            DAY,
+            300_000_000_007,
+        )]))
+        .await),
+    );
+    // One check naming a bucket twice: the second charge sees the first.
+    let twice = charges(vec![charge("dup", 10, DAY, 6), charge("dup", 10, DAY, 6)]);
+    log.note("the same bucket twice", ok(b.check(&twice).await));
+    log.note(
+        "the whole bucket after that",
+        ok(b.check(&charges(vec![charge("dup", 10, DAY, 10)])).await),
+    );
+
+    // Leases: at most two at once, all-or-nothing with the charge beside them.
+    let with_lease = |id: &str| Check {
+        penalty_key: None,
+        charges: vec![charge("l:rpm", 100, DAY, 1)],
+        leases: vec![lease("conc", 2, id, MINUTE)],
+    };
+    log.note("lease 1", ok(b.check(&with_lease("1")).await));
+    log.note("lease 2", ok(b.check(&with_lease("2")).await));
+    let v = log.note("lease 3", ok(b.check(&with_lease("3")).await));
+    assert!(
+        matches!(v, Verdict::Refused { retry_after, .. } if retry_after == Duration::from_secs(1))
+    );
+    ok(b.release(&lease("conc", 2, "1", MINUTE)).await);
+    log.note(
+        "lease 3 after a release",
+        ok(b.check(&with_lease("3")).await),
+    );
+    log.note("lease 4", ok(b.check(&with_lease("4")).await));
+
+    // Adjust: refunds and additions after the fact.
+    let t = charge("t", 1000, DAY, 800);
+    let tokens = charges(vec![t.clone()]);
+    log.note("800 tokens", ok(b.check(&tokens).await));
+    log.note("800 more", ok(b.check(&tokens).await));
+    ok(b.adjust(&t.bucket, -700).await);
+    log.note("800 after refunding 700", ok(b.check(&tokens).await));
+    ok(b.adjust(&t.bucket, 50).await);
+    log.note(
+        "1 after adding 50",
+        ok(b.check(&charges(vec![charge("t", 1000, DAY, 1)])).await),
+    );
+    ok(b.adjust(&t.bucket, -1_000_000).await);
+    log.note(
+        "the whole bucket after a refund past empty",
+        ok(b.check(&charges(vec![charge("t", 1000, DAY, 1000)])).await),
+    );
+
+    // Signals: the third starts the penalty, the fourth finds it set.
+    let signal = Signal {
+        counter_key: "a:o:u:injection".into(),
+        window: MINUTE,
+        threshold: 3,
+        penalty_key: "p:o:u".into(),
+        penalty: "block".into(),
+        period: MINUTE,
+    };
+    for i in 1..=4 {
+        let started = ok(b.signal(&signal).await);
+        log.line(format!("signal {i}: {started}"));
+    }
+    let penalized = Check {
+        penalty_key: Some("p:o:u".into()),
+        charges: vec![charge("x", 1, DAY, 1)],
+        leases: vec![],
+    };
+    log.note("a penalized check", ok(b.check(&penalized).await));
+    log.note(
+        "the bucket the penalty kept untouched",
+        ok(b.check(&charges(vec![charge("x", 1, DAY, 1)])).await),
+    );
+    let listed: Vec<String> = ok(b.penalties().await)
+        .into_iter()
+        .map(|p| format!("{}={}", p.key, p.penalty))
+        .collect();
+    log.line(format!("penalties: {listed:?}"));
+    log.line(format!("cleared: {}", ok(b.clear_penalty("p:o:u").await)));
+    log.line(format!(
+        "cleared again: {}",
+        ok(b.clear_penalty("p:o:u").await)
+    ));
+    let after = Check {
+        penalty_key: Some("p:o:u".into()),
+        charges: vec![charge("y", 1, DAY, 1)],
+        leases: vec![],
+    };
+    log.note("after clearing", ok(b.check(&after).await));
+    log.note("a check of nothing", ok(b.check(&Check::default()).await));
+    log.0
+}
+
+#[tokio::test]
+async fn answers_as_the_memory_store_does() {
+    let memory = sequence(&MemoryBackend::new()).await;
+    let redis = sequence(&store(&unique_prefix()).await).await;
+    assert_eq!(redis, memory);
+    // Spot-check that the sequence says what it should.
+    let expect = [
+        "pair 60: allowed [9, 40]",
+        "pair 60 again: refused at 1 [8, 40]",
+        "rpm 9 after the refusal: allowed [0]",
+        "pair 1 on an empty rpm: refused at 0 [0, 39]",
+        "more than the bucket holds: refused at 0 [100]",
+        "a trillion tokens a day: allowed [699999999988]",
+        "the same bucket twice: refused at 1 [4, 4]",
+        "the whole bucket after that: allowed [0]",
+        "lease 3: refused at 1 [97]",
+        "lease 3 after a release: allowed [97]",
+        "lease 4: refused at 1 [96]",
+        "800 after refunding 700: allowed [100]",
+        "1 after adding 50: allowed [49]",
+        "the whole bucket after a refund past empty: allowed [0]",
+        "signal 3: true",
+        "signal 4: false",
+        "a penalized check: penalized: block []",
+        "the bucket the penalty kept untouched: allowed [0]",
+        "penalties: [\"p:o:u=block\"]",
+        "cleared: true",
+        "cleared again: false",
+        "after clearing: allowed [0]",
+    ];
+    for line in expect {
+        assert!(
+            redis.iter().any(|l| l == line),
+            "missing `{line}` in {redis:#?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn leases_and_penalties_expire() {
+    let b = store(&unique_prefix()).await;
+    let short = Duration::from_millis(300);
+    let take = |id: &str| Check {
+        penalty_key: None,
+        charges: vec![],
+        leases: vec![lease("c", 2, id, short)],
+    };
+    assert!(matches!(
+        ok(b.check(&take("1")).await),
+        Verdict::Allowed { .. }
+    ));
+    assert!(matches!(
+        ok(b.check(&take("2")).await),
+        Verdict::Allowed { .. }
+    ));
+    assert!(matches!(
+        ok(b.check(&take("3")).await),
+        Verdict::Refused { index: 0, .. }
+    ));
+    // A release frees its slot at once.
+    ok(b.release(&lease("c", 2, "1", short)).await);
+    assert!(matches!(
+        ok(b.check(&take("3")).await),
+        Verdict::Allowed { .. }
+    ));
+    assert!(matches!(
+        ok(b.check(&take("4")).await),
+        Verdict::Refused { .. }
+    ));
+    // Leases nobody released expire with their ttl: both slots free again.
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert!(matches!(
+        ok(b.check(&take("5")).await),
+        Verdict::Allowed { .. }
+    ));
+    assert!(matches!(
+        ok(b.check(&take("6")).await),
+        Verdict::Allowed { .. }
+    ));
+
+    let signal = |user: &str| Signal {
+        counter_key: format!("a:o:{user}:rejected"),
+        window: MINUTE,
+        threshold: 1,
+        penalty_key: format!("p:o:{user}"),
+        penalty: "throttle:free".into(),
+        period: short,
+    };
+    assert!(ok(b.signal(&signal("u1")).await));
+    assert!(ok(b.signal(&signal("u2")).await));
+    let mut listed = ok(b.penalties().await);
+    listed.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(
+        listed
+            .iter()
+            .map(|p| (p.key.as_str(), p.penalty.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("p:o:u1", "throttle:free"), ("p:o:u2", "throttle:free")]
+    );
+    assert!(
+        listed
+            .iter()
+            .all(|p| p.remaining <= short && !p.remaining.is_zero())
+    );
+    let check = Check {
+        penalty_key: Some("p:o:u1".into()),
+        ..Check::default()
+    };
+    let v = ok(b.check(&check).await);
+    assert!(
+        matches!(&v, Verdict::Penalized { penalty, remaining } if penalty == "throttle:free" && *remaining <= short),
+        "{v:?}"
+    );
+    tokio::time::sleep(short + Duration::from_millis(100)).await;
+    assert!(ok(b.penalties().await).is_empty());
+    assert!(matches!(ok(b.check(&check).await), Verdict::Allowed { .. }));
+}
+
+#[tokio::test]
+async fn every_key_lives_under_the_prefix_with_a_ttl() {
+    let prefix = unique_prefix();
+    let b = store(&prefix).await;
+    // Every kind of key, including a user id full of characters that mean something
+    // to Lua, to SCAN patterns or to the key structure.
+    let user = "u*?[x]' .. redis.call('FLUSHALL') .. '\"\n";
+    let check = Check {
+        penalty_key: Some(format!("p:o:{user}")),
+        charges: vec![
+            charge(&format!("u:o:{user}:rpm"), 10, MINUTE, 1),
+            charge(&format!("u:o:{user}:tpd"), 1_000_000, DAY, 500),
+        ],
+        leases: vec![lease(&format!("u:o:{user}:conc"), 3, "req-1", MINUTE)],
+    };
+    assert!(matches!(ok(b.check(&check).await), Verdict::Allowed { .. }));
+    ok(b.adjust(&check.charges[1].bucket, 200).await);
+    let signal = |name: &str, threshold| Signal {
+        counter_key: format!("a:o:{user}:{name}"),
+        window: MINUTE,
+        threshold,
+        penalty_key: format!("p:o:{user}"),
+        penalty: "block".into(),
+        period: MINUTE,
+    };
+    assert!(!ok(b.signal(&signal("injection", 5)).await));
+    assert!(ok(b.signal(&signal("rejected", 1)).await));
+    let listed = ok(b.penalties().await);
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key, format!("p:o:{user}"));
+
+    let mut con = raw().await;
+    let keys: Vec<String> = {
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .unwrap_or_else(|e| panic!("SCAN: {e}"));
+            keys.extend(batch);
+            if next == 0 {
+                break keys;
+            }
+            cursor = next;
+        }
+    };
+    // Two buckets, a lease set, one counter (the other went with its penalty), a penalty.
+    assert_eq!(keys.len(), 5, "{keys:#?}");
+    for key in &keys {
+        assert!(key.starts_with(&format!("{prefix}rl:v1:")), "{key}");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("PTTL: {e}"));
+        assert!(pttl > 0, "{key} has no TTL ({pttl})");
+    }
+}
+
+/// The test Redis's address, for a proxy in front of it.
+fn redis_addr() -> std::net::SocketAddr {
+    let hostport = redis_url()
+        .trim_start_matches("redis://")
+        .split(['/', '?'])
+        .next()
+        .map(|a| a.rsplit('@').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve the test Redis at {hostport}"))
+}
+
+/// Poll `check` until it succeeds, for at most `within`.
+async fn recovers(b: &RedisBackend, check: &Check, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        match b.check(check).await {
+            Ok(_) => return started.elapsed(),
+            Err(_) if started.elapsed() < within => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("still failing after {within:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_redis_going_away_and_coming_back() {
+    raw().await;
+    let timeout = Duration::from_millis(300);
+    let check = charges(vec![charge("r", 1_000_000, MINUTE, 1)]);
+    let quickly = timeout + Duration::from_millis(200);
+
+    // Nothing listens on port 1: `new` still succeeds, calls fail within the timeout.
+    let down = RedisBackend::new(&config(
+        "redis://:hunter2@127.0.0.1:1".into(),
+        &unique_prefix(),
+        timeout,
+    ))
+    .unwrap_or_else(|e| panic!("new must not need Redis: {e}"));
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = down.check(&check).await;
+        let took = started.elapsed();
+        let Err(BackendError::Unavailable(message)) = r else {
+            panic!("expected Unavailable, got {r:?}")
+        };
+        assert!(took <= quickly, "took {took:?}");
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(down.ping().await.is_err());
+    }
+    assert!(!format!("{down:?}").contains("hunter2"));
+
+    // Through a proxy that is down when the store is made.
+    let proxy = OutageProxy::start(redis_addr())
+        .await
+        .unwrap_or_else(|e| panic!("proxy: {e}"));
+    proxy.cut().await;
+    let port = proxy.addr().port();
+    let b = RedisBackend::new(&config(
+        format!("redis://127.0.0.1:{port}"),
+        &unique_prefix(),
+        timeout,
+    ))
+    .unwrap_or_else(|e| panic!("new: {e}"));
+    let started = Instant::now();
+    assert!(matches!(
+        b.check(&check).await,
+        Err(BackendError::Unavailable(_))
+    ));
+    assert!(started.elapsed() <= quickly);
+
+    // Redis comes up: the same store connects by itself.
+    proxy
+        .restore()
+        .await
+        .unwrap_or_else(|e| panic!("restore: {e}"));
+    let took = recovers(&b, &check, Duration::from_secs(10)).await;
+    eprintln!("connected {took:?} after Redis came up");
+    assert!(matches!(b.check(&check).await, Ok(Verdict::Allowed { .. })));
+
+    // Redis goes away: calls fail, quickly.
+    proxy.cut().await;
+    let mut failed = 0;
+    for _ in 0..3 {
+        let started = Instant::now();
+        if b.check(&check).await.is_err() {
+            failed += 1;
+        }
+        assert!(started.elapsed() <= quickly, "took {:?}", started.elapsed());
+    }
+    assert_eq!(failed, 3, "every check fails while Redis is away");
+
+    // And back: the same store reconnects.
+    proxy
+        .restore()
+        .await
+        .unwrap_or_else(|e| panic!("restore: {e}"));
+    let took = recovers(&b, &check, Duration::from_secs(10)).await;
+    eprintln!("reconnected {took:?} after Redis came back");
+    assert!(matches!(b.check(&check).await, Ok(Verdict::Allowed { .. })));
+    assert!(b.ping().await.is_ok());
+    proxy.cut().await;
+}
