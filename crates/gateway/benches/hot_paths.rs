@@ -7,9 +7,11 @@ use std::hint::black_box;
 use sluice_gateway::config::{Config, ConfigSource};
 use sluice_gateway::guard::input::{check_chat, precheck};
 use sluice_gateway::limits::capacity::{Capacity, CapacityConfig};
+use sluice_gateway::limits::{Limiter, Subject};
 use sluice_gateway::pipeline::parse_body;
 use sluice_gateway::quality::input_hash;
 use sluice_gateway::wire::{ChatRequest, StreamChunk};
+use tokio_util::sync::CancellationToken;
 
 fn main() {
     divan::main();
@@ -107,4 +109,84 @@ fn capacity_admit_uncontended(bencher: divan::Bencher) {
         let admit = capacity.admit(black_box(1), black_box(1), deadline);
         black_box(futures::FutureExt::now_or_never(admit))
     });
+}
+
+/// The limits one typical request is checked against: per key and per end user,
+/// requests and tokens per minute and tokens per day, plus the tier's total.
+fn limited_config(redis: Option<&str>) -> Config {
+    let redis = redis
+        .map(|url| {
+            format!(
+                "[redis]\nurl = \"{url}\"\nprefix = \"sluice_bench_{}:\"\n",
+                std::process::id()
+            )
+        })
+        .unwrap_or_default();
+    Config::from_toml(
+        &format!(
+            r#"
+            {redis}
+            [limits]
+            default_tier = "t"
+            [[tiers]]
+            name = "t"
+            per_key = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000 }}
+            per_user = {{ requests_per_minute = 1000000000, tokens_per_minute = 1000000000000, tokens_per_day = 1000000000000 }}
+            total = {{ requests_per_minute = 1000000000 }}
+            "#
+        ),
+        &[("UNUSED", "")],
+        ConfigSource::Embedded { simulated: true },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn bench_limiter(bencher: divan::Bencher, runtime: &tokio::runtime::Runtime, config: &Config) {
+    let _enter = runtime.enter();
+    let shared =
+        sluice_gateway::limits::shared_backend(&config.limits).unwrap_or_else(|e| panic!("{e}"));
+    let limiter = Limiter::new(config.limits.clone(), shared, CancellationToken::new());
+    let tier = limiter
+        .tier(None, None)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .cloned();
+    let subject = Subject {
+        key_id: Some("key_0123456789abcdef"),
+        owner: Some("search-team"),
+        user: Some("user-1234"),
+        tier: tier.as_ref(),
+        request_id: "req_0",
+        tokens: 650,
+    };
+    // Warm up (and, with Redis, connect and load the script) before measuring.
+    for _ in 0..10 {
+        let _ = runtime.block_on(limiter.admit(&subject));
+    }
+    bencher.bench_local(|| {
+        let admission = runtime.block_on(limiter.admit(black_box(&subject)));
+        black_box(admission.is_ok())
+    });
+}
+
+/// The limiter on the in-process store: 6 bucket charges, all or nothing.
+#[divan::bench]
+fn limiter_admit_memory(bencher: divan::Bencher) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    bench_limiter(bencher, &runtime, &limited_config(None));
+}
+
+/// The same check on Redis: one EVALSHA round trip. Needs Redis at
+/// `SLUICE_TEST_REDIS_URL` (default redis://127.0.0.1:6379).
+#[divan::bench]
+fn limiter_admit_redis(bencher: divan::Bencher) {
+    let url =
+        std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    bench_limiter(bencher, &runtime, &limited_config(Some(&url)));
 }

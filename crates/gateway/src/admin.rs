@@ -11,6 +11,7 @@
 //! | `POST /admin/keys` | `{owner, tier?, models?, can_assert_tier?}` -> 201, the key shown once |
 //! | `DELETE /admin/keys/{id}`, `POST /admin/keys/{id}/revoke` | revoke (repeating is harmless) |
 //! | `GET /admin/tiers` | the configured tiers and the default tier |
+//! | `GET /admin/budgets[?limit=N]` | each budget rule's counters this period: spend, limit, percent, forecast exhaustion; biggest spenders first, `N` (default 100, at most 1000) per rule |
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::error::ApiError;
 use crate::limits::config::{LimitsConfig, Rates};
 use crate::pipeline::{Gateway, parse_body};
 use crate::store::{KeyRow, NewKey, Store};
+use crate::usage::Budgets;
 
 /// The `/admin` routes, each behind the master key. Mount with `nest("/admin", ...)`.
 pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
@@ -41,6 +43,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/keys/{id}", axum::routing::delete(revoke_key))
         .route("/keys/{id}/revoke", post(revoke_key))
         .route("/tiers", get(tiers))
+        .route("/penalties", get(penalties))
+        .route("/penalties/{key}", axum::routing::delete(lift_penalty))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Last, so it wraps every route and both fallbacks.
@@ -100,6 +104,8 @@ pub enum AdminError {
     Input(#[from] KeyInputError),
     #[error("No key `{0}` exists.")]
     KeyNotFound(String),
+    #[error("No penalty `{0}` is in force.")]
+    PenaltyNotFound(String),
 }
 
 impl From<sqlx::Error> for AdminError {
@@ -118,6 +124,12 @@ impl IntoResponse for AdminError {
                 &e.to_string(),
                 e.code(),
                 Some(e.param()),
+            ),
+            AdminError::PenaltyNotFound(_) => error_response(
+                StatusCode::NOT_FOUND,
+                &self.to_string(),
+                "penalty_not_found",
+                Some("key"),
             ),
             AdminError::KeyNotFound(_) => error_response(
                 StatusCode::NOT_FOUND,
@@ -274,6 +286,95 @@ async fn revoke_key(
         tracing::info!(key_id = %row.id, owner = %row.owner, "virtual key revoked");
     }
     Ok(axum::Json(key_view(&row)).into_response())
+}
+
+/// End users under an abuse penalty, with what it does and how long it still holds.
+async fn penalties(State(gw): State<Arc<Gateway>>) -> Result<Response, AdminError> {
+    let data: Vec<Value> = gw
+        .limiter
+        .penalties()
+        .await?
+        .into_iter()
+        .map(|p| {
+            json!({
+                "object": "penalty",
+                "key": p.key,
+                "penalty": p.penalty,
+                "remaining_ms": p.remaining.as_millis() as u64,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// Lift a penalty early (`key` as `GET /admin/penalties` lists it).
+async fn lift_penalty(
+    State(gw): State<Arc<Gateway>>,
+    Path(key): Path<String>,
+) -> Result<Response, AdminError> {
+    if gw.limiter.lift_penalty(&key).await? {
+        tracing::info!(penalty = %key, "abuse penalty lifted by an admin");
+        Ok(axum::Json(json!({"key": key, "lifted": true})).into_response())
+    } else {
+        Err(AdminError::PenaltyNotFound(key))
+    }
+}
+
+/// Counters shown per budget rule unless `?limit=` says otherwise, and at most.
+const BUDGET_COUNTERS_DEFAULT: usize = 100;
+const BUDGET_COUNTERS_MAX: usize = 1000;
+
+/// `GET /admin/budgets`: every rule with its counters in the current period. `query` is
+/// the request's query string (`limit=N`).
+pub async fn budgets_response(budgets: &Budgets, query: Option<&str>) -> Response {
+    let mut limit = BUDGET_COUNTERS_DEFAULT;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => match v.parse::<usize>() {
+                Ok(n) if (1..=BUDGET_COUNTERS_MAX).contains(&n) => limit = n,
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        &format!("`limit` must be a number from 1 to {BUDGET_COUNTERS_MAX}."),
+                        "invalid_limit",
+                        Some("limit"),
+                    );
+                }
+            },
+            _ => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "Unknown query parameter `{}`; only `limit` is read.",
+                        pair.split('=').next().unwrap_or(pair)
+                    ),
+                    "invalid_request",
+                    None,
+                );
+            }
+        }
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    match budgets.report(now_ms, limit).await {
+        Ok(data) => axum::Json(json!({
+            "object": "list",
+            "counters": budgets.ledger_name(),
+            "data": data,
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "admin: budgets could not be read");
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("{e}"),
+                "budgets_unavailable",
+                None,
+            )
+        }
+    }
 }
 
 async fn tiers(State(gw): State<Arc<Gateway>>) -> Response {

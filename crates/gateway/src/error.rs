@@ -69,12 +69,6 @@ pub enum ApiError {
     /// The end user is blocked for a while after repeated abuse signals.
     #[error("Requests from this user are blocked for {}s after repeated abuse signals.", retry_after.as_secs().max(1))]
     AbuseBlocked { retry_after: Duration },
-    /// Provider capacity is short and this request's priority lost (shed, 429).
-    #[error("{message}")]
-    CapacityExceeded {
-        message: String,
-        retry_after: Duration,
-    },
     /// The key's tier (or the key) may not use this model.
     #[error("The model `{model}` is not available to {who}.")]
     ModelNotAllowed { model: String, who: String },
@@ -112,9 +106,9 @@ impl ApiError {
             | ApiError::NestingTooDeep { .. }
             | ApiError::InputBlocked { .. } => StatusCode::BAD_REQUEST,
             ApiError::OutputInvalid { .. } => StatusCode::BAD_GATEWAY,
-            ApiError::RateLimited { .. }
-            | ApiError::AbuseBlocked { .. }
-            | ApiError::CapacityExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::AbuseBlocked { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             ApiError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -153,13 +147,13 @@ impl ApiError {
                 "permission_error"
             }
             ApiError::RateLimited { unit, .. } => unit,
-            ApiError::AbuseBlocked { .. } | ApiError::CapacityExceeded { .. } => "rate_limit_error",
+            ApiError::AbuseBlocked { .. } => "rate_limit_error",
             ApiError::LimitsUnavailable => "server_error",
             ApiError::OutputInvalid { .. } => "upstream_error",
             ApiError::StorageUnavailable(_) => "server_error",
             ApiError::Unauthorized { .. } => "authentication_error",
             ApiError::Upstream(e) => match e.class {
-                ErrorClass::RateLimited => "rate_limit_error",
+                ErrorClass::RateLimited | ErrorClass::CapacityExceeded => "rate_limit_error",
                 ErrorClass::BadRequest | ErrorClass::ContentFilter => "invalid_request_error",
                 ErrorClass::Overloaded
                 | ErrorClass::Timeout
@@ -188,7 +182,6 @@ impl ApiError {
             ApiError::OutputInvalid { .. } => "output_invalid",
             ApiError::RateLimited { .. } => "rate_limit_exceeded",
             ApiError::AbuseBlocked { .. } => "abuse_blocked",
-            ApiError::CapacityExceeded { .. } => "capacity_exceeded",
             ApiError::ModelNotAllowed { .. } => "model_not_allowed",
             ApiError::LimitsUnavailable => "rate_limiter_unavailable",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
@@ -212,6 +205,7 @@ impl ApiError {
                 ErrorClass::Auth => "upstream_auth_failed",
                 ErrorClass::NotFound => "upstream_model_not_found",
                 ErrorClass::InvalidResponse => "upstream_invalid_response",
+                ErrorClass::CapacityExceeded => "capacity_exceeded",
             },
             ApiError::Internal(_) => "internal_error",
         }
@@ -229,7 +223,6 @@ impl ApiError {
             | ApiError::OutputInvalid { .. }
             | ApiError::RateLimited { .. }
             | ApiError::AbuseBlocked { .. }
-            | ApiError::CapacityExceeded { .. }
             | ApiError::LimitsUnavailable => None,
             ApiError::ModelNotFound { .. }
             | ApiError::WrongModelKind { .. }
@@ -251,10 +244,17 @@ impl ApiError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::Upstream(e) if e.class == ErrorClass::RateLimited => e.retry_after,
-            ApiError::RateLimited { retry_after, .. }
-            | ApiError::AbuseBlocked { retry_after }
-            | ApiError::CapacityExceeded { retry_after, .. } => Some(*retry_after),
+            ApiError::Upstream(e)
+                if matches!(
+                    e.class,
+                    ErrorClass::RateLimited | ErrorClass::CapacityExceeded
+                ) =>
+            {
+                e.retry_after
+            }
+            ApiError::RateLimited { retry_after, .. } | ApiError::AbuseBlocked { retry_after } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }
@@ -264,6 +264,8 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             ApiError::Upstream(e) => match e.class {
+                // The gateway's own queue said no: its message is already the whole story.
+                ErrorClass::CapacityExceeded => e.message.clone(),
                 ErrorClass::BadRequest | ErrorClass::ContentFilter => {
                     format!("upstream {} refused the request: {}", e.provider, e.message)
                 }
@@ -293,7 +295,7 @@ impl ApiError {
 
 fn upstream_status(class: ErrorClass) -> StatusCode {
     match class {
-        ErrorClass::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorClass::RateLimited | ErrorClass::CapacityExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorClass::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         ErrorClass::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorClass::Server

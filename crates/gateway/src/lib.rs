@@ -10,12 +10,14 @@ pub mod limits;
 pub mod pipeline;
 pub mod providers;
 pub mod quality;
+pub mod redis_conn;
 pub mod retry;
 pub mod routing;
 pub mod server;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod wire;
 
 pub use config::Config;

@@ -148,15 +148,14 @@ fn new_request_id() -> String {
 }
 
 /// A failed request: the error, plus what to record about it.
-fn fail(record: RecordGuard, error: ApiError) -> Response {
+fn fail(mut record: RecordGuard, error: ApiError) -> Response {
     let outcome = match &error {
+        ApiError::Upstream(e) if e.class == ErrorClass::CapacityExceeded => Outcome::RateLimited,
         ApiError::Upstream(_)
         | ApiError::Internal(_)
         | ApiError::StorageUnavailable(_)
         | ApiError::LimitsUnavailable => Outcome::ApiError,
-        ApiError::RateLimited { .. }
-        | ApiError::AbuseBlocked { .. }
-        | ApiError::CapacityExceeded { .. } => Outcome::RateLimited,
+        ApiError::RateLimited { .. } | ApiError::AbuseBlocked { .. } => Outcome::RateLimited,
         ApiError::InvalidJson { .. }
         | ApiError::InvalidRequest { .. }
         | ApiError::PayloadTooLarge { .. }
@@ -177,6 +176,11 @@ fn fail(record: RecordGuard, error: ApiError) -> Response {
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
         ApiError::OutputInvalid { .. } => Outcome::BadOutput,
     };
+    if let ApiError::Upstream(e) = &error
+        && e.class == ErrorClass::CapacityExceeded
+    {
+        record.update(|r| r.limited_by = Some("capacity".into()));
+    }
     if let ApiError::Internal(message) = &error {
         tracing::error!(request_id = record.request_id(), %message, "internal error");
     }
@@ -358,7 +362,7 @@ async fn admit(
     principal: &Principal,
     user: Option<&str>,
     tier: Option<&Tier>,
-    tokens: impl FnOnce() -> u64,
+    tokens: u64,
 ) -> Result<RateHeaders, ApiError> {
     if !gw.limiter.config().any_limits() {
         return Ok(RateHeaders::default());
@@ -370,7 +374,7 @@ async fn admit(
         user,
         tier,
         request_id: &request_id,
-        tokens: tokens(),
+        tokens,
     };
     match gw.limiter.admit(&subject).await {
         Ok(admission) => {
@@ -459,22 +463,23 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     // 6. limits: requests, tokens (input estimate + output allowance), concurrency
-    let tokens = || {
-        let input: u32 = request
-            .messages
-            .iter()
-            .map(|m| estimate_tokens(&m.text()))
-            .sum();
-        let output = request.max_completion_tokens.or(request.max_tokens);
-        u64::from(input) + u64::from(output.unwrap_or(0))
-    };
+    let input: u32 = request
+        .messages
+        .iter()
+        .map(|m| estimate_tokens(&m.text()))
+        .sum();
+    let output = request.max_completion_tokens.or(request.max_tokens);
+    let demand = Demand::new(
+        tier.as_ref(),
+        u64::from(input) + u64::from(output.unwrap_or(0)),
+    );
     let limits = admit(
         &gw,
         &mut record,
         &principal,
         user.as_deref(),
         tier.as_ref(),
-        tokens,
+        demand.tokens,
     )
     .await;
     let rate_headers = match limits {
@@ -490,10 +495,10 @@ pub async fn chat_completions(
     let mut response = match (request.is_stream(), &rule) {
         // Actions that must see the whole answer buffer the stream (see OnFail).
         (true, Some(r)) if r.on_fail.needs_whole_answer() => {
-            complete_chat(gw, record, request, chain, rule, true).await
+            complete_chat(gw, record, request, chain, rule, demand, true).await
         }
-        (true, _) => stream_chat(gw, record, request, chain, rule).await,
-        (false, _) => complete_chat(gw, record, request, chain, rule, false).await,
+        (true, _) => stream_chat(gw, record, request, chain, rule, demand).await,
+        (false, _) => complete_chat(gw, record, request, chain, rule, demand, false).await,
     };
     if !report.is_empty() {
         set_header(&mut response, HEADER_GUARD, &report.header());
@@ -528,6 +533,7 @@ async fn complete_chat(
     request: ChatRequest,
     chain: Chain,
     rule: Option<OutputRule>,
+    demand: Demand,
     as_sse: bool,
 ) -> Response {
     let mut first = 0usize;
@@ -540,6 +546,7 @@ async fn complete_chat(
             .run_chain(&chain.routes[first..], &mut attempts, |route| {
                 let request = &request;
                 async move {
+                    take_capacity(&route, demand).await?;
                     let call = ChatCall {
                         request,
                         upstream_model: &route.upstream_model,
@@ -738,6 +745,47 @@ fn guard_input<T: serde::Serialize>(
     Ok(report)
 }
 
+/// What a request asks of provider capacity: its tier's priority and its token estimate.
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    priority: u32,
+    tokens: u64,
+}
+
+impl Demand {
+    fn new(tier: Option<&Tier>, tokens: u64) -> Self {
+        Demand {
+            priority: tier.map(|t| t.priority).unwrap_or(0),
+            tokens,
+        }
+    }
+}
+
+/// Provider capacity: wait for room on this route's model, higher tiers first, or be
+/// shed (429 with retry-after; the chain may still try the next model).
+async fn take_capacity(route: &Route, demand: Demand) -> Result<(), UpstreamError> {
+    let Some(capacity) = route.capacity.as_deref() else {
+        return Ok(());
+    };
+    let tokens = u32::try_from(demand.tokens).unwrap_or(u32::MAX);
+    let deadline = tokio::time::Instant::now() + route.timeouts.total;
+    capacity
+        .admit(demand.priority, tokens, deadline)
+        .await
+        .map_err(|shed| UpstreamError {
+            retry_after: Some(shed.retry_after),
+            ..UpstreamError::new(
+                ErrorClass::CapacityExceeded,
+                "gateway",
+                format!(
+                    "provider capacity for `{}` is exhausted ({}); lower tiers are shed first",
+                    route.model,
+                    shed.reason.as_str()
+                ),
+            )
+        })
+}
+
 /// An upstream call bounded by the model's total timeout.
 async fn within_total<T>(
     route: &Route,
@@ -920,6 +968,7 @@ async fn stream_chat(
     request: ChatRequest,
     chain: Chain,
     rule: Option<OutputRule>,
+    demand: Demand,
 ) -> Response {
     let mut attempts = Attempts::default();
     let started = Instant::now();
@@ -928,6 +977,7 @@ async fn stream_chat(
         .run_chain(&chain.routes, &mut attempts, |route| {
             let request = &request;
             async move {
+                take_capacity(&route, demand).await?;
                 let kind = route.provider.kind();
                 let deadline = tokio::time::Instant::now() + route.timeouts.total;
                 let first_byte = route.timeouts.first_byte;
@@ -1283,14 +1333,14 @@ pub async fn embeddings(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let tokens = || request.input.estimated_tokens();
+    let demand = Demand::new(tier.as_ref(), request.input.estimated_tokens());
     let limits = admit(
         &gw,
         &mut record,
         &principal,
         user.as_deref(),
         tier.as_ref(),
-        tokens,
+        demand.tokens,
     )
     .await;
     let rate_headers = match limits {
@@ -1303,6 +1353,7 @@ pub async fn embeddings(
         .run_chain(&chain.routes, &mut attempts, |route| {
             let request = &request;
             async move {
+                take_capacity(&route, demand).await?;
                 let call = route.provider.embeddings(
                     request,
                     &route.upstream_model,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::config::{Config, ModelConfig, ModelKind, ProviderConfig, ProviderKind};
 use crate::error::ApiError;
-use crate::limits::capacity::{Capacity, CapacityConfig, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT};
+use crate::limits::capacity::{Capacity, CapacityConfig};
 use crate::providers::anthropic::AnthropicProvider;
 use crate::providers::openai::OpenAiProvider;
 use crate::providers::sim::SimProvider;
@@ -90,8 +90,8 @@ impl Router {
                 let capacity = Capacity::new(CapacityConfig {
                     requests_per_minute: m.requests_per_minute,
                     tokens_per_minute: m.tokens_per_minute,
-                    max_queue: DEFAULT_MAX_QUEUE,
-                    max_wait: DEFAULT_MAX_WAIT,
+                    max_queue: config.limits.queue_max,
+                    max_wait: config.limits.queue_max_wait,
                 });
                 (m.name.clone(), Arc::new(capacity))
             })

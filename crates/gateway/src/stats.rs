@@ -1,6 +1,7 @@
-//! `sluice stats`: latency percentiles, tokens, cost, error rates by outcome class,
-//! cache hit rate, feedback and regeneration rate, computed exactly from the request
-//! log (nearest-rank percentiles over the stored latencies, not histogram buckets).
+//! `sluice stats`: latency percentiles, tokens, cost and the cost cache hits saved, error
+//! rates by outcome class, cache hit rate, feedback and regeneration rate, computed
+//! exactly from the request log (nearest-rank percentiles over the stored latencies, not
+//! histogram buckets; costs summed as integer nano-dollars, turned into dollars last).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -42,8 +43,12 @@ pub struct GroupStats {
     pub latency_ms: Option<Percentiles>,
     pub ttft_ms: Option<Percentiles>,
     pub prompt_tokens: u64,
+    /// The part of `prompt_tokens` the upstream served from its prompt cache.
+    pub cached_prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cost_usd: f64,
+    /// What cache hits saved: the cost they would have had upstream.
+    pub cost_saved_usd: f64,
     /// Hits over lookups; `None` when the cache was never consulted.
     pub cache_hit_rate: Option<f64>,
     pub feedback_count: u64,
@@ -126,7 +131,12 @@ pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<Grou
                 ttft_ms: percentiles(rows.iter().filter_map(|r| r.ttft_ms).collect()),
                 prompt_tokens: rows.iter().map(|r| r.prompt_tokens.max(0) as u64).sum(),
                 completion_tokens: rows.iter().map(|r| r.completion_tokens.max(0) as u64).sum(),
-                cost_usd: rows.iter().filter_map(|r| r.cost_micros).sum::<i64>() as f64 / 1e6,
+                cached_prompt_tokens: rows
+                    .iter()
+                    .map(|r| r.cached_prompt_tokens.max(0) as u64)
+                    .sum(),
+                cost_usd: usd(rows.iter().filter_map(|r| r.cost_nanos)),
+                cost_saved_usd: usd(rows.iter().filter_map(|r| r.cost_saved_nanos)),
                 cache_hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
                 feedback_count: group_scores.len() as u64,
                 feedback_mean: (!group_scores.is_empty())
@@ -138,6 +148,11 @@ pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<Grou
             }
         })
         .collect()
+}
+
+/// Integer nano-dollars summed exactly (in 128 bits), then dollars.
+fn usd(nanos: impl Iterator<Item = i64>) -> f64 {
+    nanos.map(i128::from).sum::<i128>() as f64 / 1e9
 }
 
 /// A plain table for a terminal.
@@ -152,7 +167,7 @@ pub fn render_table(stats: &[GroupStats], by: GroupBy) -> String {
     };
     let _ = writeln!(
         out,
-        "{head:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
+        "{head:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>10} {:>7} {:>7} {:>8} {:>7}",
         "requests",
         "p50 ms",
         "p95 ms",
@@ -162,6 +177,7 @@ pub fn render_table(stats: &[GroupStats], by: GroupBy) -> String {
         "tokens in",
         "tokens out",
         "cost $",
+        "saved $",
         "api err",
         "bad out",
         "feedback",
@@ -171,7 +187,7 @@ pub fn render_table(stats: &[GroupStats], by: GroupBy) -> String {
     for s in stats {
         let _ = writeln!(
             out,
-            "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10.4} {:>6.1}% {:>6.1}% {:>8} {:>6.1}%",
+            "{:<24} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10.4} {:>10.4} {:>6.1}% {:>6.1}% {:>8} {:>6.1}%",
             truncate(&s.group, 24),
             s.requests,
             f(s.latency_ms.map(|p| p.p50)),
@@ -182,6 +198,7 @@ pub fn render_table(stats: &[GroupStats], by: GroupBy) -> String {
             s.prompt_tokens,
             s.completion_tokens,
             s.cost_usd,
+            s.cost_saved_usd,
             s.api_error_rate * 100.0,
             s.bad_output_rate * 100.0,
             s.feedback_mean
@@ -272,9 +289,69 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 4,
             cost_micros: Some(1500),
+            cost_nanos: Some(1_500_000),
+            cost_saved_nanos: None,
+            cached_prompt_tokens: 0,
             cache_status: None,
             regeneration_of: None,
         }
+    }
+
+    #[test]
+    fn cost_and_savings_sum_exactly_by_model_feature_user_and_hour() {
+        // 1.05 micro-dollars each: micro-dollar rounding per row would show $0.000004.
+        let mut rows: Vec<StatRow> = (0..4)
+            .map(|i| {
+                let mut r = row(
+                    &format!("r{i}"),
+                    if i < 3 { "m1" } else { "m2" },
+                    "ok",
+                    1.0,
+                    i,
+                );
+                r.cost_micros = Some(1);
+                r.cost_nanos = Some(1_050);
+                r.feature = Some(if i % 2 == 0 { "chat" } else { "search" }.into());
+                r.user = Some(format!("u{}", i % 3));
+                r.cached_prompt_tokens = 2;
+                r
+            })
+            .collect();
+        // A cache hit: cost 0, 0.000435 saved.
+        rows[1].cost_nanos = Some(0);
+        rows[1].cost_micros = Some(0);
+        rows[1].cost_saved_nanos = Some(435_000);
+        let all = &compute(&rows, &[], GroupBy::None)[0];
+        assert_eq!(all.cost_usd, 3_150.0 / 1e9);
+        assert_eq!(all.cost_saved_usd, 435_000.0 / 1e9);
+        assert_eq!(all.cached_prompt_tokens, 8);
+        let by = |g| {
+            compute(&rows, &[], g)
+                .into_iter()
+                .map(|s| (s.group, s.cost_usd, s.cost_saved_usd))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            by(GroupBy::Model),
+            [
+                ("m1".to_string(), 2_100.0 / 1e9, 435_000.0 / 1e9),
+                ("m2".to_string(), 1_050.0 / 1e9, 0.0)
+            ]
+        );
+        assert_eq!(
+            by(GroupBy::Feature),
+            [
+                ("chat".to_string(), 2_100.0 / 1e9, 0.0),
+                ("search".to_string(), 1_050.0 / 1e9, 435_000.0 / 1e9)
+            ]
+        );
+        assert_eq!(by(GroupBy::User)[0], ("u0".to_string(), 2_100.0 / 1e9, 0.0));
+        assert_eq!(
+            by(GroupBy::Hour)[1],
+            ("01:00".to_string(), 0.0, 435_000.0 / 1e9)
+        );
+        let table = render_table(&compute(&rows, &[], GroupBy::Model), GroupBy::Model);
+        assert!(table.contains("saved $"), "{table}");
     }
 
     #[test]

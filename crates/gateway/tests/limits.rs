@@ -543,3 +543,195 @@ async fn embeddings_are_charged_their_tokens() {
         "{statuses:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_provider_capacity_sheds_free_before_paid() {
+    let mut h = harness(
+        r#"
+        [server]
+        master_key = "m"
+        [limits]
+        default_tier = "free"
+        queue_max = 10
+        queue_max_wait = "1500ms"
+        [[tiers]]
+        name = "free"
+        [[tiers]]
+        name = "paid"
+        priority = 10
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "scarce"
+        provider = "sim"
+        upstream = "gpt-4o-mini"
+        requests_per_minute = 600
+        "#,
+    )
+    .await;
+    let body = json!({"model": "scarce", "messages": [{"role": "user", "content": "hi"}]});
+    let fire = |tier: &'static str| {
+        let app = h.app.clone();
+        let body = body.clone();
+        tokio::spawn(async move {
+            let r = app
+                .oneshot(
+                    Request::post("/v1/chat/completions")
+                        .header("content-type", "application/json")
+                        .header("authorization", "Bearer m")
+                        .header("x-sluice-tier", tier)
+                        .body(Body::from(body.to_string()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (tier, r.status(), r.headers().get("retry-after").is_some())
+        })
+    };
+    // Use up the burst (ten seconds' worth: 100) so the queue decides from here on.
+    let burst: Vec<_> = (0..100).map(|_| fire("paid")).collect();
+    for t in burst {
+        t.await.unwrap();
+    }
+    while h.records.try_recv().is_ok() {}
+    // Free traffic first, then paid: paid still goes ahead.
+    let mut tasks: Vec<_> = (0..20).map(|_| fire("free")).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tasks.extend((0..10).map(|_| fire("paid")));
+    let (mut paid_ok, mut free_ok, mut free_shed, mut paid_shed) = (0, 0, 0, 0);
+    for t in tasks {
+        let (tier, status, retry_after) = t.await.unwrap();
+        match (tier, status) {
+            ("paid", StatusCode::OK) => paid_ok += 1,
+            ("free", StatusCode::OK) => free_ok += 1,
+            (t, StatusCode::TOO_MANY_REQUESTS) => {
+                assert!(retry_after, "a shed request says when to come back");
+                if t == "paid" {
+                    paid_shed += 1
+                } else {
+                    free_shed += 1
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        (paid_ok, paid_shed),
+        (10, 0),
+        "every paid request completes"
+    );
+    assert!(
+        free_shed >= 10,
+        "free traffic is shed: {free_ok} ok, {free_shed} shed"
+    );
+    assert!(free_ok < paid_ok, "free {free_ok} ok vs paid {paid_ok}");
+    // The shed ones are recorded as rate limited by capacity.
+    let mut capacity_records = 0;
+    while let Ok(r) = h.records.try_recv() {
+        if r.limited_by.as_deref() == Some("capacity") {
+            assert_eq!(r.outcome, Outcome::RateLimited);
+            assert_eq!(r.error_code.as_deref(), Some("capacity_exceeded"));
+            capacity_records += 1;
+        }
+    }
+    assert!(
+        capacity_records >= free_shed,
+        "{capacity_records} records for {free_shed} shed"
+    );
+}
+
+#[tokio::test]
+async fn admins_see_and_lift_penalties() {
+    let mut h = harness(&format!(
+        r#"
+        [server]
+        master_key = "m"
+        [limits.abuse]
+        window = "1m"
+        period = "1h"
+        action = "block"
+        rejected_inputs = 1
+        {SIM}"#
+    ))
+    .await;
+    let auth = ("authorization", "Bearer m");
+    let empty = json!({"model": "gpt-4o-mini", "user": "zed", "messages": [{"role": "user", "content": ""}]});
+    assert_eq!(
+        h.send("/v1/chat/completions", empty, &[auth]).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let ok = json!({"model": "gpt-4o-mini", "user": "zed", "messages": [{"role": "user", "content": "hi"}]});
+    loop {
+        let r = h.send("/v1/chat/completions", ok.clone(), &[auth]).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = |method: &str, path: &str, key: Option<&str>| {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let r = h
+        .app
+        .clone()
+        .oneshot(admin("GET", "/admin/penalties", None))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = h
+        .app
+        .clone()
+        .oneshot(admin("GET", "/admin/penalties", Some("m")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = serde_json::from_slice(
+        &axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let list = v["data"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["penalty"], "block");
+    assert!(list[0]["remaining_ms"].as_u64().unwrap() > 3_000_000);
+    let key = list[0]["key"].as_str().unwrap().to_string();
+    assert!(key.contains("zed"), "{key}");
+    let uri = format!("/admin/penalties/{}", urlencode(&key));
+    let r = h
+        .app
+        .clone()
+        .oneshot(admin("DELETE", &uri, Some("m")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = h
+        .app
+        .clone()
+        .oneshot(admin("DELETE", &uri, Some("m")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "lifting twice is a 404");
+    assert_eq!(
+        h.send("/v1/chat/completions", ok, &[auth]).await.status,
+        StatusCode::OK,
+        "the user may ask again"
+    );
+}
+
+/// Percent-encode everything but unreserved characters, for a path segment.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

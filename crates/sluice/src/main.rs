@@ -31,8 +31,8 @@ enum Command {
     },
     /// Run the simulated OpenAI/Anthropic upstream.
     Mock(sluice_sim::MockArgs),
-    /// Latency percentiles, tokens, cost, error rates, cache, feedback and regeneration
-    /// rate, from the request log.
+    /// Latency percentiles, tokens, cost and what cache hits saved, error rates, cache,
+    /// feedback and regeneration rate, from the request log.
     Stats {
         /// The gateway's config (for `[storage]`); without it, ./sluice.db.
         #[arg(long, short, env = "SLUICE_CONFIG")]

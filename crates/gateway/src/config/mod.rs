@@ -24,6 +24,9 @@ use crate::limits::config::{RawLimits, RawRedis, RawTier};
 use crate::providers::Timeouts;
 pub use crate::store::StorageTarget;
 use crate::telemetry::RecorderConfig;
+pub use crate::usage::BudgetsConfig;
+use crate::usage::RawBudgets;
+use crate::usage::prices::{Prices, RawPrices};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8484";
 const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
@@ -41,6 +44,8 @@ pub struct Config {
     pub guard: GuardConfig,
     /// Tiers, rate limits, Redis, abuse handling.
     pub limits: LimitsConfig,
+    /// Spend limits and their alerts; no rules = off.
+    pub budgets: BudgetsConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -141,6 +146,8 @@ pub struct ModelConfig {
     /// the upstream announces or its 429s teach.
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    /// Overrides the shipped price table (see [`crate::usage::prices`]).
+    pub prices: Option<Prices>,
 }
 
 impl ModelConfig {
@@ -309,6 +316,7 @@ struct RawModel {
     template_fallback: Option<String>,
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u32>,
+    prices: Option<RawPrices>,
 }
 
 #[derive(Deserialize, Default)]
@@ -427,13 +435,20 @@ impl Config {
             .and_then(|v| problems.take("limits", v))
             .unwrap_or_default();
         let redis: Option<RawRedis> = section("redis").and_then(|v| problems.take("redis", v));
+        let budgets: RawBudgets = section("budgets")
+            .and_then(|v| problems.take("budgets", v))
+            .unwrap_or_default();
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets)",
             );
         }
         let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
+            problems.push(path, message)
+        });
+        let tier_names: Vec<String> = limits.tiers.iter().map(|t| t.name.clone()).collect();
+        let budgets = crate::usage::budgets::build(budgets, &tier_names, &mut |path, message| {
             problems.push(path, message)
         });
 
@@ -446,6 +461,7 @@ impl Config {
             storage,
             guard,
             limits,
+            budgets,
             env,
             source,
             &mut problems,
@@ -477,6 +493,7 @@ impl Config {
             template_fallback: None,
             requests_per_minute: None,
             tokens_per_minute: None,
+            prices: None,
         };
         let openai = env.var("OPENAI_API_KEY").is_some() || env.var("OPENAI_BASE_URL").is_some();
         let anthropic =
@@ -534,6 +551,7 @@ impl Config {
             RawStorage::default(),
             RawGuard::default(),
             LimitsConfig::default(),
+            BudgetsConfig::default(),
             env,
             ConfigSource::Embedded { simulated },
             &mut problems,
@@ -637,6 +655,7 @@ fn build(
     storage: RawStorage,
     guard: RawGuard,
     limits: LimitsConfig,
+    budgets: BudgetsConfig,
     env: &dyn Env,
     source: ConfigSource,
     problems: &mut Problems,
@@ -793,6 +812,13 @@ fn build(
                     ModelKind::Chat
                 }
             });
+            let prices = m.prices.as_ref().map(|p| {
+                p.build(
+                    kind == ModelKind::Embeddings,
+                    &format!("{path}.prices"),
+                    &mut |path, message| problems.push(path, message),
+                )
+            });
             ModelConfig {
                 timeouts: Timeouts {
                     first_byte: m.first_byte_timeout.unwrap_or(DEFAULT_FIRST_BYTE),
@@ -807,6 +833,7 @@ fn build(
                 template_fallback: m.template_fallback,
                 requests_per_minute: m.requests_per_minute,
                 tokens_per_minute: m.tokens_per_minute,
+                prices,
             }
         })
         .collect();
@@ -830,6 +857,10 @@ fn build(
         }
     }
 
+    crate::usage::budgets::check_models(&budgets, &models, &mut |path, message| {
+        problems.push(path, message)
+    });
+
     let storage = build_storage(storage, problems);
     let guard =
         crate::guard::config::build(guard, &mut |path, message| problems.push(path, message));
@@ -838,6 +869,7 @@ fn build(
         storage,
         guard,
         limits,
+        budgets,
         server: ServerConfig {
             listen,
             master_key,

@@ -58,6 +58,8 @@ const DECREASE_HOLDOFF: Duration = Duration::from_secs(1);
 /// A learned rate is dropped after this long without a 429 (at full factor), so the
 /// gateway finds out when the upstream allows more again.
 const LEARNED_TTL: Duration = Duration::from_secs(60);
+/// Successes in the last minute needed before a 429 teaches a rate.
+const MIN_LEARNING_SAMPLE: f64 = 10.0;
 /// Clients are never told to come back sooner than this.
 const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -194,8 +196,13 @@ impl Capacity {
             st.last_decrease = Some(now);
             if st.requests.base().is_none() && st.tokens.base().is_none() {
                 // Nothing configured or announced: what got through lately is the
-                // best guess of what the upstream allows.
-                st.requests.learned = Some(st.successes.per_minute(now).max(1.0));
+                // best guess of what the upstream allows. With too little traffic to
+                // tell (a 429 at start-up), guessing would throttle everyone to a
+                // trickle for a minute; the retry-after pause alone applies then.
+                let seen = st.successes.per_minute(now);
+                if seen >= MIN_LEARNING_SAMPLE {
+                    st.requests.learned = Some(seen);
+                }
             }
             st.factor = (st.factor * DECREASE).max(MIN_FACTOR);
             st.apply_rates(now);
@@ -1180,6 +1187,19 @@ mod tests {
         // Then 30 a minute (halved), from an empty bucket: every 2 s.
         c.admit(0, 1, far()).await.unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_with_no_traffic_to_learn_from_only_pauses() {
+        let c = capacity(None, None);
+        c.on_rate_limited(Some(Duration::from_secs(7)));
+        let start = Instant::now();
+        c.admit(0, 1, far()).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+        // No rate was invented: the next ones go at once.
+        for _ in 0..50 {
+            assert_eq!(now_or_never(&c, 0, 1), Some(Ok(())));
+        }
     }
 
     #[tokio::test(start_paused = true)]

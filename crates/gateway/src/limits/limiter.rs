@@ -467,6 +467,14 @@ impl Limiter {
         }
     }
 
+    /// Lift a penalty early (admin); `false` when none was in force.
+    pub async fn lift_penalty(&self, key: &str) -> Result<bool, ApiError> {
+        self.current_backend()
+            .clear_penalty(key)
+            .await
+            .map_err(|_| ApiError::LimitsUnavailable)
+    }
+
     /// Penalties in force (admin).
     pub async fn penalties(&self) -> Result<Vec<super::backend::ActivePenalty>, ApiError> {
         self.current_backend()

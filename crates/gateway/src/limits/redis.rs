@@ -1,8 +1,8 @@
 //! The Redis limit store: exact limits shared by every gateway instance. Each check,
 //! adjustment and abuse signal is one call of one Lua script (`limits_v1.lua`) that reads
 //! Redis's clock, so the read-modify-write is atomic across instances and immune to
-//! their clock skew. The connection is a [`ConnectionManager`], which reconnects by
-//! itself; every call is bounded by the configured timeout and fails as
+//! their clock skew. The connection is a [`RedisConn`], which reconnects by itself;
+//! every call is bounded by the configured timeout and fails as
 //! [`BackendError::Unavailable`], so the limiter can fall back or refuse.
 //!
 //! Keys: `{prefix}rl:v1:{kind}:{logical key}`, where `v1` is the script's version and
@@ -35,15 +35,14 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult, Script, Value};
-use secrecy::{ExposeSecret, SecretString};
+use redis::{RedisResult, Script, Value};
 
 use super::backend::{
     ActivePenalty, Backend, BackendError, Bucket, BucketState, Check, Lease, Signal, Verdict,
 };
 use super::config::RedisConfig;
 use super::gcra;
+use crate::redis_conn::{RedisConn, glob_escape};
 
 /// The script's name and version; the version is also in every key it writes.
 pub const SCRIPT_NAME: &str = "limits_v1";
@@ -59,11 +58,6 @@ const LEASE_RETRY: Duration = Duration::from_secs(1);
 
 /// Keys per SCAN round trip when listing penalties.
 const SCAN_COUNT: usize = 500;
-
-/// Reconnection backoff: a quick first retry, and at most a second between attempts so
-/// the store is back soon after Redis is.
-const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// The four kinds of state, each under its own key segment.
 #[derive(Clone, Copy)]
@@ -86,21 +80,17 @@ impl Kind {
 }
 
 pub struct RedisBackend {
-    con: ConnectionManager,
+    conn: RedisConn,
     script: Script,
     /// `{prefix}rl:v1:`
     base: String,
-    timeout: Duration,
-    /// Scrubbed from every error message.
-    password: Option<SecretString>,
 }
 
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The connection's own Debug would show the URL with its password.
         f.debug_struct("RedisBackend")
             .field("keys", &self.base)
-            .field("timeout", &self.timeout)
+            .field("conn", &self.conn)
             .finish_non_exhaustive()
     }
 }
@@ -124,60 +114,11 @@ impl RedisBackend {
     /// [`BackendError::Unavailable`] within `config.timeout`. Fails only for a URL that
     /// does not parse, or outside a Tokio runtime.
     pub fn new(config: &RedisConfig) -> Result<RedisBackend, BackendError> {
-        let info = config
-            .url
-            .expose_secret()
-            .into_connection_info()
-            .map_err(|e| {
-                // The URL is not shown: it may hold a password.
-                let hint = if config.url.expose_secret().starts_with("rediss://") {
-                    ": rediss:// needs TLS, which this build does not include"
-                } else {
-                    ""
-                };
-                BackendError::Unavailable(format!(
-                    "the [redis] url is not valid ({:?}){hint}",
-                    e.kind()
-                ))
-            })?;
-        let password = info
-            .redis_settings()
-            .password()
-            .filter(|p| !p.is_empty())
-            .map(SecretString::from);
-        let scrubbed = |e: redis::RedisError| scrub(e.to_string(), password.as_ref());
-        let client = redis::Client::open(info)
-            .map_err(|e| BackendError::Unavailable(format!("redis client: {}", scrubbed(e))))?;
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(BackendError::Unavailable(
-                "the Redis store must be created inside a Tokio runtime".into(),
-            ));
-        }
-        let manager_config = ConnectionManagerConfig::new()
-            .set_min_delay(RECONNECT_MIN_DELAY)
-            .set_max_delay(RECONNECT_MAX_DELAY)
-            .set_response_timeout(Some(config.timeout));
-        let con = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| BackendError::Unavailable(format!("redis connection: {}", scrubbed(e))))?;
-        // Connect now rather than on the first request; a failure here only means the
-        // manager tries again when the next command needs it.
-        let mut first = con.clone();
-        let scrub_password = password.clone();
-        tokio::spawn(async move {
-            match redis::cmd("PING").query_async::<()>(&mut first).await {
-                Ok(()) => tracing::debug!("connected to the Redis limit store"),
-                Err(e) => tracing::warn!(
-                    error = %scrub(e.to_string(), scrub_password.as_ref()),
-                    "the Redis limit store is not reachable yet; retrying in the background"
-                ),
-            }
-        });
+        let conn = RedisConn::connect(config, "limit store").map_err(BackendError::Unavailable)?;
         Ok(RedisBackend {
-            con,
+            conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}rl:{SCRIPT_VERSION}:", config.prefix),
-            timeout: config.timeout,
-            password,
         })
     }
 
@@ -197,24 +138,10 @@ impl RedisBackend {
         what: &str,
         call: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, BackendError> {
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(BackendError::Unavailable(format!(
-                "redis {what}: {}",
-                scrub(e.to_string(), self.password.as_ref())
-            ))),
-            Err(_) => Err(BackendError::Unavailable(format!(
-                "redis {what}: no answer within {:?}",
-                self.timeout
-            ))),
-        }
-    }
-}
-
-fn scrub(message: String, password: Option<&SecretString>) -> String {
-    match password {
-        Some(p) if message.contains(p.expose_secret()) => message.replace(p.expose_secret(), "***"),
-        _ => message,
+        self.conn
+            .within(what, call)
+            .await
+            .map_err(BackendError::Unavailable)
     }
 }
 
@@ -304,18 +231,6 @@ fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
     }
 }
 
-/// `*`, `?`, `[`, `]` and `\` in the configured prefix taken literally by SCAN MATCH.
-fn glob_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(ch);
-    }
-    out
-}
-
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
@@ -350,7 +265,7 @@ impl Backend for RedisBackend {
                 .arg(span_us(l.ttl))
                 .arg(&l.id);
         }
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         let reply: Value = self.within("check", call.invoke_async(&mut con)).await?;
         verdict(&reply, check)
     }
@@ -366,7 +281,7 @@ impl Backend for RedisBackend {
             .arg(if delta > 0 { "+" } else { "-" })
             .arg(inc)
             .key(self.key(Kind::Bucket, &bucket.key));
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         self.within("adjust", call.invoke_async::<()>(&mut con))
             .await
     }
@@ -374,7 +289,7 @@ impl Backend for RedisBackend {
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         self.within("release", cmd.query_async::<()>(&mut con))
             .await
     }
@@ -388,7 +303,7 @@ impl Backend for RedisBackend {
             .arg(ms(signal.period))
             .key(self.key(Kind::Counter, &signal.counter_key))
             .key(self.key(Kind::Penalty, &signal.penalty_key));
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         let started: i64 = self.within("signal", call.invoke_async(&mut con)).await?;
         Ok(started == 1)
     }
@@ -396,7 +311,7 @@ impl Backend for RedisBackend {
     async fn penalties(&self) -> Result<Vec<ActivePenalty>, BackendError> {
         let base = self.key(Kind::Penalty, "");
         let pattern = format!("{}*", glob_escape(&base));
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         let mut cursor = 0u64;
@@ -446,7 +361,7 @@ impl Backend for RedisBackend {
     async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError> {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(self.key(Kind::Penalty, key));
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         let removed: i64 = self
             .within("clear_penalty", cmd.query_async(&mut con))
             .await?;
@@ -454,7 +369,7 @@ impl Backend for RedisBackend {
     }
 
     async fn ping(&self) -> Result<(), BackendError> {
-        let mut con = self.con.clone();
+        let mut con = self.conn.handle();
         self.within("ping", redis::cmd("PING").query_async::<()>(&mut con))
             .await
     }
@@ -464,6 +379,7 @@ impl Backend for RedisBackend {
 mod tests {
     use super::*;
     use crate::limits::backend::{Charge, Unit};
+    use secrecy::SecretString;
 
     fn charge(limit: u64, period: Duration, cost: u64) -> Charge {
         Charge {
@@ -559,14 +475,5 @@ mod tests {
                 Ok(b) => panic!("{url} accepted: {b:?}"),
             }
         }
-    }
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        let pw = SecretString::from("hunter2");
-        assert_eq!(
-            scrub("auth hunter2 failed".into(), Some(&pw)),
-            "auth *** failed"
-        );
     }
 }

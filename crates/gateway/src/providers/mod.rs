@@ -84,6 +84,9 @@ pub enum ErrorClass {
     ContentFilter,
     /// The upstream answered something the gateway could not read.
     InvalidResponse,
+    /// The gateway's own provider capacity for this model ran short and the request was
+    /// shed from the queue (another model in the chain may still take it).
+    CapacityExceeded,
 }
 
 impl ErrorClass {
@@ -99,7 +102,8 @@ impl ErrorClass {
             | ErrorClass::Auth
             | ErrorClass::NotFound
             | ErrorClass::ContentFilter
-            | ErrorClass::InvalidResponse => false,
+            | ErrorClass::InvalidResponse
+            | ErrorClass::CapacityExceeded => false,
         }
     }
 
@@ -115,7 +119,8 @@ impl ErrorClass {
             | ErrorClass::Connection
             | ErrorClass::Auth
             | ErrorClass::NotFound
-            | ErrorClass::InvalidResponse => true,
+            | ErrorClass::InvalidResponse
+            | ErrorClass::CapacityExceeded => true,
         }
     }
 
@@ -131,6 +136,7 @@ impl ErrorClass {
             ErrorClass::NotFound => "not_found",
             ErrorClass::ContentFilter => "content_filter",
             ErrorClass::InvalidResponse => "invalid_response",
+            ErrorClass::CapacityExceeded => "capacity_exceeded",
         }
     }
 }

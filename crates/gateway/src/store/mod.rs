@@ -5,6 +5,7 @@
 
 mod keys;
 mod redact;
+mod spend;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -19,6 +20,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, key_hint};
 pub use redact::redact_secrets;
+pub use spend::{SpendFilter, SpendGroup, SpendRow};
 
 use crate::telemetry::{RecordSink, RequestRecord};
 
@@ -68,6 +70,10 @@ pub struct StatRow {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     pub cost_micros: Option<i64>,
+    /// The exact cost; from `cost_micros` for rows written before it was recorded.
+    pub cost_nanos: Option<i64>,
+    pub cost_saved_nanos: Option<i64>,
+    pub cached_prompt_tokens: i64,
     pub cache_status: Option<String>,
     pub regeneration_of: Option<String>,
 }
@@ -82,7 +88,7 @@ pub struct Feedback {
     pub created_at_ms: i64,
 }
 
-const COLUMNS: [&str; 40] = [
+const COLUMNS: [&str; 43] = [
     "request_id",
     "started_at_ms",
     "endpoint",
@@ -123,6 +129,9 @@ const COLUMNS: [&str; 40] = [
     "output_check",
     "owner",
     "limited_by",
+    "cost_nanos",
+    "cost_saved_nanos",
+    "cached_prompt_tokens",
 ];
 
 impl Store {
@@ -222,6 +231,9 @@ impl Store {
                 .bind(r.output_check.clone())
                 .bind(r.owner.clone())
                 .bind(r.limited_by.clone())
+                .bind(r.cost_nanos)
+                .bind(r.cost_saved_nanos)
+                .bind(i64::from(r.cached_prompt_tokens))
                 .execute(&mut *tx)
                 .await?;
         }
@@ -257,7 +269,9 @@ impl Store {
     pub async fn stat_rows(&self, since_ms: i64) -> Result<Vec<StatRow>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT request_id, started_at_ms, key_id, user_id, feature, COALESCE(model, model_requested) AS model, \
-             outcome, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_micros, cache_status, regeneration_of \
+             outcome, latency_ms, ttft_ms, prompt_tokens, completion_tokens, cost_micros, \
+             COALESCE(cost_nanos, cost_micros * 1000) AS cost_nanos, cost_saved_nanos, cached_prompt_tokens, \
+             cache_status, regeneration_of \
              FROM requests WHERE started_at_ms >= $1 ORDER BY started_at_ms",
         )
         .bind(since_ms)
@@ -278,6 +292,9 @@ impl Store {
                     prompt_tokens: r.try_get("prompt_tokens")?,
                     completion_tokens: r.try_get("completion_tokens")?,
                     cost_micros: r.try_get("cost_micros")?,
+                    cost_nanos: r.try_get("cost_nanos")?,
+                    cost_saved_nanos: r.try_get("cost_saved_nanos")?,
+                    cached_prompt_tokens: r.try_get("cached_prompt_tokens")?,
                     cache_status: r.try_get("cache_status")?,
                     regeneration_of: r.try_get("regeneration_of")?,
                 })

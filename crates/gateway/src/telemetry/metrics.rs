@@ -115,6 +115,28 @@ impl Metrics {
         });
     }
 
+    /// A budget threshold crossed (once per counter and period, across instances).
+    pub fn budget_alert(&self, budget: &str, threshold: &str) {
+        self.with(|| {
+            counter!("sluice_budget_alerts_total", "budget" => label(budget), "threshold" => label(threshold)).increment(1);
+        });
+    }
+
+    /// A budget alert's webhook POST that failed after its retries.
+    pub fn budget_webhook_failed(&self, budget: &str) {
+        self.with(|| {
+            counter!("sluice_budget_webhook_failures_total", "budget" => label(budget))
+                .increment(1);
+        });
+    }
+
+    /// A budget check or charge the counter store could not serve (`op`: check, charge).
+    pub fn budget_counter_error(&self, op: &'static str) {
+        self.with(|| {
+            counter!("sluice_budget_counter_errors_total", "op" => op).increment(1);
+        });
+    }
+
     /// The Prometheus text exposition, with the recorder's live gauges.
     pub fn render(
         &self,
@@ -206,6 +228,18 @@ fn describe() {
     );
     describe_counter!("sluice_feedback_total", "Feedback received.");
     describe_histogram!("sluice_feedback_score", "Feedback scores, -1 to 1.");
+    describe_counter!(
+        "sluice_budget_alerts_total",
+        "Budget alert thresholds crossed, by budget and threshold (a share of the limit)."
+    );
+    describe_counter!(
+        "sluice_budget_webhook_failures_total",
+        "Budget alerts whose webhook POST failed after its retries."
+    );
+    describe_counter!(
+        "sluice_budget_counter_errors_total",
+        "Budget checks and charges the counter store (Redis, or the request log it starts from) could not serve."
+    );
     describe_gauge!(
         "sluice_record_queue_depth",
         "Request records waiting to be written."

@@ -134,8 +134,18 @@ pub struct RequestRecord {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub tokens_estimated: bool,
-    /// Integer micro-dollars; absent until the request is priced.
+    /// Prompt tokens the upstream served from its prompt cache (part of `prompt_tokens`).
+    pub cached_prompt_tokens: u32,
+    /// Integer micro-dollars, rounded half up from `cost_nanos`; absent until the
+    /// request is priced (and for models without a known price).
     pub cost_micros: Option<i64>,
+    /// The exact cost in integer nano-dollars: what sums, stats and budgets use, since
+    /// rounding each request to micro-dollars would lose up to half a micro-dollar a
+    /// request (see `usage::prices`).
+    pub cost_nanos: Option<i64>,
+    /// What a cache hit saved: the cost the request would have had upstream, in
+    /// nano-dollars.
+    pub cost_saved_nanos: Option<i64>,
     pub latency_ms: f64,
     pub ttft_ms: Option<f64>,
     /// Time spent waiting on upstream calls (all attempts).

@@ -1,0 +1,157 @@
+//! The Redis connection every shared store uses (rate limits, budget counters): a
+//! [`ConnectionManager`] made lazily, so a gateway starts whether or not Redis is up, that
+//! reconnects by itself; every call bounded by the `[redis]` timeout; and the URL's
+//! password never in a message, a log line or a `Debug`.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{IntoConnectionInfo, RedisResult};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::limits::config::RedisConfig;
+
+/// Reconnection backoff: a quick first retry, and at most a second between attempts so
+/// a store is back soon after Redis is.
+const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(50);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+
+/// One lazily made, self-healing connection, cheap to clone.
+#[derive(Clone)]
+pub struct RedisConn {
+    con: ConnectionManager,
+    timeout: Duration,
+    /// Scrubbed from every error message.
+    password: Option<SecretString>,
+}
+
+impl fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection's own Debug would show the URL with its password.
+        f.debug_struct("RedisConn")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisConn {
+    /// A connection for `config`, for the store named `what` (in log lines). Never
+    /// waits for Redis: the connection is made in the background and remade whenever it
+    /// drops. Fails only for a URL that does not parse, or outside a Tokio runtime; the
+    /// message never shows the URL.
+    pub fn connect(config: &RedisConfig, what: &'static str) -> Result<RedisConn, String> {
+        let info = config
+            .url
+            .expose_secret()
+            .into_connection_info()
+            .map_err(|e| {
+                // The URL is not shown: it may hold a password.
+                let hint = if config.url.expose_secret().starts_with("rediss://") {
+                    ": rediss:// needs TLS, which this build does not include"
+                } else {
+                    ""
+                };
+                format!("the [redis] url is not valid ({:?}){hint}", e.kind())
+            })?;
+        let password = info
+            .redis_settings()
+            .password()
+            .filter(|p| !p.is_empty())
+            .map(SecretString::from);
+        let scrubbed = |e: redis::RedisError| scrub(e.to_string(), password.as_ref());
+        let client =
+            redis::Client::open(info).map_err(|e| format!("redis client: {}", scrubbed(e)))?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(format!(
+                "the Redis {what} must be created inside a Tokio runtime"
+            ));
+        }
+        let manager_config = ConnectionManagerConfig::new()
+            .set_min_delay(RECONNECT_MIN_DELAY)
+            .set_max_delay(RECONNECT_MAX_DELAY)
+            .set_response_timeout(Some(config.timeout));
+        let con = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| format!("redis connection: {}", scrubbed(e)))?;
+        // Connect now rather than on the first request; a failure here only means the
+        // manager tries again when the next command needs it.
+        let mut first = con.clone();
+        let scrub_password = password.clone();
+        tokio::spawn(async move {
+            match redis::cmd("PING").query_async::<()>(&mut first).await {
+                Ok(()) => tracing::debug!("connected to the Redis {what}"),
+                Err(e) => tracing::warn!(
+                    error = %scrub(e.to_string(), scrub_password.as_ref()),
+                    "the Redis {what} is not reachable yet; retrying in the background"
+                ),
+            }
+        });
+        Ok(RedisConn {
+            con,
+            timeout: config.timeout,
+            password,
+        })
+    }
+
+    /// A handle for one call (clones share the connection).
+    pub fn handle(&self) -> ConnectionManager {
+        self.con.clone()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Run one round trip within the timeout; a failure is a message naming `what`,
+    /// password scrubbed.
+    pub async fn within<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, String> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!(
+                "redis {what}: {}",
+                scrub(e.to_string(), self.password.as_ref())
+            )),
+            Err(_) => Err(format!("redis {what}: no answer within {:?}", self.timeout)),
+        }
+    }
+}
+
+/// `message` with the password, when it shows up, replaced by `***`.
+pub fn scrub(message: String, password: Option<&SecretString>) -> String {
+    match password {
+        Some(p) if message.contains(p.expose_secret()) => message.replace(p.expose_secret(), "***"),
+        _ => message,
+    }
+}
+
+/// `*`, `?`, `[`, `]` and `\` in the configured prefix taken literally by SCAN MATCH.
+pub fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let pw = SecretString::from("hunter2");
+        assert_eq!(
+            scrub("auth hunter2 failed".into(), Some(&pw)),
+            "auth *** failed"
+        );
+        assert_eq!(scrub("fine".into(), None), "fine");
+    }
+}

@@ -1,0 +1,645 @@
+//! Budget counters: how much each budget counter has spent this period, in integer
+//! nano-dollars. [`MemoryLedger`] serves one instance; [`RedisLedger`] serves several,
+//! each charge one atomic script (`budgets_v1.lua`).
+//!
+//! Durable: a counter a process has not touched yet (or one Redis does not hold) starts
+//! from the request log's sum for its period ([`SpendSource`]), so a restart, or a
+//! flushed Redis, loses nothing. That happens at a counter's first check, before the
+//! request is sent upstream; a counter first met by a charge (Redis lost it mid-request)
+//! may count that request twice if its record reached the log first, an error of one
+//! request. A failed initialisation is not papered over with zero: the counter stays
+//! unknown and the next touch tries again.
+//!
+//! Thresholds fire exactly once per counter and period: a charge reports the thresholds
+//! it crossed (spend before < threshold <= spend after), computed atomically with the
+//! addition (an atomic add here, the script in Redis), so of any number of concurrent
+//! charges on any number of instances, exactly one crosses each threshold. A counter
+//! initialised above a threshold (after a restart) does not fire it again.
+//!
+//! Without Redis, each instance counts its own charges on top of the log's sum at first
+//! touch: exact for one instance; several instances sharing budgets need Redis.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use dashmap::DashMap;
+use redis::{Script, Value};
+
+use crate::limits::config::RedisConfig;
+use crate::redis_conn::{RedisConn, glob_escape};
+use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
+
+/// The script's version; also in every key it writes.
+pub const SCRIPT_NAME: &str = "budgets_v1";
+const SCRIPT_VERSION: &str = "v1";
+const SCRIPT_SOURCE: &str = include_str!("budgets_v1.lua");
+
+/// How long a counter outlives its period: long enough for `/admin/budgets` and late
+/// charges of requests that started before the period ended.
+pub const GRACE_MS: i64 = 86_400_000;
+
+/// Keys per SCAN round trip when listing counters.
+const SCAN_COUNT: usize = 500;
+
+/// One counter: one budget rule's spend for one period and one scope value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    /// `{rule}:{period label}:{scope}:{value}`: unique per counter, the tail of its
+    /// Redis key. Holds end-user ids: it reaches Redis only as a key, never in a script.
+    pub key: String,
+    pub limit: i64,
+    /// The spend at which each alert threshold is reached, ascending.
+    pub thresholds: Vec<i64>,
+    /// When the counter may be forgotten (its period's end plus [`GRACE_MS`]).
+    pub expires_at_ms: i64,
+    /// The requests of the log this counter counts, to start it from.
+    pub filter: SpendFilter,
+}
+
+/// A counter's state before a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spend {
+    pub spent: i64,
+    pub limit: i64,
+}
+
+impl Spend {
+    pub fn exhausted(&self) -> bool {
+        self.spent >= self.limit
+    }
+}
+
+/// A threshold that one charge crossed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crossing {
+    /// Index of the counter in the charged slice.
+    pub counter: usize,
+    /// Index of the threshold in that counter's `thresholds`.
+    pub threshold: usize,
+    /// The counter's spend after the charge.
+    pub spent: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// The counter store (Redis) did not answer.
+    #[error("budget counters unavailable: {0}")]
+    Unavailable(String),
+    /// A counter could not be started from the request log.
+    #[error("budget counters could not be read from the request log: {0}")]
+    Source(String),
+}
+
+/// Where counters start from: the request log.
+#[async_trait]
+pub trait SpendSource: Send + Sync + 'static {
+    async fn spend(&self, filter: &SpendFilter) -> Result<i64, String>;
+    async fn spend_by(
+        &self,
+        filter: &SpendFilter,
+        group: SpendGroup,
+        limit: usize,
+    ) -> Result<Vec<SpendRow>, String>;
+}
+
+#[async_trait]
+impl SpendSource for Store {
+    async fn spend(&self, filter: &SpendFilter) -> Result<i64, String> {
+        Store::spend(self, filter).await.map_err(|e| e.to_string())
+    }
+
+    async fn spend_by(
+        &self,
+        filter: &SpendFilter,
+        group: SpendGroup,
+        limit: usize,
+    ) -> Result<Vec<SpendRow>, String> {
+        Store::spend_by(self, filter, group, limit)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A counter store.
+#[async_trait]
+pub trait BudgetLedger: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// Each counter's spend and limit, starting unknown counters from the log.
+    async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError>;
+
+    /// Add `nanos` (> 0) to every counter; the thresholds this charge crossed.
+    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError>;
+
+    /// The live counters whose key starts with `prefix`, with their spend (for
+    /// `/admin/budgets`; in no particular order).
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError>;
+}
+
+/// The thresholds of `counter` that a move from `old` to `new` crossed.
+fn crossed(counter: &Counter, old: i64, new: i64) -> impl Iterator<Item = usize> + '_ {
+    counter
+        .thresholds
+        .iter()
+        .enumerate()
+        .filter(move |(_, t)| old < **t && **t <= new)
+        .map(|(j, _)| j)
+}
+
+// ---- one instance ----
+
+/// Counters in this process.
+pub struct MemoryLedger {
+    source: Arc<dyn SpendSource>,
+    slots: DashMap<String, Arc<Slot>>,
+    /// Slots made, to sweep expired ones now and then.
+    made: AtomicU64,
+}
+
+struct Slot {
+    spent: AtomicI64,
+    /// Set once the spend was read from the log; charges wait for it.
+    ready: tokio::sync::OnceCell<()>,
+    expires_at_ms: i64,
+}
+
+/// Sweep expired counters every this many new ones.
+const SWEEP_EVERY: u64 = 1024;
+
+impl MemoryLedger {
+    pub fn new(source: Arc<dyn SpendSource>) -> MemoryLedger {
+        MemoryLedger {
+            source,
+            slots: DashMap::new(),
+            made: AtomicU64::new(0),
+        }
+    }
+
+    /// The counter's slot, its spend read from the log on first use.
+    async fn slot(&self, counter: &Counter) -> Result<Arc<Slot>, LedgerError> {
+        let slot = match self.slots.get(&counter.key) {
+            Some(s) => s.clone(),
+            None => {
+                let slot = self
+                    .slots
+                    .entry(counter.key.clone())
+                    .or_insert_with(|| {
+                        Arc::new(Slot {
+                            spent: AtomicI64::new(0),
+                            ready: tokio::sync::OnceCell::new(),
+                            expires_at_ms: counter.expires_at_ms,
+                        })
+                    })
+                    .clone();
+                if self.made.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+                    let now = super::now_ms();
+                    self.slots.retain(|_, s| s.expires_at_ms > now);
+                }
+                slot
+            }
+        };
+        slot.ready
+            .get_or_try_init(|| async {
+                let spent = self
+                    .source
+                    .spend(&counter.filter)
+                    .await
+                    .map_err(LedgerError::Source)?;
+                slot.spent.store(spent, Ordering::SeqCst);
+                Ok::<(), LedgerError>(())
+            })
+            .await?;
+        Ok(slot)
+    }
+}
+
+#[async_trait]
+impl BudgetLedger for MemoryLedger {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
+        let mut out = Vec::with_capacity(counters.len());
+        for c in counters {
+            let slot = self.slot(c).await?;
+            out.push(Spend {
+                spent: slot.spent.load(Ordering::SeqCst),
+                limit: c.limit,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError> {
+        // Every counter known first, so a failure charges none rather than some.
+        let mut slots = Vec::with_capacity(counters.len());
+        for c in counters {
+            slots.push(self.slot(c).await?);
+        }
+        let mut out = Vec::new();
+        for (i, (c, slot)) in counters.iter().zip(slots).enumerate() {
+            let old = slot.spent.fetch_add(nanos, Ordering::SeqCst);
+            let new = old.saturating_add(nanos);
+            out.extend(crossed(c, old, new).map(|threshold| Crossing {
+                counter: i,
+                threshold,
+                spent: new,
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        Ok(self
+            .slots
+            .iter()
+            .filter(|e| e.key().starts_with(prefix) && e.value().ready.initialized())
+            .map(|e| (e.key().clone(), e.value().spent.load(Ordering::SeqCst)))
+            .collect())
+    }
+}
+
+// ---- several instances ----
+
+/// Counters in Redis, shared by every instance.
+pub struct RedisLedger {
+    conn: RedisConn,
+    script: Script,
+    /// `{prefix}budget:v1:`
+    base: String,
+    source: Arc<dyn SpendSource>,
+}
+
+impl fmt::Debug for RedisLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLedger")
+            .field("keys", &self.base)
+            .field("conn", &self.conn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLedger {
+    /// Counters under `{config.prefix}budget:v1:`. Never waits for Redis (see
+    /// [`RedisConn::connect`]).
+    pub fn new(
+        config: &RedisConfig,
+        source: Arc<dyn SpendSource>,
+    ) -> Result<RedisLedger, LedgerError> {
+        let conn =
+            RedisConn::connect(config, "budget counters").map_err(LedgerError::Unavailable)?;
+        Ok(RedisLedger {
+            conn,
+            script: Script::new(SCRIPT_SOURCE),
+            base: format!("{}budget:{SCRIPT_VERSION}:", config.prefix),
+            source,
+        })
+    }
+
+    fn key(&self, tail: &str) -> String {
+        let mut k = String::with_capacity(self.base.len() + tail.len());
+        k.push_str(&self.base);
+        k.push_str(tail);
+        k
+    }
+
+    async fn within<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, LedgerError> {
+        self.conn
+            .within(what, call)
+            .await
+            .map_err(LedgerError::Unavailable)
+    }
+
+    /// Start `counters` from the log, unless another instance got there first.
+    async fn init(&self, counters: &[&Counter]) -> Result<(), LedgerError> {
+        if counters.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for c in counters {
+            let spent = self
+                .source
+                .spend(&c.filter)
+                .await
+                .map_err(LedgerError::Source)?;
+            pipe.cmd("SET")
+                .arg(self.key(&c.key))
+                .arg(spent)
+                .arg("NX")
+                .arg("PXAT")
+                .arg(c.expires_at_ms)
+                .ignore();
+        }
+        let mut con = self.conn.handle();
+        self.within("init", pipe.query_async::<()>(&mut con)).await
+    }
+
+    async fn read(&self, counters: &[Counter]) -> Result<Vec<Option<i64>>, LedgerError> {
+        let mut cmd = redis::cmd("MGET");
+        for c in counters {
+            cmd.arg(self.key(&c.key));
+        }
+        let mut con = self.conn.handle();
+        self.within("check", cmd.query_async(&mut con)).await
+    }
+}
+
+fn bad_reply() -> LedgerError {
+    LedgerError::Unavailable(format!("redis charge: unexpected reply from {SCRIPT_NAME}"))
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        _ => None,
+    }
+}
+
+/// Read the `charge` reply: `Err(missing)` with the 0-based indexes of missing counters,
+/// or the crossings.
+fn charge_reply(
+    reply: &Value,
+    counters: &[Counter],
+) -> Result<Result<Vec<Crossing>, Vec<usize>>, LedgerError> {
+    let Value::Array(items) = reply else {
+        return Err(bad_reply());
+    };
+    match items.first().and_then(int) {
+        Some(0) => {
+            let missing = items[1..]
+                .iter()
+                .map(|v| {
+                    int(v)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .and_then(|i| i.checked_sub(1))
+                        .filter(|i| *i < counters.len())
+                        .ok_or_else(bad_reply)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Err(missing))
+        }
+        Some(1) if items.len() == 1 + 2 * counters.len() => {
+            let mut out = Vec::new();
+            for (i, (c, pair)) in counters.iter().zip(items[1..].chunks_exact(2)).enumerate() {
+                let (Some(spent), Some(mask)) = (int(&pair[0]), int(&pair[1])) else {
+                    return Err(bad_reply());
+                };
+                out.extend(
+                    (0..c.thresholds.len())
+                        .filter(|j| mask & (1 << j) != 0)
+                        .map(|threshold| Crossing {
+                            counter: i,
+                            threshold,
+                            spent,
+                        }),
+                );
+            }
+            Ok(Ok(out))
+        }
+        _ => Err(bad_reply()),
+    }
+}
+
+#[async_trait]
+impl BudgetLedger for RedisLedger {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
+        if counters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut values = self.read(counters).await?;
+        let missing: Vec<&Counter> = counters
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_none())
+            .map(|(c, _)| c)
+            .collect();
+        if !missing.is_empty() {
+            self.init(&missing).await?;
+            values = self.read(counters).await?;
+        }
+        counters
+            .iter()
+            .zip(values)
+            .map(|(c, v)| {
+                // Gone again right after it was set: it expired, so nothing is spent.
+                Ok(Spend {
+                    spent: v.unwrap_or(0),
+                    limit: c.limit,
+                })
+            })
+            .collect()
+    }
+
+    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError> {
+        if counters.is_empty() || nanos <= 0 {
+            return Ok(Vec::new());
+        }
+        let mut call = self.script.prepare_invoke();
+        call.arg(nanos);
+        for c in counters {
+            call.key(self.key(&c.key))
+                .arg(c.expires_at_ms)
+                .arg(c.thresholds.len());
+            for t in &c.thresholds {
+                call.arg(*t);
+            }
+        }
+        // At most twice: a missing counter is started from the log between the calls.
+        for _ in 0..2 {
+            let mut con = self.conn.handle();
+            let reply: Value = self.within("charge", call.invoke_async(&mut con)).await?;
+            match charge_reply(&reply, counters)? {
+                Ok(crossings) => return Ok(crossings),
+                Err(missing) => {
+                    let missing: Vec<&Counter> = missing.iter().map(|i| &counters[*i]).collect();
+                    self.init(&missing).await?;
+                }
+            }
+        }
+        Err(LedgerError::Unavailable(
+            "redis charge: counters vanished while being started".into(),
+        ))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
+        let mut con = self.conn.handle();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) =
+                self.within("list", scan.query_async(&mut con)).await?;
+            // SCAN may return a key twice.
+            let keys: Vec<String> = keys
+                .into_iter()
+                .filter(|k| seen.insert(k.clone()))
+                .collect();
+            if !keys.is_empty() {
+                let mut mget = redis::cmd("MGET");
+                for k in &keys {
+                    mget.arg(k);
+                }
+                let values: Vec<Option<i64>> =
+                    self.within("list", mget.query_async(&mut con)).await?;
+                for (k, v) in keys.iter().zip(values) {
+                    if let (Some(tail), Some(v)) = (k.strip_prefix(&self.base), v) {
+                        out.push((tail.to_string(), v));
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log that has spent `n` on everything and counts how often it is asked.
+    pub(crate) struct Fixed(pub i64, pub AtomicU64);
+
+    #[async_trait]
+    impl SpendSource for Fixed {
+        async fn spend(&self, _: &SpendFilter) -> Result<i64, String> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            if self.0 < 0 {
+                Err("log down".into())
+            } else {
+                Ok(self.0)
+            }
+        }
+        async fn spend_by(
+            &self,
+            _: &SpendFilter,
+            _: SpendGroup,
+            _: usize,
+        ) -> Result<Vec<SpendRow>, String> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn counter(key: &str, limit: i64, thresholds: &[i64]) -> Counter {
+        Counter {
+            key: key.into(),
+            limit,
+            thresholds: thresholds.to_vec(),
+            expires_at_ms: i64::MAX,
+            filter: SpendFilter::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_counters_start_from_the_log_once_and_cross_each_threshold_once() {
+        let source = Arc::new(Fixed(50, AtomicU64::new(0)));
+        let ledger = Arc::new(MemoryLedger::new(source.clone()));
+        let c = [counter("r:2025-06:global:", 1000, &[800, 1000])];
+        assert_eq!(
+            ledger.check(&c).await.unwrap(),
+            [Spend {
+                spent: 50,
+                limit: 1000
+            }]
+        );
+        // 16 tasks x 10 charges of 7: 50 + 1120 crosses 800 and 1000 once each.
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let ledger = ledger.clone();
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut crossings = Vec::new();
+                for _ in 0..10 {
+                    crossings.extend(ledger.charge(&c, 7).await.unwrap());
+                }
+                crossings
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let mut thresholds: Vec<usize> = all.iter().map(|x| x.threshold).collect();
+        thresholds.sort_unstable();
+        assert_eq!(thresholds, [0, 1]);
+        assert!(all.iter().all(|x| x.spent >= 800));
+        let spend = ledger.check(&c).await.unwrap()[0];
+        assert_eq!(spend.spent, 50 + 16 * 10 * 7);
+        assert!(spend.exhausted());
+        assert_eq!(source.1.load(Ordering::SeqCst), 1, "read from the log once");
+        assert_eq!(
+            ledger.list("r:2025-06:").await.unwrap(),
+            [("r:2025-06:global:".to_string(), 1170)]
+        );
+        assert!(ledger.list("other:").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_log_leaves_the_counter_unknown_and_charges_nothing() {
+        let ledger = MemoryLedger::new(Arc::new(Fixed(-1, AtomicU64::new(0))));
+        let c = [counter("a", 10, &[])];
+        assert!(matches!(
+            ledger.check(&c).await,
+            Err(LedgerError::Source(_))
+        ));
+        assert!(ledger.charge(&c, 5).await.is_err());
+        assert!(ledger.list("").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_charge_reply_becomes_crossings() {
+        let counters = [counter("a", 100, &[80, 100]), counter("b", 10, &[8])];
+        let reply = Value::Array(vec![
+            Value::Int(1),
+            Value::Int(90),
+            Value::Int(1),
+            Value::Int(12),
+            Value::Int(1),
+        ]);
+        assert_eq!(
+            charge_reply(&reply, &counters).unwrap().unwrap(),
+            [
+                Crossing {
+                    counter: 0,
+                    threshold: 0,
+                    spent: 90
+                },
+                Crossing {
+                    counter: 1,
+                    threshold: 0,
+                    spent: 12
+                }
+            ]
+        );
+        let missing = Value::Array(vec![Value::Int(0), Value::Int(2)]);
+        assert_eq!(charge_reply(&missing, &counters).unwrap(), Err(vec![1]));
+        for bad in [
+            Value::Int(1),
+            Value::Array(vec![Value::Int(1), Value::Int(3)]),
+            Value::Array(vec![Value::Int(0), Value::Int(3)]),
+        ] {
+            assert!(charge_reply(&bad, &counters).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The Redis budget ledger against a real Redis: counters started from the request log
+//! (once, even when two instances start them at once), a TTL past the period on every
+//! key, each threshold crossed exactly once across instances charging concurrently, two
+//! gateways blocking at the budget to within one request's cost, a restart (or a
+//! flushed Redis) that keeps the spend, and an unreachable Redis reported, never read as
+//! zero.
+//!
+//! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); a test
+//! fails with a clear message when it is not reachable. Each test writes under a prefix
+//! of its own.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+use sluice_gateway::limits::config::{FailMode, RedisConfig};
+use sluice_gateway::store::{SpendFilter, SpendGroup, SpendRow, StorageTarget, Store};
+use sluice_gateway::telemetry::{Endpoint, Outcome, RequestRecord};
+use sluice_gateway::usage::alerts::{Alerter, RetryPolicy};
+use sluice_gateway::usage::budgets;
+use sluice_gateway::usage::ledger::{
+    BudgetLedger, Counter, Crossing, LedgerError, RedisLedger, SpendSource,
+};
+use sluice_gateway::usage::{BudgetDecision, Budgets, Cost, Subject, record_cost};
+use tokio_util::task::TaskTracker;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn unique_prefix() -> String {
+    format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
+}
+
+fn redis_config(url: String, prefix: &str, on_failure: FailMode, timeout: Duration) -> RedisConfig {
+    RedisConfig {
+        url: SecretString::from(url),
+        prefix: prefix.into(),
+        on_failure,
+        timeout,
+    }
+}
+
+fn unreachable_message(error: &str) -> String {
+    format!(
+        "cannot reach Redis: {error}\n(Redis tests need a server at SLUICE_TEST_REDIS_URL, default redis://127.0.0.1:6379; start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`)"
+    )
+}
+
+/// A plain connection for looking at what the ledger wrote.
+async fn raw() -> redis::aio::MultiplexedConnection {
+    let connect = async {
+        redis::Client::open(redis_url())?
+            .get_multiplexed_async_connection()
+            .await
+    };
+    match tokio::time::timeout(TIMEOUT, connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("{}", unreachable_message(&e.to_string())),
+        Err(_) => panic!("{}", unreachable_message("no answer within 5s")),
+    }
+}
+
+/// A ledger on the test server under `prefix`, reachable before it is returned.
+async fn ledger(prefix: &str, source: Arc<dyn SpendSource>) -> RedisLedger {
+    raw().await;
+    RedisLedger::new(
+        &redis_config(redis_url(), prefix, FailMode::Open, TIMEOUT),
+        source,
+    )
+    .unwrap_or_else(|e| panic!("RedisLedger::new: {e}"))
+}
+
+/// A log that has spent a fixed amount on everything, counting how often it is read.
+struct Fixed(i64, AtomicU64);
+
+#[async_trait]
+impl SpendSource for Fixed {
+    async fn spend(&self, _: &SpendFilter) -> Result<i64, String> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        // Slow enough that two instances starting one counter overlap.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(self.0)
+    }
+    async fn spend_by(
+        &self,
+        _: &SpendFilter,
+        _: SpendGroup,
+        _: usize,
+    ) -> Result<Vec<SpendRow>, String> {
+        Ok(Vec::new())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn counter(key: &str, limit: i64, thresholds: &[i64]) -> Counter {
+    Counter {
+        key: key.into(),
+        limit,
+        thresholds: thresholds.to_vec(),
+        expires_at_ms: now_ms() + 3_600_000,
+        filter: SpendFilter::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_start_from_the_log_once_and_expire_after_their_period() {
+    let prefix = unique_prefix();
+    let source = Arc::new(Fixed(500, AtomicU64::new(0)));
+    let a = Arc::new(ledger(&prefix, source.clone()).await);
+    let b = Arc::new(ledger(&prefix, source.clone()).await);
+    let c = [counter("r:2025-06:global:", 1_000, &[800])];
+    // Two instances start the same counter at once: both see the log's 500, not 1000.
+    let (x, y) = tokio::join!(a.check(&c), b.check(&c));
+    assert_eq!(x.unwrap()[0].spent, 500);
+    assert_eq!(y.unwrap()[0].spent, 500);
+    let crossings = a.charge(&c, 300).await.unwrap();
+    assert_eq!(
+        crossings,
+        [Crossing {
+            counter: 0,
+            threshold: 0,
+            spent: 800
+        }]
+    );
+    assert_eq!(b.check(&c).await.unwrap()[0].spent, 800);
+    let reads = source.1.load(Ordering::SeqCst);
+    assert!(reads <= 2, "read from the log {reads} times");
+
+    let mut con = raw().await;
+    let key = format!("{prefix}budget:v1:r:2025-06:global:");
+    let value: i64 = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(value, 800);
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
+
+    let listed = a.list("r:2025-06:").await.unwrap();
+    assert_eq!(listed, [("r:2025-06:global:".to_string(), 800)]);
+    assert!(a.list("other:").await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
+    let prefix = unique_prefix();
+    let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
+    let ledgers = [
+        Arc::new(ledger(&prefix, source.clone()).await),
+        Arc::new(ledger(&prefix, source.clone()).await),
+    ];
+    // Two counters per charge (a global one and a user's), thresholds at 50/80/100 %.
+    let counters = vec![
+        counter("total:m:global:", 10_000, &[5_000, 8_000, 10_000]),
+        counter("user:d:user:4:acme:amy", 2_000, &[1_600, 2_000]),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let l = ledgers[i % 2].clone();
+        let counters = counters.clone();
+        tasks.push(tokio::spawn(async move {
+            l.charge(&counters, 61)
+                .await
+                .unwrap_or_else(|e| panic!("charge: {e}"))
+        }));
+    }
+    let mut all: Vec<Crossing> = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let mut seen: Vec<(usize, usize)> = all.iter().map(|x| (x.counter, x.threshold)).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+    for x in &all {
+        let t = counters[x.counter].thresholds[x.threshold];
+        assert!(x.spent >= t && x.spent < t + 61, "{x:?} crossed {t}");
+    }
+    let spend = ledgers[0].check(&counters).await.unwrap();
+    assert_eq!(spend[0].spent, 200 * 61);
+    assert_eq!(spend[1].spent, 200 * 61);
+    assert!(spend[0].exhausted() && spend[1].exhausted());
+}
+
+fn record(id: &str, at_ms: i64, user: &str, nanos: i64) -> RequestRecord {
+    let mut r = RequestRecord {
+        request_id: id.into(),
+        started_at_ms: at_ms as u64,
+        endpoint: Endpoint::ChatCompletions,
+        key_id: Some("k1".into()),
+        owner: Some("acme".into()),
+        user: Some(user.into()),
+        feature: Some("chat".into()),
+        outcome: Outcome::Ok,
+        status: 200,
+        ..RequestRecord::default()
+    };
+    record_cost(&mut r, Some(Cost::from_nanos(nanos)), None);
+    r
+}
+
+fn budgets_on_redis(prefix: &str, store: Arc<Store>, text: &str, tasks: &TaskTracker) -> Budgets {
+    let raw: sluice_gateway::usage::RawBudgets =
+        toml::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+    let config = budgets::build(raw, &[], &mut |p, m| panic!("{p}: {m}"));
+    Budgets::new(
+        config,
+        Some(&redis_config(redis_url(), prefix, FailMode::Open, TIMEOUT)),
+        store,
+        None,
+        tasks.clone(),
+    )
+    .unwrap_or_else(|e| panic!("Budgets::new: {e}"))
+}
+
+const MONTHLY_PER_KEY: &str = r#"
+    [[rules]]
+    name = "monthly"
+    scope = "key"
+    period = "month"
+    limit_usd = 0.01
+    "#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_block_at_the_budget_within_one_request() {
+    raw().await;
+    let prefix = unique_prefix();
+    let tasks = TaskTracker::new();
+    let store = support::open("sqlite", &StorageTarget::Memory).await;
+    let gateways = [
+        Arc::new(budgets_on_redis(
+            &prefix,
+            store.clone(),
+            MONTHLY_PER_KEY,
+            &tasks,
+        )),
+        Arc::new(budgets_on_redis(
+            &prefix,
+            store.clone(),
+            MONTHLY_PER_KEY,
+            &tasks,
+        )),
+    ];
+    assert_eq!(gateways[0].ledger_name(), "redis");
+    // Requests of 0.0007 each, alternating between the gateways, each checked before
+    // and charged after, until one is refused.
+    let cost = Cost::from_nanos(700_000);
+    let subject = Subject {
+        key_id: Some("k1"),
+        owner: Some("acme"),
+        user: None,
+        tier: None,
+        feature: None,
+        endpoint: Endpoint::ChatCompletions,
+    };
+    let mut served = 0i64;
+    loop {
+        let g = &gateways[(served % 2) as usize];
+        let now = now_ms();
+        match g.check(&subject, now).await {
+            BudgetDecision::Allow => {
+                g.charge(&subject, now, cost).await;
+                served += 1;
+            }
+            BudgetDecision::Block { spent, limit, .. } => {
+                assert!(spent >= limit);
+                assert!(
+                    spent.nanos < limit.nanos + cost.nanos,
+                    "{spent} overshoots {limit} by a request or more"
+                );
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(served < 100, "never blocked");
+    }
+    // 0.01 / 0.0007: the 15th request reaches the limit, the 16th is refused.
+    assert_eq!(served, 15);
+    // Both gateways refuse now.
+    for g in &gateways {
+        assert!(matches!(
+            g.check(&subject, now_ms()).await,
+            BudgetDecision::Block { .. }
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_or_a_flushed_redis_keeps_the_spend() {
+    for (name, target) in support::backends() {
+        raw().await;
+        let prefix = unique_prefix();
+        let tasks = TaskTracker::new();
+        let store = support::open(name, &target).await;
+        let now = now_ms();
+        store
+            .insert(&[
+                record("a", now - 2000, "u", 4_000_000),
+                record("b", now - 1000, "u", 5_000_000),
+            ])
+            .await
+            .unwrap();
+        let subject = Subject {
+            key_id: Some("k1"),
+            owner: Some("acme"),
+            user: Some("u"),
+            tier: None,
+            feature: Some("chat"),
+            endpoint: Endpoint::ChatCompletions,
+        };
+        let gateway = budgets_on_redis(&prefix, store.clone(), MONTHLY_PER_KEY, &tasks);
+        assert_eq!(
+            gateway.check(&subject, now).await,
+            BudgetDecision::Allow,
+            "{name}"
+        );
+        let c = record("c", now, "u", 1_000_000);
+        gateway.charge_record(&c).await;
+        store.insert(&[c]).await.unwrap();
+        let BudgetDecision::Block { spent, .. } = gateway.check(&subject, now).await else {
+            panic!("{name}: not blocked at the limit")
+        };
+        assert_eq!(spent, Cost::from_nanos(10_000_000), "{name}");
+
+        // Redis loses everything: the next check starts the counter from the log again.
+        let mut con = raw().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 1, "{name}: {keys:?}");
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let restarted = budgets_on_redis(&prefix, store.clone(), MONTHLY_PER_KEY, &tasks);
+        let BudgetDecision::Block { spent, .. } = restarted.check(&subject, now).await else {
+            panic!("{name}: the flushed counter forgot the spend")
+        };
+        assert_eq!(spent, Cost::from_nanos(10_000_000), "{name}");
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_reported_never_read_as_zero() {
+    // Nothing listens on port 9 of loopback.
+    let url = "redis://:hunter2@127.0.0.1:9".to_string();
+    let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
+    let l = RedisLedger::new(
+        &redis_config(
+            url.clone(),
+            "t:",
+            FailMode::Open,
+            Duration::from_millis(200),
+        ),
+        source.clone(),
+    )
+    .unwrap();
+    let c = [counter("x", 10, &[])];
+    match l.check(&c).await {
+        Err(LedgerError::Unavailable(m)) => assert!(!m.contains("hunter2"), "{m}"),
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    assert!(l.charge(&c, 5).await.is_err());
+
+    let text = r#"
+        [[rules]]
+        name = "g"
+        scope = "global"
+        period = "day"
+        limit_usd = 1
+        "#;
+    let tasks = TaskTracker::new();
+    for (mode, expected) in [
+        (FailMode::Open, BudgetDecision::Allow),
+        (FailMode::Closed, BudgetDecision::Unavailable),
+    ] {
+        let raw: sluice_gateway::usage::RawBudgets = toml::from_str(text).unwrap();
+        let config = budgets::build(raw, &[], &mut |p, m| panic!("{p}: {m}"));
+        let ledger: Arc<dyn BudgetLedger> = Arc::new(
+            RedisLedger::new(
+                &redis_config(url.clone(), "t:", mode, Duration::from_millis(200)),
+                source.clone(),
+            )
+            .unwrap(),
+        );
+        let alerter = Alerter::new(None, RetryPolicy::default(), None, tasks.clone()).unwrap();
+        let b = Budgets::with_parts(config, ledger, source.clone(), alerter, mode, None);
+        let s = Subject {
+            key_id: None,
+            owner: None,
+            user: None,
+            tier: None,
+            feature: None,
+            endpoint: Endpoint::Embeddings,
+        };
+        assert_eq!(b.check(&s, now_ms()).await, expected, "{mode:?}");
+        // A charge that cannot be counted is logged and counted in metrics, not raised.
+        b.charge(&s, now_ms(), Cost::from_nanos(5)).await;
+    }
+}
