@@ -43,6 +43,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/keys/{id}", axum::routing::delete(revoke_key))
         .route("/keys/{id}/revoke", post(revoke_key))
         .route("/tiers", get(tiers))
+        .route("/budgets", get(budgets))
         .route("/penalties", get(penalties))
         .route("/penalties/{key}", axum::routing::delete(lift_penalty))
         .fallback(not_found)
@@ -286,6 +287,10 @@ async fn revoke_key(
         tracing::info!(key_id = %row.id, owner = %row.owner, "virtual key revoked");
     }
     Ok(axum::Json(key_view(&row)).into_response())
+}
+
+async fn budgets(State(gw): State<Arc<Gateway>>, uri: axum::http::Uri) -> Response {
+    budgets_response(&gw.budgets, uri.query()).await
 }
 
 /// End users under an abuse penalty, with what it does and how long it still holds.

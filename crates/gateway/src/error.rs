@@ -69,6 +69,19 @@ pub enum ApiError {
     /// The end user is blocked for a while after repeated abuse signals.
     #[error("Requests from this user are blocked for {}s after repeated abuse signals.", retry_after.as_secs().max(1))]
     AbuseBlocked { retry_after: Duration },
+    /// A budget is spent and its rule says `block` (429 `budget_exceeded`).
+    #[error("The budget `{budget}` is exhausted for this period: {spent} of {limit} spent.")]
+    BudgetExceeded {
+        budget: String,
+        spent: String,
+        limit: String,
+        retry_after: Duration,
+    },
+    /// Budget counters cannot be read and `[redis] on_failure = "closed"`.
+    #[error(
+        "budgets cannot be checked right now (the budget store is unreachable); try again shortly"
+    )]
+    BudgetsUnavailable,
     /// The key's tier (or the key) may not use this model.
     #[error("The model `{model}` is not available to {who}.")]
     ModelNotAllowed { model: String, who: String },
@@ -110,6 +123,8 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
+            ApiError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BudgetsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::LimitsUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -148,7 +163,9 @@ impl ApiError {
             }
             ApiError::RateLimited { unit, .. } => unit,
             ApiError::AbuseBlocked { .. } => "rate_limit_error",
-            ApiError::LimitsUnavailable => "server_error",
+            ApiError::LimitsUnavailable | ApiError::BudgetsUnavailable => "server_error",
+            // What OpenAI calls an exhausted quota; SDKs raise their rate-limit error.
+            ApiError::BudgetExceeded { .. } => "insufficient_quota",
             ApiError::OutputInvalid { .. } => "upstream_error",
             ApiError::StorageUnavailable(_) => "server_error",
             ApiError::Unauthorized { .. } => "authentication_error",
@@ -184,6 +201,8 @@ impl ApiError {
             ApiError::AbuseBlocked { .. } => "abuse_blocked",
             ApiError::ModelNotAllowed { .. } => "model_not_allowed",
             ApiError::LimitsUnavailable => "rate_limiter_unavailable",
+            ApiError::BudgetExceeded { .. } => "budget_exceeded",
+            ApiError::BudgetsUnavailable => "budget_store_unavailable",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
             ApiError::Unauthorized { .. } => "invalid_api_key",
             ApiError::ModelNotFound { .. } => "model_not_found",
@@ -223,7 +242,9 @@ impl ApiError {
             | ApiError::OutputInvalid { .. }
             | ApiError::RateLimited { .. }
             | ApiError::AbuseBlocked { .. }
-            | ApiError::LimitsUnavailable => None,
+            | ApiError::LimitsUnavailable
+            | ApiError::BudgetExceeded { .. }
+            | ApiError::BudgetsUnavailable => None,
             ApiError::ModelNotFound { .. }
             | ApiError::WrongModelKind { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),
@@ -252,9 +273,9 @@ impl ApiError {
             {
                 e.retry_after
             }
-            ApiError::RateLimited { retry_after, .. } | ApiError::AbuseBlocked { retry_after } => {
-                Some(*retry_after)
-            }
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::AbuseBlocked { retry_after }
+            | ApiError::BudgetExceeded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

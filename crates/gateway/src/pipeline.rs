@@ -42,6 +42,7 @@ use crate::routing::{Chain, Route, Router, TemplateContext};
 use crate::store::{Store, StoreSink, redact_secrets};
 use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder};
 use crate::telemetry::{LogSink, Metrics, MetricsSink, RecordSink};
+use crate::usage::{self, BudgetDecision, Budgets, Cost, PriceBook, TokenUsage};
 use crate::wire::{
     ChatMessage, ChatRequest, ChatResponse, Choice, EmbeddingsRequest, StreamChunk, Usage,
 };
@@ -65,6 +66,10 @@ pub struct Gateway {
     pub retrier: Arc<Retrier>,
     pub recorder: Recorder,
     pub limiter: Arc<Limiter>,
+    /// Prices per model, for each request's cost.
+    pub prices: Arc<PriceBook>,
+    /// Budget rules and their spend counters.
+    pub budgets: Arc<Budgets>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
@@ -99,8 +104,17 @@ impl Gateway {
             sinks.push(Box::new(crate::limits::AbuseSink(limiter.clone())));
         }
         let recorder = Recorder::start_with(sinks, &tasks, config.storage.recorder);
+        let budgets = Budgets::new(
+            config.budgets.clone(),
+            config.limits.redis.as_ref(),
+            store.clone(),
+            Some(metrics.clone()),
+            tasks.clone(),
+        )?;
         Ok(Arc::new(Self {
             limiter,
+            prices: Arc::new(PriceBook::new(&config.models)),
+            budgets: Arc::new(budgets),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
@@ -154,7 +168,9 @@ fn fail(mut record: RecordGuard, error: ApiError) -> Response {
         ApiError::Upstream(_)
         | ApiError::Internal(_)
         | ApiError::StorageUnavailable(_)
-        | ApiError::LimitsUnavailable => Outcome::ApiError,
+        | ApiError::LimitsUnavailable
+        | ApiError::BudgetsUnavailable => Outcome::ApiError,
+        ApiError::BudgetExceeded { .. } => Outcome::BudgetExceeded,
         ApiError::RateLimited { .. } | ApiError::AbuseBlocked { .. } => Outcome::RateLimited,
         ApiError::InvalidJson { .. }
         | ApiError::InvalidRequest { .. }
@@ -355,7 +371,8 @@ fn refused_model(principal: &Principal, tier: Option<&Tier>, model: &str) -> Opt
 
 /// Limits: charge the request (and its token estimate) to every bucket of its key, end
 /// user and tier, in one call to the limit store. What it holds is settled when the
-/// record is finished: the estimate reconciled with real usage, slots released.
+/// record is finished, where the request's cost is also charged to its budgets: the
+/// one place every route (streams, fallbacks, cancelled requests) is metered.
 async fn admit(
     gw: &Gateway,
     record: &mut RecordGuard,
@@ -364,38 +381,91 @@ async fn admit(
     tier: Option<&Tier>,
     tokens: u64,
 ) -> Result<RateHeaders, ApiError> {
-    if !gw.limiter.config().any_limits() {
-        return Ok(RateHeaders::default());
-    }
-    let request_id = record.request_id().to_string();
-    let subject = Subject {
-        key_id: principal.key_id.as_deref(),
-        owner: principal.owner.as_deref(),
-        user,
-        tier,
-        request_id: &request_id,
-        tokens,
+    let admission = if gw.limiter.config().any_limits() {
+        let request_id = record.request_id().to_string();
+        let subject = Subject {
+            key_id: principal.key_id.as_deref(),
+            owner: principal.owner.as_deref(),
+            user,
+            tier,
+            request_id: &request_id,
+            tokens,
+        };
+        match gw.limiter.admit(&subject).await {
+            Ok(admission) => Some(admission),
+            Err(e) => {
+                let limited_by = match &e {
+                    ApiError::RateLimited { limit, .. } => Some(limit.clone()),
+                    ApiError::AbuseBlocked { .. } => Some("abuse:block".to_string()),
+                    _ => None,
+                };
+                record.update(|r| r.limited_by = limited_by);
+                return Err(e);
+            }
+        }
+    } else {
+        None
     };
-    match gw.limiter.admit(&subject).await {
-        Ok(admission) => {
-            let headers = admission.headers.clone();
-            let (tier, limited_by) = (admission.tier.clone(), admission.limited_by.clone());
-            record.update(|r| {
-                r.tier = tier;
-                r.limited_by = limited_by;
-            });
-            record.after(Box::new(move |r| admission.settle(r)));
-            Ok(headers)
+    let headers = admission
+        .as_ref()
+        .map(|a| a.headers.clone())
+        .unwrap_or_default();
+    if let Some(a) = &admission {
+        let (tier, limited_by) = (a.tier.clone(), a.limited_by.clone());
+        record.update(|r| {
+            r.tier = tier;
+            r.limited_by = limited_by;
+        });
+    }
+    let budgets = gw.budgets.is_enabled().then(|| gw.budgets.clone());
+    if admission.is_some() || budgets.is_some() {
+        let tasks = gw.tasks.clone();
+        record.after(Box::new(move |r| {
+            if let Some(a) = admission {
+                a.settle(r);
+            }
+            if let Some(b) = budgets {
+                b.spawn_charge(r, &tasks);
+            }
+        }));
+    }
+    Ok(headers)
+}
+
+/// Budgets: may this request spend? A spent budget blocks (429 `budget_exceeded`) or
+/// names a cheaper model to answer instead, returned for the caller to route to.
+async fn check_budgets(gw: &Gateway, record: &mut RecordGuard) -> Result<Option<String>, ApiError> {
+    if !gw.budgets.is_enabled() {
+        return Ok(None);
+    }
+    let Some(r) = record.peek() else {
+        return Ok(None);
+    };
+    let at_ms = i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
+    let decision = gw.budgets.check(&usage::Subject::of(r), at_ms).await;
+    match decision {
+        BudgetDecision::Allow => Ok(None),
+        BudgetDecision::Block {
+            budget,
+            spent,
+            limit,
+            retry_after,
+        } => {
+            let by = format!("budget:{budget}");
+            record.update(|r| r.limited_by = Some(by));
+            Err(ApiError::BudgetExceeded {
+                budget,
+                spent: format!("${:.2}", spent.usd()),
+                limit: format!("${:.2}", limit.usd()),
+                retry_after,
+            })
         }
-        Err(e) => {
-            let limited_by = match &e {
-                ApiError::RateLimited { limit, .. } => Some(limit.clone()),
-                ApiError::AbuseBlocked { .. } => Some("abuse:block".to_string()),
-                _ => None,
-            };
-            record.update(|r| r.limited_by = limited_by);
-            Err(e)
+        BudgetDecision::Downgrade { budget, to } => {
+            let by = format!("budget:{budget}");
+            record.update(|r| r.limited_by = Some(by));
+            Ok(Some(to))
         }
+        BudgetDecision::Unavailable => Err(ApiError::BudgetsUnavailable),
     }
 }
 
@@ -486,7 +556,20 @@ pub async fn chat_completions(
         Ok(h) => h,
         Err(e) => return fail(record, e),
     };
-    // 5-8. dispatch, output guard, fallback, respond (9. record happens inside, once)
+    // 7. budgets: block, or answer with the cheaper model a spent budget names
+    let chain = match check_budgets(&gw, &mut record).await {
+        Ok(None) => chain,
+        Ok(Some(to)) if to == request.model => chain,
+        Ok(Some(to)) => match gw.router.chain(&to, ModelKind::Chat) {
+            Ok(c) => {
+                request.model = to;
+                c
+            }
+            Err(e) => return fail(record, e),
+        },
+        Err(e) => return fail(record, e),
+    };
+    // 8-11. dispatch, output guard, fallback, respond (12. record happens inside, once)
     let rule = gw
         .config
         .guard
@@ -572,7 +655,7 @@ async fn complete_chat(
                 };
             }
         };
-        record_usage(&mut record, response.usage, || {
+        record_usage(&mut record, (&gw.prices, &route), response.usage, || {
             estimate_chat(&request, &response)
         });
         let body_log = gw.body_for_log(&response);
@@ -811,15 +894,37 @@ fn note_attempts(record: &mut RecordGuard, attempts: &Attempts) {
     });
 }
 
-fn record_usage(record: &mut RecordGuard, usage: Option<Usage>, estimate: impl FnOnce() -> Usage) {
+/// Add an answered call's tokens and cost (at the price of the route that answered) to
+/// the record. Added, not set: output-check retries and escalations each consumed
+/// tokens, and the record must show all of them.
+fn record_usage(
+    record: &mut RecordGuard,
+    (prices, route): (&PriceBook, &Route),
+    usage: Option<Usage>,
+    estimate: impl FnOnce() -> Usage,
+) {
     let (usage, estimated) = match usage {
         Some(u) => (u, false),
         None => (estimate(), true),
     };
+    let cost = prices.cost(
+        &route.model,
+        &route.upstream_model,
+        TokenUsage {
+            prompt: u64::from(usage.prompt_tokens),
+            completion: u64::from(usage.completion_tokens),
+            cached_prompt: 0,
+        },
+    );
     record.update(|r| {
-        r.prompt_tokens = usage.prompt_tokens;
-        r.completion_tokens = usage.completion_tokens;
-        r.tokens_estimated = estimated;
+        r.prompt_tokens = r.prompt_tokens.saturating_add(usage.prompt_tokens);
+        r.completion_tokens = r.completion_tokens.saturating_add(usage.completion_tokens);
+        r.tokens_estimated |= estimated;
+        let total = match (r.cost_nanos.map(Cost::from_nanos), cost) {
+            (Some(a), Some(b)) => Some(Cost::from_nanos(a.nanos.saturating_add(b.nanos))),
+            (a, b) => a.or(b),
+        };
+        usage::record_cost(r, total, None);
     });
 }
 
@@ -1038,6 +1143,8 @@ async fn stream_chat(
                 .sum();
             let tally = StreamTally {
                 record,
+                route: opened.route.clone(),
+                prices: gw.prices.clone(),
                 usage: None,
                 content_chunks: 0,
                 prompt_estimate,
@@ -1117,6 +1224,9 @@ fn sse_response(
 /// What a stream forwarder accumulates for the record.
 struct StreamTally {
     record: RecordGuard,
+    /// The route that answered, and the prices its cost is figured at.
+    route: Arc<Route>,
+    prices: Arc<PriceBook>,
     usage: Option<Usage>,
     content_chunks: u32,
     prompt_estimate: u32,
@@ -1133,7 +1243,12 @@ impl StreamTally {
         // Without an upstream count: OpenAI-style streams send about one token per chunk.
         // The record says it is an estimate.
         let (prompt, chunks) = (self.prompt_estimate, self.content_chunks);
-        record_usage(&mut self.record, self.usage, || Usage::new(prompt, chunks));
+        record_usage(
+            &mut self.record,
+            (&self.prices, &self.route),
+            self.usage,
+            || Usage::new(prompt, chunks),
+        );
         self.record
             .add_upstream_time(self.started.elapsed(), std::time::Duration::ZERO);
         let body = self.body.take().map(|b| redact_secrets(&b));
@@ -1347,6 +1462,11 @@ pub async fn embeddings(
         Ok(h) => h,
         Err(e) => return fail(record, e),
     };
+    // Embeddings have no cheaper model to fall to: a downgrade budget blocks them
+    // (the budget check says so), so only a refusal can come back here.
+    if let Err(e) = check_budgets(&gw, &mut record).await {
+        return fail(record, e);
+    }
     let mut attempts = Attempts::default();
     let result = gw
         .retrier
@@ -1370,7 +1490,9 @@ pub async fn embeddings(
         Ok((route, response)) => {
             let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
             let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
-            record_usage(&mut record, usage, || Usage::new(0, 0));
+            record_usage(&mut record, (&gw.prices, &route), usage, || {
+                Usage::new(0, 0)
+            });
             respond_json(record, &route, fallback, &response, Outcome::Ok)
         }
         Err(error) => fail(record, ApiError::Upstream(error)),

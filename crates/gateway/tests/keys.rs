@@ -509,6 +509,9 @@ fn admin_routes() -> Vec<(Method, &'static str, Option<Value>)> {
             None,
         ),
         (Method::GET, "/admin/tiers", None),
+        (Method::GET, "/admin/budgets", None),
+        (Method::GET, "/admin/penalties", None),
+        (Method::DELETE, "/admin/penalties/p:-:someone", None),
         (Method::GET, "/admin/no-such-route", None),
     ]
 }

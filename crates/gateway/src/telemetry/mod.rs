@@ -380,6 +380,11 @@ impl RecordGuard {
         self.waited += waited;
     }
 
+    /// The record as filled in so far (`None` once emitted).
+    pub fn peek(&self) -> Option<&RequestRecord> {
+        self.record.as_ref()
+    }
+
     pub fn elapsed_ms(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1000.0
     }
