@@ -913,11 +913,12 @@ fn record_usage(
         TokenUsage {
             prompt: u64::from(usage.prompt_tokens),
             completion: u64::from(usage.completion_tokens),
-            cached_prompt: 0,
+            cached_prompt: u64::from(usage.cached_tokens()),
         },
     );
     record.update(|r| {
         r.prompt_tokens = r.prompt_tokens.saturating_add(usage.prompt_tokens);
+        r.cached_prompt_tokens = r.cached_prompt_tokens.saturating_add(usage.cached_tokens());
         r.completion_tokens = r.completion_tokens.saturating_add(usage.completion_tokens);
         r.tokens_estimated |= estimated;
         let total = match (r.cost_nanos.map(Cost::from_nanos), cost) {

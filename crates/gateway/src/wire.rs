@@ -214,6 +214,17 @@ pub struct Usage {
     pub completion_tokens: u32,
     #[serde(default)]
     pub total_tokens: u32,
+    /// How much of the prompt was served from the provider's prompt cache (billed at
+    /// the cached-input price).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`; only the cached count matters for cost.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -222,7 +233,22 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: None,
         }
+    }
+
+    /// With `cached` of the prompt tokens read from the provider's cache.
+    pub fn with_cached(mut self, cached: u32) -> Self {
+        self.prompt_tokens_details = (cached > 0).then_some(PromptTokensDetails {
+            cached_tokens: cached,
+        });
+        self
+    }
+
+    pub fn cached_tokens(&self) -> u32 {
+        self.prompt_tokens_details
+            .map(|d| d.cached_tokens)
+            .unwrap_or(0)
     }
 }
 

@@ -355,3 +355,81 @@ async fn fail_closed_refuses_while_redis_is_away() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_budget_and_a_restart_keeps_the_spend() {
+    redis_addr();
+    // Embeddings of 100-token arrays at $1 per 1M input tokens: exactly $0.0001 a
+    // request, so a $0.001 budget holds exactly ten.
+    let config = format!(
+        r#"
+        [redis]
+        url = "{url}"
+        prefix = "{prefix}"
+        timeout = "2s"
+        [[budgets.rules]]
+        name = "daily"
+        scope = "global"
+        period = "day"
+        limit_usd = 0.001
+        on_exceeded = "block"
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "priced-embeddings"
+        provider = "sim"
+        upstream = "text-embedding-3-small"
+        kind = "embeddings"
+        prices = {{ input = 1.0 }}
+        "#,
+        url = redis_url(),
+        prefix = unique_prefix()
+    );
+    let mut procs = gateways(2, &config);
+    let client = client();
+    let tokens: Vec<u32> = (1..=100).collect();
+    let body = json!({"model": "priced-embeddings", "input": [tokens]});
+    let send = |addr: String| {
+        let (client, body) = (client.clone(), body.clone());
+        async move {
+            let r = client
+                .post(format!("http://{addr}/v1/embeddings"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let mut accepted = 0;
+    let refusal = loop {
+        let addr = procs[accepted % 2].addr.clone();
+        let (status, text) = send(addr).await;
+        if status != 200 {
+            break (status, text);
+        }
+        accepted += 1;
+        assert!(accepted <= 20, "the budget never blocked");
+        // Spend is charged when each request's record is finished, just after it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refusal.0, 429, "{}", refusal.1);
+    assert!(refusal.1.contains("budget_exceeded"), "{}", refusal.1);
+    assert_eq!(
+        accepted, 10,
+        "ten $0.0001 requests fit a $0.001 budget across both instances"
+    );
+    for p in &procs {
+        assert_eq!(
+            send(p.addr.clone()).await.0,
+            429,
+            "both instances see the shared spend"
+        );
+    }
+    // Restart one instance: the spend is still there.
+    procs.remove(0);
+    let restarted = gateways(1, &config);
+    assert_eq!(send(restarted[0].addr.clone()).await.0, 429);
+}

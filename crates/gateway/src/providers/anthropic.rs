@@ -533,7 +533,8 @@ pub(crate) fn chat_response(message: Message, created: u64) -> ChatResponse {
     let usage = Usage::new(
         message.usage.prompt_tokens(),
         message.usage.output_tokens.unwrap_or(0),
-    );
+    )
+    .with_cached(message.usage.cache_read_input_tokens.unwrap_or(0));
     ChatResponse {
         id: completion_id(&message.id),
         object: "chat.completion".into(),
@@ -645,6 +646,8 @@ struct Translator {
     model: String,
     created: u64,
     prompt_tokens: u32,
+    /// Of the prompt tokens, those read from Anthropic's prompt cache.
+    cached_tokens: u32,
     completion_tokens: u32,
     /// Anthropic block index -> OpenAI tool call index (tool calls count from 0, blocks
     /// count text blocks too).
@@ -663,18 +666,15 @@ impl Translator {
     }
 
     fn usage_chunk(&self) -> Value {
-        let usage = Usage::new(self.prompt_tokens, self.completion_tokens);
+        let usage =
+            Usage::new(self.prompt_tokens, self.completion_tokens).with_cached(self.cached_tokens);
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "choices": [],
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.total_tokens,
-            },
+            "usage": usage,
         })
     }
 
@@ -695,6 +695,7 @@ impl Translator {
                 self.model = message.model;
                 self.created = unix_now();
                 self.prompt_tokens = message.usage.prompt_tokens();
+                self.cached_tokens = message.usage.cache_read_input_tokens.unwrap_or(0);
                 self.completion_tokens = message.usage.output_tokens.unwrap_or(0);
                 Step::Chunk(self.chunk(json!({"role": "assistant", "content": ""}), None))
             }
@@ -742,6 +743,7 @@ impl Translator {
                 }
                 if usage.input_tokens.is_some() {
                     self.prompt_tokens = usage.prompt_tokens();
+                    self.cached_tokens = usage.cache_read_input_tokens.unwrap_or(0);
                 }
                 match delta.stop_reason {
                     Some(reason) => {
@@ -1055,8 +1057,9 @@ mod tests {
         );
         assert!(c.message.tool_calls.is_none());
         assert_eq!(c.finish_reason.as_deref(), Some("stop"));
-        // 12 uncached + 100 written to the cache + 50 read from it.
-        assert_eq!(r.usage, Some(Usage::new(162, 6)));
+        // 12 uncached + 100 written to the cache + 50 read from it (the cached part,
+        // billed at the cached-input price).
+        assert_eq!(r.usage, Some(Usage::new(162, 6).with_cached(50)));
     }
 
     #[test]
@@ -1186,8 +1189,12 @@ mod tests {
         let last = out.last().unwrap().as_ref().unwrap();
         assert!(last.usage_only);
         // 25 uncached + 5 read from the cache; output from message_delta, not message_start.
-        assert_eq!(last.usage, Some(Usage::new(30, 15)));
+        assert_eq!(last.usage, Some(Usage::new(30, 15).with_cached(5)));
         assert_eq!(chunks[4]["choices"], json!([]));
+        assert_eq!(
+            chunks[4]["usage"]["prompt_tokens_details"]["cached_tokens"],
+            5
+        );
     }
 
     #[tokio::test]
