@@ -21,7 +21,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Request, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -46,8 +46,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/budgets", get(budgets))
         .route("/penalties", get(penalties))
         .route("/penalties/{key}", axum::routing::delete(lift_penalty))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(crate::server::not_found)
+        .method_not_allowed_fallback(crate::server::method_not_allowed)
         // Last, so it wraps every route and both fallbacks.
         .layer(middleware::from_fn_with_state(gateway, require_admin))
 }
@@ -289,7 +289,7 @@ async fn revoke_key(
     Ok(axum::Json(key_view(&row)).into_response())
 }
 
-async fn budgets(State(gw): State<Arc<Gateway>>, uri: axum::http::Uri) -> Response {
+async fn budgets(State(gw): State<Arc<Gateway>>, uri: Uri) -> Response {
     budgets_response(&gw.budgets, uri.query()).await
 }
 
@@ -414,21 +414,6 @@ pub fn tiers_view(limits: &LimitsConfig) -> Value {
         })
         .collect();
     json!({"object": "list", "default_tier": limits.default_tier, "data": data})
-}
-
-async fn not_found(uri: Uri) -> Response {
-    ApiError::RouteNotFound {
-        path: uri.path().to_string(),
-    }
-    .into_response()
-}
-
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    ApiError::MethodNotAllowed {
-        method: method.to_string(),
-        path: uri.path().to_string(),
-    }
-    .into_response()
 }
 
 // ---- `sluice keys` ----

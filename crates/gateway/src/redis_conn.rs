@@ -119,7 +119,39 @@ impl RedisConn {
             Err(_) => Err(format!("redis {what}: no answer within {:?}", self.timeout)),
         }
     }
+
+    /// Every key starting with `prefix` (taken literally), each once: SCAN until the
+    /// cursor comes back to 0. For admin listings, not the request path.
+    pub async fn scan_prefix(&self, what: &str, prefix: &str) -> Result<Vec<String>, String> {
+        let pattern = format!("{}*", glob_escape(prefix));
+        let mut con = self.handle();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT);
+            let (next, keys): (u64, Vec<String>) =
+                self.within(what, scan.query_async(&mut con)).await?;
+            // SCAN may return a key twice.
+            out.extend(
+                keys.into_iter()
+                    .filter(|k| k.starts_with(prefix) && seen.insert(k.clone())),
+            );
+            if next == 0 {
+                return Ok(out);
+            }
+            cursor = next;
+        }
+    }
 }
+
+/// Keys SCAN looks at per round trip.
+const SCAN_COUNT: u64 = 500;
 
 /// `message` with the password, when it shows up, replaced by `***`.
 pub fn scrub(message: String, password: Option<&SecretString>) -> String {

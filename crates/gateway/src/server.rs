@@ -146,14 +146,15 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-async fn not_found(uri: Uri) -> Response {
+/// 404 in the OpenAI error body (also `/admin`'s fallback).
+pub(crate) async fn not_found(uri: Uri) -> Response {
     ApiError::RouteNotFound {
         path: uri.path().to_string(),
     }
     .into_response()
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
     ApiError::MethodNotAllowed {
         method: method.to_string(),
         path: uri.path().to_string(),

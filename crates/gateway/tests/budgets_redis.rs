@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use secrecy::SecretString;
-use sluice_gateway::limits::config::{FailMode, RedisConfig};
+use sluice_gateway::limits::config::FailMode;
 use sluice_gateway::store::{SpendFilter, SpendGroup, SpendRow, StorageTarget, Store};
 use sluice_gateway::telemetry::{Endpoint, Outcome, RequestRecord};
 use sluice_gateway::usage::alerts::{Alerter, RetryPolicy};
@@ -30,48 +29,11 @@ use tokio_util::task::TaskTracker;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn unique_prefix() -> String {
-    format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
-}
-
-fn redis_config(url: String, prefix: &str, on_failure: FailMode, timeout: Duration) -> RedisConfig {
-    RedisConfig {
-        url: SecretString::from(url),
-        prefix: prefix.into(),
-        on_failure,
-        timeout,
-    }
-}
-
-fn unreachable_message(error: &str) -> String {
-    format!(
-        "cannot reach Redis: {error}\n(Redis tests need a server at SLUICE_TEST_REDIS_URL, default redis://127.0.0.1:6379; start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`)"
-    )
-}
-
-/// A plain connection for looking at what the ledger wrote.
-async fn raw() -> redis::aio::MultiplexedConnection {
-    let connect = async {
-        redis::Client::open(redis_url())?
-            .get_multiplexed_async_connection()
-            .await
-    };
-    match tokio::time::timeout(TIMEOUT, connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => panic!("{}", unreachable_message(&e.to_string())),
-        Err(_) => panic!("{}", unreachable_message("no answer within 5s")),
-    }
-}
-
 /// A ledger on the test server under `prefix`, reachable before it is returned.
 async fn ledger(prefix: &str, source: Arc<dyn SpendSource>) -> RedisLedger {
-    raw().await;
+    support::redis_raw().await;
     RedisLedger::new(
-        &redis_config(redis_url(), prefix, FailMode::Open, TIMEOUT),
+        &support::redis_config(support::redis_url(), prefix, FailMode::Open, TIMEOUT),
         source,
     )
     .unwrap_or_else(|e| panic!("RedisLedger::new: {e}"))
@@ -117,7 +79,7 @@ fn counter(key: &str, limit: i64, thresholds: &[i64]) -> Counter {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_start_from_the_log_once_and_expire_after_their_period() {
-    let prefix = unique_prefix();
+    let prefix = support::unique_redis_prefix();
     let source = Arc::new(Fixed(500, AtomicU64::new(0)));
     let a = Arc::new(ledger(&prefix, source.clone()).await);
     let b = Arc::new(ledger(&prefix, source.clone()).await);
@@ -139,7 +101,7 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
     let reads = source.1.load(Ordering::SeqCst);
     assert!(reads <= 2, "read from the log {reads} times");
 
-    let mut con = raw().await;
+    let mut con = support::redis_raw().await;
     let key = format!("{prefix}budget:v1:r:2025-06:global:");
     let value: i64 = redis::cmd("GET")
         .arg(&key)
@@ -161,7 +123,7 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
-    let prefix = unique_prefix();
+    let prefix = support::unique_redis_prefix();
     let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
     let ledgers = [
         Arc::new(ledger(&prefix, source.clone()).await),
@@ -222,7 +184,12 @@ fn budgets_on_redis(prefix: &str, store: Arc<Store>, text: &str, tasks: &TaskTra
     let config = budgets::build(raw, &[], &mut |p, m| panic!("{p}: {m}"));
     Budgets::new(
         config,
-        Some(&redis_config(redis_url(), prefix, FailMode::Open, TIMEOUT)),
+        Some(&support::redis_config(
+            support::redis_url(),
+            prefix,
+            FailMode::Open,
+            TIMEOUT,
+        )),
         store,
         None,
         tasks.clone(),
@@ -240,8 +207,8 @@ const MONTHLY_PER_KEY: &str = r#"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_block_at_the_budget_within_one_request() {
-    raw().await;
-    let prefix = unique_prefix();
+    support::redis_raw().await;
+    let prefix = support::unique_redis_prefix();
     let tasks = TaskTracker::new();
     let store = support::open("sqlite", &StorageTarget::Memory).await;
     let gateways = [
@@ -305,8 +272,8 @@ async fn two_gateways_block_at_the_budget_within_one_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_or_a_flushed_redis_keeps_the_spend() {
     for (name, target) in support::backends() {
-        raw().await;
-        let prefix = unique_prefix();
+        support::redis_raw().await;
+        let prefix = support::unique_redis_prefix();
         let tasks = TaskTracker::new();
         let store = support::open(name, &target).await;
         let now = now_ms();
@@ -340,7 +307,7 @@ async fn a_restart_or_a_flushed_redis_keeps_the_spend() {
         assert_eq!(spent, Cost::from_nanos(10_000_000), "{name}");
 
         // Redis loses everything: the next check starts the counter from the log again.
-        let mut con = raw().await;
+        let mut con = support::redis_raw().await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{prefix}*"))
             .query_async(&mut con)
@@ -367,7 +334,7 @@ async fn an_unreachable_redis_is_reported_never_read_as_zero() {
     let url = "redis://:hunter2@127.0.0.1:9".to_string();
     let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
     let l = RedisLedger::new(
-        &redis_config(
+        &support::redis_config(
             url.clone(),
             "t:",
             FailMode::Open,
@@ -399,7 +366,7 @@ async fn an_unreachable_redis_is_reported_never_read_as_zero() {
         let config = budgets::build(raw, &[], &mut |p, m| panic!("{p}: {m}"));
         let ledger: Arc<dyn BudgetLedger> = Arc::new(
             RedisLedger::new(
-                &redis_config(url.clone(), "t:", mode, Duration::from_millis(200)),
+                &support::redis_config(url.clone(), "t:", mode, Duration::from_millis(200)),
                 source.clone(),
             )
             .unwrap(),

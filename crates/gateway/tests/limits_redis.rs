@@ -6,11 +6,12 @@
 //! fails with a clear message when it is not reachable. Each test writes under a prefix
 //! of its own.
 
+mod support;
+
 use std::sync::Arc;
 
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
 use sluice_gateway::limits::backend::{Signal, Verdict};
 use sluice_gateway::limits::config::{FailMode, RedisConfig};
 use sluice_gateway::limits::memory::MemoryBackend;
@@ -24,52 +25,18 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// Generous: these tests share two cores with builds; test 5 uses a short one.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `SLUICE_TEST_REDIS_URL`, or the local server every dev and CI machine runs.
-fn redis_url() -> String {
-    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn unique_prefix() -> String {
-    format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
-}
-
 fn config(url: String, prefix: &str, timeout: Duration) -> RedisConfig {
-    RedisConfig {
-        url: SecretString::from(url),
-        prefix: prefix.into(),
-        on_failure: FailMode::Open,
-        timeout,
-    }
-}
-
-/// A plain connection for looking at what the store wrote.
-async fn raw() -> redis::aio::MultiplexedConnection {
-    let connect = async {
-        redis::Client::open(redis_url())?
-            .get_multiplexed_async_connection()
-            .await
-    };
-    match tokio::time::timeout(Duration::from_secs(5), connect).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => panic!("{}", unreachable_message(&e.to_string())),
-        Err(_) => panic!("{}", unreachable_message("no answer within 5s")),
-    }
-}
-
-fn unreachable_message(error: &str) -> String {
-    format!(
-        "cannot reach Redis: {error}\n(Redis tests need a server at SLUICE_TEST_REDIS_URL, default redis://127.0.0.1:6379; start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`)"
-    )
+    support::redis_config(url, prefix, FailMode::Open, timeout)
 }
 
 /// A store on the test server under `prefix`, connected before it is returned.
 async fn store(prefix: &str) -> RedisBackend {
-    raw().await;
-    let b = RedisBackend::new(&config(redis_url(), prefix, TIMEOUT))
+    support::redis_raw().await;
+    let b = RedisBackend::new(&config(support::redis_url(), prefix, TIMEOUT))
         .unwrap_or_else(|e| panic!("RedisBackend::new: {e}"));
     b.ping()
         .await
-        .unwrap_or_else(|e| panic!("{}", unreachable_message(&e.to_string())));
+        .unwrap_or_else(|e| panic!("Redis answered a raw connection but not the store: {e}"));
     b
 }
 
@@ -121,7 +88,7 @@ fn ok<T>(r: Result<T, BackendError>) -> T {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_admit_exactly_the_limit() {
-    let prefix = unique_prefix();
+    let prefix = support::unique_redis_prefix();
     // Three gateways sharing one Redis.
     let stores: Vec<Arc<RedisBackend>> = vec![
         Arc::new(store(&prefix).await),
@@ -358,7 +325,7 @@ async fn sequence(b: &dyn Backend) -> Vec<String> {
 #[tokio::test]
 async fn answers_as_the_memory_store_does() {
     let memory = sequence(&MemoryBackend::new()).await;
-    let redis = sequence(&store(&unique_prefix()).await).await;
+    let redis = sequence(&store(&support::unique_redis_prefix()).await).await;
     assert_eq!(redis, memory);
     // Spot-check that the sequence says what it should.
     let expect = [
@@ -395,7 +362,7 @@ async fn answers_as_the_memory_store_does() {
 
 #[tokio::test]
 async fn leases_and_penalties_expire() {
-    let b = store(&unique_prefix()).await;
+    let b = store(&support::unique_redis_prefix()).await;
     let short = Duration::from_millis(300);
     let take = |id: &str| Check {
         penalty_key: None,
@@ -475,7 +442,7 @@ async fn leases_and_penalties_expire() {
 
 #[tokio::test]
 async fn every_key_lives_under_the_prefix_with_a_ttl() {
-    let prefix = unique_prefix();
+    let prefix = support::unique_redis_prefix();
     let b = store(&prefix).await;
     // Every kind of key, including a user id full of characters that mean something
     // to Lua, to SCAN patterns or to the key structure.
@@ -504,7 +471,7 @@ async fn every_key_lives_under_the_prefix_with_a_ttl() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key, format!("p:o:{user}"));
 
-    let mut con = raw().await;
+    let mut con = support::redis_raw().await;
     let keys: Vec<String> = {
         let mut keys = Vec::new();
         let mut cursor = 0u64;
@@ -540,7 +507,7 @@ async fn every_key_lives_under_the_prefix_with_a_ttl() {
 
 /// The test Redis's address, for a proxy in front of it.
 fn redis_addr() -> std::net::SocketAddr {
-    let hostport = redis_url()
+    let hostport = support::redis_url()
         .trim_start_matches("redis://")
         .split(['/', '?'])
         .next()
@@ -568,7 +535,7 @@ async fn recovers(b: &RedisBackend, check: &Check, within: Duration) -> Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_redis_going_away_and_coming_back() {
-    raw().await;
+    support::redis_raw().await;
     let timeout = Duration::from_millis(300);
     let check = charges(vec![charge("r", 1_000_000, MINUTE, 1)]);
     let quickly = timeout + Duration::from_millis(200);
@@ -576,7 +543,7 @@ async fn survives_redis_going_away_and_coming_back() {
     // Nothing listens on port 1: `new` still succeeds, calls fail within the timeout.
     let down = RedisBackend::new(&config(
         "redis://:hunter2@127.0.0.1:1".into(),
-        &unique_prefix(),
+        &support::unique_redis_prefix(),
         timeout,
     ))
     .unwrap_or_else(|e| panic!("new must not need Redis: {e}"));
@@ -601,7 +568,7 @@ async fn survives_redis_going_away_and_coming_back() {
     let port = proxy.addr().port();
     let b = RedisBackend::new(&config(
         format!("redis://127.0.0.1:{port}"),
-        &unique_prefix(),
+        &support::unique_redis_prefix(),
         timeout,
     ))
     .unwrap_or_else(|e| panic!("new: {e}"));

@@ -29,7 +29,6 @@
 //! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
 //! would hash to different slots.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -42,7 +41,7 @@ use super::backend::{
 };
 use super::config::RedisConfig;
 use super::gcra;
-use crate::redis_conn::{RedisConn, glob_escape};
+use crate::redis_conn::RedisConn;
 
 /// The script's name and version; the version is also in every key it writes.
 pub const SCRIPT_NAME: &str = "limits_v1";
@@ -56,8 +55,8 @@ const MAX_SPAN_US: u64 = 1 << 50;
 /// What a refused lease asks the client to wait, as the memory store does.
 const LEASE_RETRY: Duration = Duration::from_secs(1);
 
-/// Keys per SCAN round trip when listing penalties.
-const SCAN_COUNT: usize = 500;
+/// Keys read back per pipelined round trip in admin listings.
+const SCAN_BATCH: usize = 500;
 
 /// The four kinds of state, each under its own key segment.
 #[derive(Clone, Copy)]
@@ -310,52 +309,35 @@ impl Backend for RedisBackend {
 
     async fn penalties(&self) -> Result<Vec<ActivePenalty>, BackendError> {
         let base = self.key(Kind::Penalty, "");
-        let pattern = format!("{}*", glob_escape(&base));
+        let keys = self
+            .conn
+            .scan_prefix("penalties", &base)
+            .await
+            .map_err(BackendError::Unavailable)?;
         let mut con = self.conn.handle();
-        let mut seen = HashSet::new();
         let mut out = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, keys): (u64, Vec<String>) =
-                self.within("penalties", scan.query_async(&mut con)).await?;
-            // SCAN may return a key twice.
-            let keys: Vec<String> = keys
-                .into_iter()
-                .filter(|k| k.starts_with(&base) && seen.insert(k.clone()))
-                .collect();
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
-                }
-                let answers: Vec<Value> =
-                    self.within("penalties", pipe.query_async(&mut con)).await?;
-                for (k, pair) in keys.iter().zip(answers.chunks_exact(2)) {
-                    // Gone between the SCAN and the GET: it just expired.
-                    let (Ok(penalty), Some(left)) = (
-                        redis::from_redis_value_ref::<String>(&pair[0]),
-                        int(&pair[1]).and_then(|v| u64::try_from(v).ok()),
-                    ) else {
-                        continue;
-                    };
-                    out.push(ActivePenalty {
-                        key: k[base.len()..].to_string(),
-                        penalty,
-                        remaining: Duration::from_millis(left),
-                    });
-                }
+        for batch in keys.chunks(SCAN_BATCH) {
+            let mut pipe = redis::pipe();
+            for k in batch {
+                pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
             }
-            if next == 0 {
-                return Ok(out);
+            let answers: Vec<Value> = self.within("penalties", pipe.query_async(&mut con)).await?;
+            for (k, pair) in batch.iter().zip(answers.chunks_exact(2)) {
+                // Gone between the SCAN and the GET: it just expired.
+                let (Ok(penalty), Some(left)) = (
+                    redis::from_redis_value_ref::<String>(&pair[0]),
+                    int(&pair[1]).and_then(|v| u64::try_from(v).ok()),
+                ) else {
+                    continue;
+                };
+                out.push(ActivePenalty {
+                    key: k[base.len()..].to_string(),
+                    penalty,
+                    remaining: Duration::from_millis(left),
+                });
             }
-            cursor = next;
         }
+        Ok(out)
     }
 
     async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError> {
@@ -454,6 +436,7 @@ mod tests {
 
     #[test]
     fn scan_patterns_take_the_prefix_literally() {
+        use crate::redis_conn::glob_escape;
         assert_eq!(glob_escape("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
     }
 

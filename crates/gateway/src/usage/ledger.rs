@@ -29,7 +29,7 @@ use dashmap::DashMap;
 use redis::{Script, Value};
 
 use crate::limits::config::RedisConfig;
-use crate::redis_conn::{RedisConn, glob_escape};
+use crate::redis_conn::RedisConn;
 use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
 
 /// The script's version; also in every key it writes.
@@ -41,8 +41,8 @@ const SCRIPT_SOURCE: &str = include_str!("budgets_v1.lua");
 /// charges of requests that started before the period ended.
 pub const GRACE_MS: i64 = 86_400_000;
 
-/// Keys per SCAN round trip when listing counters.
-const SCAN_COUNT: usize = 500;
+/// Keys read back per round trip in admin listings.
+const SCAN_BATCH: usize = 500;
 
 /// One counter: one budget rule's spend for one period and one scope value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,43 +474,26 @@ impl BudgetLedger for RedisLedger {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
-        let pattern = format!("{}*", glob_escape(&self.key(prefix)));
+        let keys = self
+            .conn
+            .scan_prefix("list", &self.key(prefix))
+            .await
+            .map_err(LedgerError::Unavailable)?;
         let mut con = self.conn.handle();
-        let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT);
-            let (next, keys): (u64, Vec<String>) =
-                self.within("list", scan.query_async(&mut con)).await?;
-            // SCAN may return a key twice.
-            let keys: Vec<String> = keys
-                .into_iter()
-                .filter(|k| seen.insert(k.clone()))
-                .collect();
-            if !keys.is_empty() {
-                let mut mget = redis::cmd("MGET");
-                for k in &keys {
-                    mget.arg(k);
-                }
-                let values: Vec<Option<i64>> =
-                    self.within("list", mget.query_async(&mut con)).await?;
-                for (k, v) in keys.iter().zip(values) {
-                    if let (Some(tail), Some(v)) = (k.strip_prefix(&self.base), v) {
-                        out.push((tail.to_string(), v));
-                    }
+        for batch in keys.chunks(SCAN_BATCH) {
+            let mut mget = redis::cmd("MGET");
+            for k in batch {
+                mget.arg(k);
+            }
+            let values: Vec<Option<i64>> = self.within("list", mget.query_async(&mut con)).await?;
+            for (k, v) in batch.iter().zip(values) {
+                if let (Some(tail), Some(v)) = (k.strip_prefix(&self.base), v) {
+                    out.push((tail.to_string(), v));
                 }
             }
-            if next == 0 {
-                return Ok(out);
-            }
-            cursor = next;
         }
+        Ok(out)
     }
 }
 

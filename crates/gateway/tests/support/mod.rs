@@ -91,3 +91,48 @@ pub async fn harness(toml: &str) -> Harness {
         tasks,
     }
 }
+
+/// `SLUICE_TEST_REDIS_URL`, or the local server every dev and CI machine runs.
+pub fn redis_url() -> String {
+    std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A key prefix no other test uses.
+pub fn unique_redis_prefix() -> String {
+    format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
+}
+
+/// `[redis]` for the test server under `prefix`.
+pub fn redis_config(
+    url: String,
+    prefix: &str,
+    on_failure: sluice_gateway::limits::config::FailMode,
+    timeout: std::time::Duration,
+) -> sluice_gateway::limits::config::RedisConfig {
+    sluice_gateway::limits::config::RedisConfig {
+        url: SecretString::from(url),
+        prefix: prefix.into(),
+        on_failure,
+        timeout,
+    }
+}
+
+fn redis_unreachable(error: &str) -> String {
+    format!(
+        "cannot reach Redis: {error}\n(Redis tests need a server at SLUICE_TEST_REDIS_URL, default redis://127.0.0.1:6379; start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save \"\" --appendonly no`)"
+    )
+}
+
+/// A plain connection for looking at what a test wrote; fails loudly without Redis.
+pub async fn redis_raw() -> redis::aio::MultiplexedConnection {
+    let connect = async {
+        redis::Client::open(redis_url())?
+            .get_multiplexed_async_connection()
+            .await
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), connect).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!("{}", redis_unreachable(&e.to_string())),
+        Err(_) => panic!("{}", redis_unreachable("no answer within 5s")),
+    }
+}
