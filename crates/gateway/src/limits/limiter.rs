@@ -116,7 +116,8 @@ pub struct Admission {
     token_buckets: Vec<Bucket>,
     charged_tokens: u64,
     leases: Vec<Lease>,
-    backend: Arc<dyn Backend>,
+    /// The store that charged it (`None`: nothing was charged).
+    backend: Option<Arc<dyn Backend>>,
 }
 
 impl Admission {
@@ -129,18 +130,17 @@ impl Admission {
             token_buckets: Vec::new(),
             charged_tokens: 0,
             leases: Vec::new(),
-            backend: Arc::new(MemoryBackend::new()),
+            backend: None,
         }
-    }
-
-    fn is_free(&self) -> bool {
-        self.token_buckets.is_empty() && self.leases.is_empty()
     }
 
     /// Settle after the request: reconcile the token estimate with what the record
     /// says was used, release the concurrency slots. Off the request path.
     pub fn settle(self, record: &RequestRecord) {
-        if self.is_free() {
+        let Some(backend) = self.backend.clone() else {
+            return;
+        };
+        if self.token_buckets.is_empty() && self.leases.is_empty() {
             return;
         }
         let used = u64::from(record.prompt_tokens) + u64::from(record.completion_tokens);
@@ -152,13 +152,13 @@ impl Admission {
         runtime.spawn(async move {
             if delta != 0 {
                 for bucket in &self.token_buckets {
-                    if let Err(e) = self.backend.adjust(bucket, delta).await {
+                    if let Err(e) = backend.adjust(bucket, delta).await {
                         tracing::warn!(error = %e, "could not reconcile a token estimate");
                     }
                 }
             }
             for lease in &self.leases {
-                if let Err(e) = self.backend.release(lease).await {
+                if let Err(e) = backend.release(lease).await {
                     tracing::warn!(error = %e, "could not release a concurrency slot");
                 }
             }
@@ -635,7 +635,7 @@ fn admitted(
             .collect(),
         charged_tokens,
         leases: check.leases,
-        backend,
+        backend: Some(backend),
     }
 }
 
