@@ -190,3 +190,46 @@ fn limiter_admit_redis(bencher: divan::Bencher) {
         .unwrap_or_else(|e| panic!("{e}"));
     bench_limiter(bencher, &runtime, &limited_config(Some(&url)));
 }
+
+/// The cache key of a typical 1 KB request: serde_json written straight into xxh3.
+#[divan::bench]
+fn cache_key_1kb(bencher: divan::Bencher) {
+    let req: ChatRequest = parse_body(&typical_body()).unwrap_or_else(|e| panic!("{e}"));
+    let scope = sluice_gateway::cache::Scope::Owner(Some("team-a"));
+    bencher.bench_local(|| {
+        sluice_gateway::cache::chat_key(
+            black_box(scope),
+            black_box("gpt-4o-mini"),
+            None,
+            black_box(&req),
+        )
+    });
+}
+
+/// A memory-tier hit: the lookup a cached request makes before it is answered.
+#[divan::bench]
+fn cache_memory_hit(bencher: divan::Bencher) {
+    use sluice_gateway::cache::{CacheKey, CachedAnswer, ResponseCache};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = ResponseCache::memory_only(64 << 20);
+    let response: sluice_gateway::wire::ChatResponse = serde_json::from_value(serde_json::json!({
+        "id": "chatcmpl-1",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "The canal book comes in hardback; ordered today it arrives on Friday."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 240, "completion_tokens": 18, "total_tokens": 258}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let key = CacheKey(0xfeed_beef);
+    runtime.block_on(cache.put(
+        key,
+        CachedAnswer {
+            response,
+            model: "gpt-4o-mini".into(),
+            stored_at: 0,
+        },
+        std::time::Duration::from_secs(3600),
+    ));
+    bencher.bench_local(|| runtime.block_on(cache.get(black_box(&key))));
+}

@@ -29,6 +29,9 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, Principal};
+use crate::cache::{
+    CacheKey, CacheScope, CachedAnswer, EmbeddingPlan, FlightError, ResponseCache, SingleFlight,
+};
 use crate::config::{Config, ModelKind};
 use crate::error::ApiError;
 use crate::guard::{self, OnFail, OutputRule, output};
@@ -57,6 +60,7 @@ pub const HEADER_REGENERATE_OF: &str = "x-sluice-regenerate-of";
 pub const HEADER_GUARD: &str = "x-sluice-guard";
 pub const HEADER_OUTPUT: &str = "x-sluice-output";
 pub const HEADER_TIER: &str = "x-sluice-tier";
+pub const HEADER_CACHE: &str = "x-sluice-cache";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
@@ -70,6 +74,10 @@ pub struct Gateway {
     pub prices: Arc<PriceBook>,
     /// Budget rules and their spend counters.
     pub budgets: Arc<Budgets>,
+    /// Exact-match answers: in process, then Redis.
+    pub cache: Arc<ResponseCache>,
+    /// Identical cacheable misses in flight, sharing one upstream call.
+    pub flight: SingleFlight<CacheKey, FlightAnswer>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
@@ -115,6 +123,11 @@ impl Gateway {
             limiter,
             prices: Arc::new(PriceBook::new(&config.models)),
             budgets: Arc::new(budgets),
+            cache: Arc::new(
+                ResponseCache::new(&config.cache, Some(metrics.clone()))
+                    .map_err(|e| anyhow::anyhow!("[cache]: {e}"))?,
+            ),
+            flight: SingleFlight::new(),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
@@ -569,20 +582,52 @@ pub async fn chat_completions(
         },
         Err(e) => return fail(record, e),
     };
-    // 8-11. dispatch, output guard, fallback, respond (12. record happens inside, once)
+    // 8. cache: a stored answer to the same request (same scope, model, messages and
+    //    parameters) is replayed, as JSON or SSE, at no cost
+    let cache = plan_cache(
+        &gw,
+        &headers,
+        &principal,
+        &request,
+        &chain,
+        feature.as_deref(),
+    );
+    if let Some(plan) = cache.as_ref().filter(|p| p.read)
+        && let Some(hit) = gw.cache.get(&plan.key).await
+    {
+        let first = chain.routes.first().map(|r| &**r);
+        let mut response = respond_cached(&gw, record, &request, first, &hit, "hit");
+        rate_headers.apply(response.headers_mut());
+        return response;
+    }
+    if cache.is_some() {
+        record.update(|r| r.cache_status = Some("miss".into()));
+    }
+    // 9-12. dispatch, output guard, fallback, respond (13. record happens inside, once)
     let rule = gw
         .config
         .guard
         .output_for(&request.model, feature.as_deref(), None)
         .cloned();
+    let cache_key = cache.filter(|p| p.write).map(|p| (p.key, p.ttl));
+    let stored = cache_key.is_some();
+    let plan = Dispatch {
+        chain,
+        rule: rule.clone(),
+        demand,
+        cache_key,
+    };
     let mut response = match (request.is_stream(), &rule) {
         // Actions that must see the whole answer buffer the stream (see OnFail).
         (true, Some(r)) if r.on_fail.needs_whole_answer() => {
-            complete_chat(gw, record, request, chain, rule, demand, true).await
+            complete_chat(gw, record, request, plan, true).await
         }
-        (true, _) => stream_chat(gw, record, request, chain, rule, demand).await,
-        (false, _) => complete_chat(gw, record, request, chain, rule, demand, false).await,
+        (true, _) => stream_chat(gw, record, request, plan).await,
+        (false, _) => complete_chat(gw, record, request, plan, false).await,
     };
+    if stored && !response.headers().contains_key(HEADER_CACHE) {
+        set_header(&mut response, HEADER_CACHE, "miss");
+    }
     if !report.is_empty() {
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
@@ -614,34 +659,44 @@ async fn complete_chat(
     gw: Arc<Gateway>,
     mut record: RecordGuard,
     request: ChatRequest,
-    chain: Chain,
-    rule: Option<OutputRule>,
-    demand: Demand,
+    plan: Dispatch,
     as_sse: bool,
 ) -> Response {
+    let Dispatch {
+        chain,
+        rule,
+        demand,
+        cache_key,
+    } = plan;
     let mut first = 0usize;
     let mut output_retries_left = rule.as_ref().map(|r| r.retries).unwrap_or(0);
     let mut calls_before = Attempts::default();
+    // Identical cacheable misses in flight at once share one upstream call (not under
+    // an output rule: a shared answer would skip this request's own checks).
+    let mut flight = cache_key.filter(|_| rule.is_none()).map(|(key, _)| key);
     loop {
-        let mut attempts = Attempts::default();
-        let result = gw
-            .retrier
-            .run_chain(&chain.routes[first..], &mut attempts, |route| {
-                let request = &request;
-                async move {
-                    take_capacity(&route, demand).await?;
-                    let call = ChatCall {
-                        request,
-                        upstream_model: &route.upstream_model,
-                        timeouts: route.timeouts,
-                        capacity: route.capacity.as_deref(),
+        let (result, mut attempts) = match flight.take() {
+            Some(key) => match shared_chain_call(&gw, key, &request, &chain, demand).await {
+                Shared::Led(result, attempts) => (result, attempts),
+                Shared::Joined(route, response) => {
+                    let shared = CachedAnswer {
+                        response,
+                        model: route.model.clone(),
+                        stored_at: 0,
                     };
-                    let response =
-                        within_total(&route, "complete answer", route.provider.chat(call)).await?;
-                    Ok((route, response))
+                    return respond_cached(
+                        &gw,
+                        record,
+                        &request,
+                        Some(&route),
+                        &shared,
+                        "coalesced",
+                    );
                 }
-            })
-            .await;
+                Shared::Failed(error) => (Err(error), Attempts::default()),
+            },
+            None => call_chain(&gw, &request, &chain.routes[first..], demand).await,
+        };
         attempts.calls += calls_before.calls;
         attempts.retries += calls_before.retries;
         attempts.answered_by += first;
@@ -663,11 +718,13 @@ async fn complete_chat(
         let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
 
         let Some(rule) = rule.as_ref() else {
+            store_answer(&gw, cache_key, &route, &response);
             return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
         };
         let failures = output::failures(&rule.validators, &answer_text(&response));
         if failures.is_empty() {
             record.update(|r| r.output_check = Some("pass".into()));
+            store_answer(&gw, cache_key, &route, &response);
             return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
         }
         let why = failures.join("; ");
@@ -704,6 +761,91 @@ async fn complete_chat(
         }
         calls_before = attempts;
         calls_before.answered_by = 0;
+    }
+}
+
+/// One walk of a chat chain: retries, fallbacks, capacity, timeouts. Owns nothing of
+/// the caller's, so a single-flight leader can run it in a task of its own.
+async fn call_chain(
+    gw: &Gateway,
+    request: &ChatRequest,
+    routes: &[Arc<Route>],
+    demand: Demand,
+) -> (Result<(Arc<Route>, ChatResponse), UpstreamError>, Attempts) {
+    let mut attempts = Attempts::default();
+    let result = gw
+        .retrier
+        .run_chain(routes, &mut attempts, |route| async move {
+            take_capacity(&route, demand).await?;
+            let call = ChatCall {
+                request,
+                upstream_model: &route.upstream_model,
+                timeouts: route.timeouts,
+                capacity: route.capacity.as_deref(),
+            };
+            let response =
+                within_total(&route, "complete answer", route.provider.chat(call)).await?;
+            Ok((route, response))
+        })
+        .await;
+    (result, attempts)
+}
+
+/// What a single-flight leader shares: the route that answered, the answer, and what
+/// it took (the followers made no call of their own).
+pub type FlightAnswer = (Arc<Route>, ChatResponse, Attempts);
+
+enum Shared {
+    /// This request made the call.
+    Led(Result<(Arc<Route>, ChatResponse), UpstreamError>, Attempts),
+    /// An identical request made it; this one gets its answer.
+    Joined(Arc<Route>, ChatResponse),
+    /// Waiting failed (deadline, or the identical requests failed twice).
+    Failed(UpstreamError),
+}
+
+async fn shared_chain_call(
+    gw: &Arc<Gateway>,
+    key: CacheKey,
+    request: &ChatRequest,
+    chain: &Chain,
+    demand: Demand,
+) -> Shared {
+    let deadline = tokio::time::Instant::now() + gw.config.retry.deadline;
+    let (leader_gw, leader_request, routes) = (gw.clone(), request.clone(), chain.routes.clone());
+    let run = gw.flight.run(key, deadline, move || async move {
+        match call_chain(&leader_gw, &leader_request, &routes, demand).await {
+            (Ok((route, response)), attempts) => Ok((route, response, attempts)),
+            (Err(e), attempts) => Err((e, attempts)),
+        }
+    });
+    match run.await {
+        Ok(flight) if flight.shared => {
+            gw.metrics.cache_flight_waiter("joined");
+            let (route, response, _) = flight.value;
+            Shared::Joined(route, response)
+        }
+        Ok(flight) => {
+            let (route, response, attempts) = flight.value;
+            Shared::Led(Ok((route, response)), attempts)
+        }
+        Err(FlightError::Failed((e, attempts))) => Shared::Led(Err(e), attempts),
+        Err(FlightError::Timeout) => {
+            gw.metrics.cache_flight_waiter("timeout");
+            Shared::Failed(UpstreamError::new(
+                ErrorClass::Timeout,
+                "gateway",
+                "no answer before the request deadline while waiting for an identical request",
+            ))
+        }
+        Err(FlightError::LeaderFailed) => {
+            gw.metrics.cache_flight_waiter("leader_failed");
+            Shared::Failed(UpstreamError::new(
+                ErrorClass::Server,
+                "gateway",
+                "identical requests in flight failed upstream",
+            ))
+        }
     }
 }
 
@@ -826,6 +968,132 @@ fn guard_input<T: serde::Serialize>(
         r.request_body = body_log;
     });
     Ok(report)
+}
+
+/// What dispatch works from: the chain, the output rule, what the request asks of
+/// provider capacity, and where a good answer is cached (key, time to live).
+struct Dispatch {
+    chain: Chain,
+    rule: Option<OutputRule>,
+    demand: Demand,
+    cache_key: Option<(CacheKey, std::time::Duration)>,
+}
+
+/// Whether and how this request uses the cache: `x-sluice-cache: no-store` skips it,
+/// `refresh` skips the lookup but stores the new answer, `store` opts a
+/// non-deterministic request in (the config may also cache those).
+struct CachePlan {
+    key: CacheKey,
+    ttl: std::time::Duration,
+    read: bool,
+    write: bool,
+}
+
+fn plan_cache(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    principal: &Principal,
+    request: &ChatRequest,
+    chain: &Chain,
+    feature: Option<&str>,
+) -> Option<CachePlan> {
+    let config = &gw.config.cache;
+    if !config.enabled {
+        return None;
+    }
+    let asked = headers
+        .get(HEADER_CACHE)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.sluice.as_ref().and_then(|s| s.cache.as_deref()))
+        .map(str::trim);
+    if asked == Some("no-store") {
+        return None;
+    }
+    let opted_in = asked == Some("store") || !config.only_deterministic;
+    if !(opted_in || crate::cache::is_deterministic(request)) {
+        return None;
+    }
+    let route = chain.routes.first()?;
+    let scope = match config.scope {
+        CacheScope::Owner => crate::cache::Scope::Owner(principal.owner.as_deref()),
+        CacheScope::Global => crate::cache::Scope::Global,
+    };
+    let key = crate::cache::chat_key(scope, &route.upstream_model, None, request)?;
+    Some(CachePlan {
+        key,
+        ttl: config.ttl_for(&request.model, feature),
+        read: asked != Some("refresh"),
+        write: true,
+    })
+}
+
+/// Keep a good answer for the next identical request (off the request path).
+fn store_answer(
+    gw: &Gateway,
+    cache_key: Option<(CacheKey, std::time::Duration)>,
+    route: &Route,
+    response: &ChatResponse,
+) {
+    let Some((key, ttl)) = cache_key else {
+        return;
+    };
+    let answer = CachedAnswer {
+        response: response.clone(),
+        model: route.model.clone(),
+        stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
+    };
+    let cache = gw.cache.clone();
+    tokio::spawn(async move { cache.put(key, answer, ttl).await });
+}
+
+/// Answer from the cache (`status` "hit") or with what an identical request in flight
+/// got ("coalesced"): the answer under a new id, as JSON or replayed as SSE; the record
+/// shows its tokens, cost 0 and what it saved.
+fn respond_cached(
+    gw: &Gateway,
+    mut record: RecordGuard,
+    request: &ChatRequest,
+    priced_by: Option<&Route>,
+    hit: &CachedAnswer,
+    status: &'static str,
+) -> Response {
+    let mut response = hit.response.clone();
+    response.id = format!("chatcmpl-{}", record.request_id());
+    response.created = unix_now();
+    let usage = response.usage.unwrap_or_default();
+    let saved = priced_by.and_then(|route| {
+        gw.prices.cost(
+            &route.model,
+            &route.upstream_model,
+            TokenUsage {
+                prompt: u64::from(usage.prompt_tokens),
+                completion: u64::from(usage.completion_tokens),
+                cached_prompt: u64::from(usage.cached_tokens()),
+            },
+        )
+    });
+    let elapsed = record.elapsed_ms();
+    record.update(|r| {
+        r.cache_status = Some(status.into());
+        r.model = Some(hit.model.clone());
+        r.prompt_tokens = usage.prompt_tokens;
+        r.completion_tokens = usage.completion_tokens;
+        r.cached_prompt_tokens = usage.cached_tokens();
+        r.ttft_ms = Some(elapsed);
+        usage::record_cost(r, Some(Cost::ZERO), saved);
+    });
+    let mut http = if request.is_stream() {
+        let request_id = record.request_id().to_string();
+        record.finish(Outcome::Ok, 200, None);
+        let frames = completion_frames(&response, request.wants_stream_usage());
+        sse_from_frames(frames, &request_id, &hit.model, None)
+    } else {
+        let mut http = axum::Json(&response).into_response();
+        finish_ok(record, &mut http, &hit.model, None, Outcome::Ok);
+        http
+    };
+    set_header(&mut http, HEADER_CACHE, "hit");
+    http
 }
 
 /// What a request asks of provider capacity: its tier's priority and its token estimate.
@@ -1072,10 +1340,14 @@ async fn stream_chat(
     gw: Arc<Gateway>,
     mut record: RecordGuard,
     request: ChatRequest,
-    chain: Chain,
-    rule: Option<OutputRule>,
-    demand: Demand,
+    plan: Dispatch,
 ) -> Response {
+    let Dispatch {
+        chain,
+        rule,
+        demand,
+        cache_key,
+    } = plan;
     let mut attempts = Attempts::default();
     let started = Instant::now();
     let result = gw
@@ -1151,7 +1423,16 @@ async fn stream_chat(
                 prompt_estimate,
                 started: tokio::time::Instant::now(),
                 body: gw.config.storage.store_bodies.then(String::new),
-                answer: rule.as_ref().map(|_| String::new()),
+                answer: (rule.is_some() || cache_key.is_some()).then(String::new),
+                cache: cache_key.map(|(key, ttl)| StreamCache {
+                    key,
+                    ttl,
+                    cache: gw.cache.clone(),
+                    model: opened.route.model.clone(),
+                    upstream_model: None,
+                    finish_reason: None,
+                    cacheable: true,
+                }),
             };
             gw.tasks.spawn(forward_stream(
                 opened,
@@ -1234,8 +1515,70 @@ struct StreamTally {
     started: tokio::time::Instant,
     /// The chunks' payloads, only when bodies are stored.
     body: Option<String>,
-    /// The answer's text, only when an output rule will check it.
+    /// The answer's text, only when an output rule will check it or it will be cached.
     answer: Option<String>,
+    /// Where a stream that ends cleanly is stored, reassembled into a whole answer.
+    cache: Option<StreamCache>,
+}
+
+/// What a cacheable stream needs beyond its text to become a whole answer.
+struct StreamCache {
+    key: CacheKey,
+    ttl: std::time::Duration,
+    cache: Arc<ResponseCache>,
+    /// The configured model that answered.
+    model: String,
+    /// The upstream's own model name, from the chunks.
+    upstream_model: Option<String>,
+    finish_reason: Option<String>,
+    /// False once a chunk carries anything a text replay would lose (tool calls).
+    cacheable: bool,
+}
+
+impl StreamCache {
+    fn observe(&mut self, chunk: &serde_json::Value) {
+        if self.upstream_model.is_none() {
+            self.upstream_model = chunk["model"].as_str().map(str::to_string);
+        }
+        let choice = &chunk["choices"][0];
+        if let Some(reason) = choice["finish_reason"].as_str() {
+            self.finish_reason = Some(reason.to_string());
+        }
+        if !choice["delta"]["tool_calls"].is_null()
+            || chunk["choices"].as_array().is_some_and(|c| c.len() > 1)
+        {
+            self.cacheable = false;
+        }
+    }
+
+    /// Store the finished stream as a whole answer (never a cut one: only called on a
+    /// clean end).
+    fn store(self, text: String, usage: Option<Usage>) {
+        if !self.cacheable {
+            return;
+        }
+        let response = ChatResponse {
+            id: String::new(),
+            object: "chat.completion".into(),
+            created: unix_now(),
+            model: self.upstream_model.unwrap_or_else(|| self.model.clone()),
+            choices: vec![Choice {
+                index: 0,
+                message: ChatMessage::assistant(&text),
+                finish_reason: Some(self.finish_reason.unwrap_or_else(|| "stop".into())),
+                extra: Default::default(),
+            }],
+            usage,
+            extra: Default::default(),
+        };
+        let answer = CachedAnswer {
+            response,
+            model: self.model,
+            stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
+        };
+        let (cache, key, ttl) = (self.cache, self.key, self.ttl);
+        tokio::spawn(async move { cache.put(key, answer, ttl).await });
+    }
 }
 
 impl StreamTally {
@@ -1320,6 +1663,11 @@ async fn forward_stream(
                     }
                     _ => Outcome::Ok,
                 };
+                if outcome == Outcome::Ok
+                    && let (Some(c), Some(text)) = (tally.cache.take(), tally.answer.take())
+                {
+                    c.store(text, tally.usage);
+                }
                 tally.record.finish(outcome, 200, None);
                 return;
             }
@@ -1333,9 +1681,13 @@ async fn forward_stream(
                 }
                 if let Some(answer) = tally.answer.as_mut()
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(&chunk.data)
-                    && let Some(text) = v["choices"][0]["delta"]["content"].as_str()
                 {
-                    answer.push_str(text);
+                    if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
+                        answer.push_str(text);
+                    }
+                    if let Some(c) = tally.cache.as_mut() {
+                        c.observe(&v);
+                    }
                 }
                 if chunk.usage_only && !wants_usage {
                     continue;
@@ -1468,41 +1820,151 @@ pub async fn embeddings(
     if let Err(e) = check_budgets(&gw, &mut record).await {
         return fail(record, e);
     }
-    let mut attempts = Attempts::default();
-    let result = gw
-        .retrier
-        .run_chain(&chain.routes, &mut attempts, |route| {
-            let request = &request;
-            async move {
-                take_capacity(&route, demand).await?;
-                let call = route.provider.embeddings(
-                    request,
-                    &route.upstream_model,
-                    route.timeouts,
-                    route.capacity.as_deref(),
-                );
-                let response = within_total(&route, "embeddings", call).await?;
-                Ok((route, response))
+    // Cached per input item: only the items not cached go upstream, and the answer is
+    // merged back in the client's order.
+    let plan = match embedding_cache_scope(&gw, &headers, &principal) {
+        Some(scope) => match chain.routes.first() {
+            Some(route) => {
+                Some(EmbeddingPlan::lookup(&gw.cache, scope, &route.upstream_model, &request).await)
             }
-        })
-        .await;
-    note_attempts(&mut record, &attempts);
-    let mut response = match result {
-        Ok((route, response)) => {
-            let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
-            let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
-            record_usage(&mut record, (&gw.prices, &route), usage, || {
-                Usage::new(0, 0)
-            });
-            respond_json(record, &route, fallback, &response, Outcome::Ok)
+            None => None,
+        },
+        None => None,
+    };
+    let upstream_request = match &plan {
+        Some(p) => p.upstream_request(&request).map(std::borrow::Cow::Owned),
+        None => Some(std::borrow::Cow::Borrowed(&request)),
+    };
+    let mut response = match upstream_request {
+        None => respond_embeddings_from_cache(record, plan, &request.model),
+        Some(sent) => {
+            let mut attempts = Attempts::default();
+            let result = gw
+                .retrier
+                .run_chain(&chain.routes, &mut attempts, |route| {
+                    let sent = &*sent;
+                    async move {
+                        take_capacity(&route, demand).await?;
+                        let call = route.provider.embeddings(
+                            sent,
+                            &route.upstream_model,
+                            route.timeouts,
+                            route.capacity.as_deref(),
+                        );
+                        let response = within_total(&route, "embeddings", call).await?;
+                        Ok((route, response))
+                    }
+                })
+                .await;
+            note_attempts(&mut record, &attempts);
+            match result {
+                Ok((route, response)) => {
+                    let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
+                    // Usage counts what went upstream, not what the cache answered.
+                    let usage = response.usage.map(|u| Usage::new(u.prompt_tokens, 0));
+                    record_usage(&mut record, (&gw.prices, &route), usage, || {
+                        Usage::new(0, 0)
+                    });
+                    match plan {
+                        None => respond_json(record, &route, fallback, &response, Outcome::Ok),
+                        Some(plan) => {
+                            let ttl = gw.config.cache.ttl_for(&request.model, feature.as_deref());
+                            match plan.merge(Some(response), &route.model) {
+                                Ok(merged) => {
+                                    let status = if merged.cached_items > 0 {
+                                        "partial"
+                                    } else {
+                                        "miss"
+                                    };
+                                    record.update(|r| r.cache_status = Some(status.into()));
+                                    let cache = gw.cache.clone();
+                                    let fresh = merged.to_store;
+                                    tokio::spawn(
+                                        async move { cache.put_vectors(fresh, ttl).await },
+                                    );
+                                    let mut http = respond_json(
+                                        record,
+                                        &route,
+                                        fallback,
+                                        &merged.response,
+                                        Outcome::Ok,
+                                    );
+                                    set_header(&mut http, HEADER_CACHE, status);
+                                    http
+                                }
+                                Err(e) => fail(
+                                    record,
+                                    ApiError::Upstream(UpstreamError::new(
+                                        ErrorClass::InvalidResponse,
+                                        route.provider.kind(),
+                                        e.to_string(),
+                                    )),
+                                ),
+                            }
+                        }
+                    }
+                }
+                Err(error) => fail(record, ApiError::Upstream(error)),
+            }
         }
-        Err(error) => fail(record, ApiError::Upstream(error)),
     };
     if !report.is_empty() {
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
     rate_headers.apply(response.headers_mut());
     response
+}
+
+/// The scope embedding vectors are cached under, or `None` when the cache is off for
+/// this request (`[cache] enabled`/`embeddings`, `x-sluice-cache: no-store`).
+fn embedding_cache_scope<'a>(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    principal: &'a Principal,
+) -> Option<crate::cache::Scope<'a>> {
+    let config = &gw.config.cache;
+    let asked = headers.get(HEADER_CACHE).and_then(|v| v.to_str().ok());
+    if !config.enabled || !config.embeddings || asked.map(str::trim) == Some("no-store") {
+        return None;
+    }
+    Some(match config.scope {
+        CacheScope::Owner => crate::cache::Scope::Owner(principal.owner.as_deref()),
+        CacheScope::Global => crate::cache::Scope::Global,
+    })
+}
+
+/// Every item was cached: answer without an upstream call (no tokens used, cost 0).
+fn respond_embeddings_from_cache(
+    mut record: RecordGuard,
+    plan: Option<EmbeddingPlan>,
+    model: &str,
+) -> Response {
+    let merged = match plan.map(|p| p.merge(None, model)) {
+        Some(Ok(m)) => m,
+        _ => {
+            return fail(
+                record,
+                ApiError::Internal("embedding cache answered without a plan".into()),
+            );
+        }
+    };
+    record.update(|r| {
+        r.cache_status = Some("hit".into());
+        r.model = Some(model.to_string());
+        usage::record_cost(r, Some(Cost::ZERO), None);
+    });
+    let mut http = match serde_json::to_vec(&merged.response) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        Err(e) => {
+            return fail(
+                record,
+                ApiError::Internal(format!("cannot encode response: {e}")),
+            );
+        }
+    };
+    finish_ok(record, &mut http, model, None, Outcome::Ok);
+    set_header(&mut http, HEADER_CACHE, "hit");
+    http
 }
 
 // ---------------------------------------------------------------- models

@@ -108,6 +108,8 @@ async fn burst(procs: &[Proc], path: &str, bodies: Vec<Value>) -> (Vec<u16>, Dur
                 start.wait().await;
                 client
                     .post(url)
+                    // Identical inputs: keep the cache out of a test of limits.
+                    .header("x-sluice-cache", "no-store")
                     .json(&body)
                     .send()
                     .await
@@ -395,6 +397,7 @@ async fn two_instances_share_a_budget_and_a_restart_keeps_the_spend() {
         async move {
             let r = client
                 .post(format!("http://{addr}/v1/embeddings"))
+                .header("x-sluice-cache", "no-store")
                 .json(&body)
                 .send()
                 .await

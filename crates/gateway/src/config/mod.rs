@@ -46,6 +46,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Spend limits and their alerts; no rules = off.
     pub budgets: BudgetsConfig,
+    /// Response and embedding cache, coalescing.
+    pub cache: crate::cache::CacheConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -438,10 +440,13 @@ impl Config {
         let budgets: RawBudgets = section("budgets")
             .and_then(|v| problems.take("budgets", v))
             .unwrap_or_default();
+        let cache: crate::cache::config::RawCache = section("cache")
+            .and_then(|v| problems.take("cache", v))
+            .unwrap_or_default();
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache)",
             );
         }
         let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
@@ -452,7 +457,12 @@ impl Config {
             problems.push(path, message)
         });
 
-        let config = build(
+        let cache =
+            crate::cache::config::build(cache, limits.redis.as_ref(), &mut |path, message| {
+                problems.push(path, message)
+            });
+
+        let mut config = build(
             server,
             retry,
             providers,
@@ -466,6 +476,7 @@ impl Config {
             source,
             &mut problems,
         );
+        config.cache = cache;
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -870,6 +881,7 @@ fn build(
         guard,
         limits,
         budgets,
+        cache: crate::cache::CacheConfig::default(),
         server: ServerConfig {
             listen,
             master_key,

@@ -85,8 +85,17 @@ impl Metrics {
             if let Some(f) = r.fallback {
                 counter!("sluice_fallbacks_total", "model" => model.clone(), "kind" => f.as_str()).increment(1);
             }
+            if let Some(saved) = r.cost_saved_nanos.filter(|c| *c > 0) {
+                counter!("sluice_cost_saved_usd_micros_total", "model" => model.clone(), "feature" => feature.clone())
+                    .increment(saved.unsigned_abs() / 1000);
+            }
             if let Some(status) = r.cache_status.as_deref() {
-                let status = if status == "hit" { "hit" } else { "miss" };
+                // A request answered by an identical one in flight was saved like a hit.
+                let status = match status {
+                    "hit" | "coalesced" => "hit",
+                    "partial" => "partial",
+                    _ => "miss",
+                };
                 counter!("sluice_cache_requests_total", "model" => model.clone(), "status" => status).increment(1);
             }
             if r.outcome() == Outcome::RateLimited {
@@ -134,6 +143,47 @@ impl Metrics {
     pub fn budget_counter_error(&self, op: &'static str) {
         self.with(|| {
             counter!("sluice_budget_counter_errors_total", "op" => op).increment(1);
+        });
+    }
+
+    /// One cache tier consulted (`kind`: chat, embedding; `tier`: memory, redis;
+    /// `result`: hit, miss, error).
+    pub fn cache_lookup(&self, kind: &'static str, tier: &'static str, result: &'static str) {
+        self.with(|| {
+            counter!("sluice_cache_lookups_total", "kind" => kind, "tier" => tier, "result" => result)
+                .increment(1);
+        });
+    }
+
+    /// Entries written to the cache, and the in-process tier's size after the write.
+    pub fn cache_stored(&self, kind: &'static str, entries: u64, memory_bytes: u64) {
+        self.with(|| {
+            counter!("sluice_cache_stores_total", "kind" => kind).increment(entries);
+            gauge!("sluice_cache_memory_bytes").set(memory_bytes as f64);
+        });
+    }
+
+    /// A Redis cache call that failed (served as a miss / not shared; `op`: get, put).
+    pub fn cache_redis_error(&self, op: &'static str) {
+        self.with(|| {
+            counter!("sluice_cache_redis_errors_total", "op" => op).increment(1);
+        });
+    }
+
+    /// A request that waited for an identical request's upstream call instead of making
+    /// its own (`result`: shared, timeout, leader_failed).
+    pub fn cache_flight_waiter(&self, result: &'static str) {
+        self.with(|| {
+            counter!("sluice_cache_flight_waiters_total", "result" => result).increment(1);
+        });
+    }
+
+    /// One coalesced embeddings call upstream carrying `requests` client requests.
+    pub fn embedding_batch(&self, requests: u64, items: u64) {
+        self.with(|| {
+            counter!("sluice_embedding_batches_total").increment(1);
+            counter!("sluice_embedding_batched_requests_total").increment(requests);
+            counter!("sluice_embedding_batched_items_total").increment(items);
         });
     }
 
@@ -248,6 +298,10 @@ fn describe() {
         "sluice_records_dropped_total",
         "Request records lost: the writer queue was full, or the store refused them after retries."
     );
+    describe_counter!(
+        "sluice_cost_saved_usd_micros_total",
+        "What cache hits and coalesced requests would have cost upstream, in micro-dollars."
+    );
     describe_gauge!(
         "sluice_limits_store_up",
         "1 when the shared limit store (Redis) answers; 0 while limits are local or refused."
@@ -259,6 +313,38 @@ fn describe() {
     describe_counter!(
         "sluice_abuse_penalties_total",
         "End users penalized (blocked or throttled) after repeated abuse signals, by signal."
+    );
+    describe_counter!(
+        "sluice_cache_lookups_total",
+        "Cache tier lookups, by kind (chat, embedding), tier (memory, redis) and result (hit, miss, error)."
+    );
+    describe_counter!(
+        "sluice_cache_stores_total",
+        "Answers and embedding vectors written to the cache, by kind."
+    );
+    describe_gauge!(
+        "sluice_cache_memory_bytes",
+        "Approximate size of the in-process cache tier."
+    );
+    describe_counter!(
+        "sluice_cache_redis_errors_total",
+        "Redis cache calls that failed or timed out (served as misses), by op."
+    );
+    describe_counter!(
+        "sluice_cache_flight_waiters_total",
+        "Requests that waited for an identical in-flight request, by result (shared, timeout, leader_failed)."
+    );
+    describe_counter!(
+        "sluice_embedding_batches_total",
+        "Coalesced embeddings calls sent upstream."
+    );
+    describe_counter!(
+        "sluice_embedding_batched_requests_total",
+        "Client embeddings requests carried by coalesced calls."
+    );
+    describe_counter!(
+        "sluice_embedding_batched_items_total",
+        "Embedding input items carried by coalesced calls."
     );
     describe_counter!(
         "sluice_abuse_signals_total",

@@ -1,0 +1,531 @@
+//! The response cache: an in-process tier (moka, bounded by bytes, a TTL per entry) in
+//! front of an optional Redis tier shared by every instance. Chat answers and embedding
+//! vectors share the memory bound.
+//!
+//! Redis keys: `{prefix}cache:v1:{hex}` for answers and `{prefix}cache:v1:e:{hex}` for
+//! embedding vectors, each written with `SET ... PX ttl`. They live apart from the rate
+//! limiter's `{prefix}rl:` and the budget counters, and every one carries a TTL. Eviction:
+//! under `maxmemory` with a `volatile-*` or `allkeys-*` policy Redis may evict ANY key with
+//! a TTL, rate-limit buckets included, which would silently reset limits. Run the shared
+//! Redis with `maxmemory-policy noeviction` (cache writes then fail when it is full, and
+//! are counted as errors, never fail a request), or give the cache its own Redis or
+//! database with `[cache] redis_url = "redis://host:6379/1"`.
+//!
+//! Redis failures are misses: a lookup that errs or times out (the `[redis]` timeout)
+//! serves from upstream, a write that fails is dropped; both are counted
+//! (`sluice_cache_redis_errors_total`) and logged at most once a minute.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::config::CacheConfig;
+use super::key::CacheKey;
+use crate::limits::config::RedisConfig;
+use crate::redis_conn::RedisConn;
+use crate::telemetry::Metrics;
+use crate::wire::ChatResponse;
+
+/// Bumped with [`CachedAnswer`]'s layout; part of every Redis key.
+const REDIS_NAMESPACE: &str = "cache:v1:";
+/// Redis errors are logged at most this often (each is counted).
+const WARN_EVERY_MS: i64 = 60_000;
+/// What an entry costs beyond its payload (key, bookkeeping), for the byte bound.
+const ENTRY_OVERHEAD: usize = 96;
+
+/// A whole chat answer as cached: a streamed answer is stored reassembled (text, finish
+/// reason, usage) and replayed as SSE frames.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CachedAnswer {
+    /// The complete answer, usage included (what a hit would have cost upstream).
+    pub response: ChatResponse,
+    /// The configured model that answered (the `x-sluice-model` of a hit).
+    pub model: String,
+    /// Unix milliseconds when the answer was stored.
+    pub stored_at: i64,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub memory_hits: u64,
+    pub redis_hits: u64,
+    pub misses: u64,
+    pub stores: u64,
+    pub redis_errors: u64,
+    /// Approximate size of the in-process tier.
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+}
+
+#[derive(Clone)]
+enum Payload {
+    Answer(Arc<CachedAnswer>),
+    Vector(Arc<Value>),
+}
+
+#[derive(Clone)]
+struct Entry {
+    payload: Payload,
+    ttl: Duration,
+    weight: u32,
+}
+
+/// Each entry lives for its own TTL, reset when the entry is written again.
+struct PerEntryTtl;
+
+impl Expiry<u128, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _: &u128, value: &Entry, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &u128,
+        value: &Entry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    memory_hits: AtomicU64,
+    redis_hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    redis_errors: AtomicU64,
+}
+
+struct RedisTier {
+    conn: RedisConn,
+    /// `{prefix}cache:v1:`.
+    namespace: String,
+    last_warn_ms: AtomicI64,
+}
+
+/// The two cache tiers behind one type; cheap to share in an `Arc`.
+pub struct ResponseCache {
+    memory: moka::sync::Cache<u128, Entry>,
+    redis: Option<RedisTier>,
+    counters: Counters,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl std::fmt::Debug for ResponseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseCache")
+            .field("redis", &self.redis.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseCache {
+    /// The cache `config` describes: memory only, or memory in front of `config.redis`.
+    /// Never waits for Redis (see [`RedisConn::connect`]); fails only for a bad URL or
+    /// outside a Tokio runtime.
+    pub fn new(config: &CacheConfig, metrics: Option<Arc<Metrics>>) -> Result<Self, String> {
+        let redis = config.redis.as_ref().map(RedisTier::connect).transpose()?;
+        Ok(Self {
+            memory: memory_tier(config.memory_bytes),
+            redis,
+            counters: Counters::default(),
+            metrics,
+        })
+    }
+
+    /// An in-process cache only (tests, and gateways without Redis).
+    pub fn memory_only(memory_bytes: u64) -> Self {
+        Self {
+            memory: memory_tier(memory_bytes),
+            redis: None,
+            counters: Counters::default(),
+            metrics: None,
+        }
+    }
+
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// The cached answer for `key`: memory first, then Redis (a Redis hit fills the
+    /// memory tier for the entry's remaining TTL). A Redis failure is a miss.
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        if let Some(Entry {
+            payload: Payload::Answer(a),
+            ..
+        }) = self.memory.get(&key.0)
+        {
+            self.hit("chat", "memory");
+            return Some(a);
+        }
+        self.lookup_metric("chat", "memory", "miss");
+        let Some(redis) = &self.redis else {
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        let found = match redis.get_many(&[redis.answer_key(key)]).await {
+            Ok(mut found) => found.pop().flatten(),
+            Err(e) => {
+                self.redis_failed("get", "chat", e);
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        };
+        let answer = found.and_then(|(bytes, ttl)| {
+            let answer = Arc::new(serde_json::from_slice::<CachedAnswer>(&bytes).ok()?);
+            self.memory.insert(
+                key.0,
+                entry(Payload::Answer(answer.clone()), ttl, bytes.len()),
+            );
+            Some(answer)
+        });
+        match &answer {
+            Some(_) => self.hit("chat", "redis"),
+            None => {
+                self.lookup_metric("chat", "redis", "miss");
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        answer
+    }
+
+    /// Store `answer` under `key` for `ttl` (zero: not stored) in both tiers. Returns when
+    /// Redis has it, or failed to take it within the `[redis]` timeout; callers on the hot
+    /// path spawn it.
+    pub async fn put(&self, key: CacheKey, answer: CachedAnswer, ttl: Duration) {
+        if ttl.is_zero() {
+            return;
+        }
+        let Ok(bytes) = serde_json::to_vec(&answer) else {
+            return;
+        };
+        self.memory.insert(
+            key.0,
+            entry(Payload::Answer(Arc::new(answer)), ttl, bytes.len()),
+        );
+        self.stored("chat", 1);
+        if let Some(redis) = &self.redis
+            && let Err(e) = redis
+                .set_many(vec![(redis.answer_key(&key), bytes)], ttl)
+                .await
+        {
+            self.redis_failed("put", "chat", e);
+        }
+    }
+
+    /// Cached embedding vectors for `keys`, in order: memory first, then one Redis round
+    /// trip for everything memory did not have.
+    pub async fn get_vectors(&self, keys: &[CacheKey]) -> Vec<Option<Arc<Value>>> {
+        let mut out: Vec<Option<Arc<Value>>> = keys
+            .iter()
+            .map(|k| match self.memory.get(&k.0) {
+                Some(Entry {
+                    payload: Payload::Vector(v),
+                    ..
+                }) => {
+                    self.hit("embedding", "memory");
+                    Some(v)
+                }
+                _ => {
+                    self.lookup_metric("embedding", "memory", "miss");
+                    None
+                }
+            })
+            .collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if missing.is_empty() {
+            return out;
+        }
+        let Some(redis) = &self.redis else {
+            self.counters
+                .misses
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            return out;
+        };
+        let redis_keys: Vec<String> = missing
+            .iter()
+            .map(|&i| redis.vector_key(&keys[i]))
+            .collect();
+        match redis.get_many(&redis_keys).await {
+            Ok(found) => {
+                for (&i, hit) in missing.iter().zip(found) {
+                    let vector = hit.and_then(|(bytes, ttl)| {
+                        let v = Arc::new(serde_json::from_slice::<Value>(&bytes).ok()?);
+                        self.memory.insert(
+                            keys[i].0,
+                            entry(Payload::Vector(v.clone()), ttl, bytes.len()),
+                        );
+                        Some(v)
+                    });
+                    match vector {
+                        Some(v) => {
+                            self.hit("embedding", "redis");
+                            out[i] = Some(v);
+                        }
+                        None => {
+                            self.lookup_metric("embedding", "redis", "miss");
+                            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                self.redis_failed("get", "embedding", e);
+                self.counters
+                    .misses
+                    .fetch_add(missing.len() as u64, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// Store embedding vectors (one Redis round trip for all of them).
+    pub async fn put_vectors(&self, items: Vec<(CacheKey, Value)>, ttl: Duration) {
+        if ttl.is_zero() || items.is_empty() {
+            return;
+        }
+        let mut writes = Vec::with_capacity(items.len());
+        let n = items.len() as u64;
+        for (key, vector) in items {
+            let Ok(bytes) = serde_json::to_vec(&vector) else {
+                continue;
+            };
+            self.memory.insert(
+                key.0,
+                entry(Payload::Vector(Arc::new(vector)), ttl, bytes.len()),
+            );
+            if let Some(redis) = &self.redis {
+                writes.push((redis.vector_key(&key), bytes));
+            }
+        }
+        self.stored("embedding", n);
+        if let Some(redis) = &self.redis
+            && let Err(e) = redis.set_many(writes, ttl).await
+        {
+            self.redis_failed("put", "embedding", e);
+        }
+    }
+
+    /// Drop every in-process entry (Redis keeps its own; it expires them).
+    pub fn clear_memory(&self) {
+        self.memory.invalidate_all();
+        self.memory.run_pending_tasks();
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        CacheStats {
+            memory_hits: c.memory_hits.load(Ordering::Relaxed),
+            redis_hits: c.redis_hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            stores: c.stores.load(Ordering::Relaxed),
+            redis_errors: c.redis_errors.load(Ordering::Relaxed),
+            memory_bytes: self.memory.weighted_size(),
+            memory_entries: self.memory.entry_count(),
+        }
+    }
+
+    fn hit(&self, kind: &'static str, tier: &'static str) {
+        let counter = if tier == "memory" {
+            &self.counters.memory_hits
+        } else {
+            &self.counters.redis_hits
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.lookup_metric(kind, tier, "hit");
+    }
+
+    fn lookup_metric(&self, kind: &'static str, tier: &'static str, result: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.cache_lookup(kind, tier, result);
+        }
+    }
+
+    fn stored(&self, kind: &'static str, n: u64) {
+        self.counters.stores.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.cache_stored(kind, n, self.memory.weighted_size());
+        }
+    }
+
+    fn redis_failed(&self, op: &'static str, kind: &'static str, error: String) {
+        self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.cache_redis_error(op);
+            if op == "get" {
+                m.cache_lookup(kind, "redis", "error");
+            }
+        }
+        let Some(redis) = &self.redis else { return };
+        let now = crate::usage::now_ms();
+        let last = redis.last_warn_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= WARN_EVERY_MS
+            && redis
+                .last_warn_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(%error, "the Redis cache failed; serving from memory and upstream (logged once a minute, counted in sluice_cache_redis_errors_total)");
+        }
+    }
+}
+
+fn memory_tier(bytes: u64) -> moka::sync::Cache<u128, Entry> {
+    moka::sync::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|_, e: &Entry| e.weight)
+        .expire_after(PerEntryTtl)
+        .build()
+}
+
+fn entry(payload: Payload, ttl: Duration, payload_bytes: usize) -> Entry {
+    Entry {
+        payload,
+        ttl,
+        weight: u32::try_from(payload_bytes.saturating_add(ENTRY_OVERHEAD)).unwrap_or(u32::MAX),
+    }
+}
+
+impl RedisTier {
+    fn connect(config: &RedisConfig) -> Result<Self, String> {
+        Ok(Self {
+            conn: RedisConn::connect(config, "cache")?,
+            namespace: format!("{}{REDIS_NAMESPACE}", config.prefix),
+            last_warn_ms: AtomicI64::new(i64::MIN / 2),
+        })
+    }
+
+    fn answer_key(&self, key: &CacheKey) -> String {
+        format!("{}{}", self.namespace, key.hex())
+    }
+
+    fn vector_key(&self, key: &CacheKey) -> String {
+        format!("{}e:{}", self.namespace, key.hex())
+    }
+
+    /// Each key's value and remaining TTL, in one round trip; `None` for a missing key
+    /// (or one about to expire).
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<(Vec<u8>, Duration)>>, String> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
+        }
+        let mut con = self.conn.handle();
+        let values: Vec<redis::Value> = self
+            .conn
+            .within("cache get", pipe.query_async(&mut con))
+            .await?;
+        let mut values = values.into_iter();
+        let mut out = Vec::with_capacity(keys.len());
+        while let (Some(v), Some(ttl)) = (values.next(), values.next()) {
+            let bytes: Option<Vec<u8>> =
+                redis::from_redis_value(v).map_err(|e| format!("redis cache get: {e}"))?;
+            let ttl: i64 =
+                redis::from_redis_value(ttl).map_err(|e| format!("redis cache get: {e}"))?;
+            // PTTL: -2 missing, -1 no expiry (never written by us); keep only live entries.
+            out.push(
+                bytes
+                    .filter(|_| ttl > 0)
+                    .map(|b| (b, Duration::from_millis(u64::try_from(ttl).unwrap_or(0)))),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn set_many(&self, items: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), String> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut pipe = redis::pipe();
+        for (k, v) in items {
+            pipe.cmd("SET").arg(k).arg(v).arg("PX").arg(ms).ignore();
+        }
+        let mut con = self.conn.handle();
+        self.conn
+            .within("cache put", pipe.query_async::<()>(&mut con))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ChatMessage, Choice, Usage};
+
+    pub(crate) fn answer(text: &str) -> CachedAnswer {
+        CachedAnswer {
+            response: ChatResponse {
+                id: "chatcmpl-1".into(),
+                object: "chat.completion".into(),
+                created: 1,
+                model: "gpt-4o-mini".into(),
+                choices: vec![Choice {
+                    index: 0,
+                    message: ChatMessage::assistant(text),
+                    finish_reason: Some("stop".into()),
+                    extra: Default::default(),
+                }],
+                usage: Some(Usage::new(10, 5)),
+                extra: Default::default(),
+            },
+            model: "gpt-4o-mini".into(),
+            stored_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_tier_hits_misses_and_counts() {
+        let c = ResponseCache::memory_only(1 << 20);
+        let k = CacheKey(7);
+        assert!(c.get(&k).await.is_none());
+        c.put(k, answer("hello"), Duration::from_secs(60)).await;
+        let hit = c.get(&k).await.unwrap();
+        assert_eq!(hit.response.choices[0].message.text(), "hello");
+        assert_eq!(hit.response.usage, Some(Usage::new(10, 5)));
+        // A vector under another key never reads as an answer.
+        c.put_vectors(
+            vec![(CacheKey(8), serde_json::json!([0.5]))],
+            Duration::from_secs(60),
+        )
+        .await;
+        assert!(c.get(&CacheKey(8)).await.is_none());
+        let s = c.stats();
+        assert_eq!((s.memory_hits, s.misses, s.stores), (1, 2, 2));
+        c.memory.run_pending_tasks();
+        assert!(c.stats().memory_bytes > 0);
+    }
+
+    #[tokio::test]
+    async fn zero_ttl_is_not_stored_and_entries_expire() {
+        let c = ResponseCache::memory_only(1 << 20);
+        c.put(CacheKey(1), answer("x"), Duration::ZERO).await;
+        assert!(c.get(&CacheKey(1)).await.is_none());
+        c.put(CacheKey(2), answer("x"), Duration::from_millis(30))
+            .await;
+        assert!(c.get(&CacheKey(2)).await.is_some());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(c.get(&CacheKey(2)).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_memory_tier_is_bounded_by_bytes() {
+        let c = ResponseCache::memory_only(16 * 1024);
+        let big = "x".repeat(2000);
+        for i in 0..100 {
+            c.put(CacheKey(i), answer(&big), Duration::from_secs(60))
+                .await;
+        }
+        c.memory.run_pending_tasks();
+        let s = c.stats();
+        assert!(s.memory_bytes <= 16 * 1024, "{s:?}");
+        assert!(s.memory_entries < 100, "{s:?}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The response cache's Redis tier against a real Redis: two instances share answers,
+//! entries expire with their TTL, embedding vectors are shared per item, and cache keys
+//! never enter the rate limiter's key space.
+//!
+//! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); a test
+//! fails with a clear message when it is not reachable. Each test writes under a prefix
+//! of its own.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use sluice_gateway::cache::config::CacheConfig;
+use sluice_gateway::cache::{CacheKey, CachedAnswer, ResponseCache};
+use sluice_gateway::limits::backend::Verdict;
+use sluice_gateway::limits::config::FailMode;
+use sluice_gateway::limits::redis::RedisBackend;
+use sluice_gateway::limits::{Backend, Bucket, Charge, Check, Unit};
+use sluice_gateway::wire::ChatResponse;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A cache instance ("a gateway") on the test Redis under `prefix`.
+async fn instance(prefix: &str) -> ResponseCache {
+    // Fails with the "start a Redis" message when none is reachable.
+    support::redis_raw().await;
+    let config = CacheConfig {
+        redis: Some(support::redis_config(
+            support::redis_url(),
+            prefix,
+            FailMode::Open,
+            TIMEOUT,
+        )),
+        ..CacheConfig::default()
+    };
+    ResponseCache::new(&config, None).unwrap_or_else(|e| panic!("ResponseCache::new: {e}"))
+}
+
+fn answer(text: &str) -> CachedAnswer {
+    let response: ChatResponse = serde_json::from_value(json!({
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    }))
+    .unwrap_or_else(|e| panic!("{e}"));
+    CachedAnswer {
+        response,
+        model: "gpt-4o-mini".into(),
+        stored_at: 1,
+    }
+}
+
+async fn keys_under(prefix: &str) -> Vec<String> {
+    let mut con = support::redis_raw().await;
+    let pattern = format!("{}*", sluice_gateway::redis_conn::glob_escape(prefix));
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("SCAN: {e}"));
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+#[tokio::test]
+async fn a_put_on_one_instance_is_a_hit_on_another() {
+    let prefix = support::unique_redis_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let key = CacheKey(0x1234_5678_9abc_def0_1122_3344_5566_7788);
+    assert!(b.get(&key).await.is_none(), "nothing cached yet");
+    a.put(key, answer("shared"), Duration::from_secs(60)).await;
+
+    let hit = b
+        .get(&key)
+        .await
+        .unwrap_or_else(|| panic!("a miss on the second instance"));
+    assert_eq!(hit.response.choices[0].message.text(), "shared");
+    assert_eq!(hit.response.usage.map(|u| u.total_tokens), Some(15));
+    let s = b.stats();
+    assert_eq!((s.redis_hits, s.memory_hits, s.misses), (1, 0, 1), "{s:?}");
+    // The Redis hit filled the second instance's memory tier.
+    b.get(&key)
+        .await
+        .unwrap_or_else(|| panic!("memory tier empty"));
+    assert_eq!(b.stats().memory_hits, 1);
+    assert_eq!(b.stats().redis_errors, 0);
+
+    // Embedding vectors are shared per item the same way.
+    let v = CacheKey(42);
+    a.put_vectors(vec![(v, json!([0.25, -1.5]))], Duration::from_secs(60))
+        .await;
+    let got = b.get_vectors(&[CacheKey(41), v]).await;
+    assert!(got[0].is_none());
+    assert_eq!(got[1].as_deref(), Some(&json!([0.25, -1.5])));
+}
+
+#[tokio::test]
+async fn entries_expire_with_their_ttl() {
+    let prefix = support::unique_redis_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let key = CacheKey(7);
+    a.put(key, answer("short-lived"), Duration::from_millis(300))
+        .await;
+    let mut con = support::redis_raw().await;
+    let redis_key = format!("{prefix}cache:v1:{}", key.hex());
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut con)
+        .await
+        .unwrap_or_else(|e| panic!("PTTL: {e}"));
+    assert!((1..=300).contains(&pttl), "PTTL {pttl}");
+    assert!(b.get(&key).await.is_some());
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    // Gone from Redis and from both memory tiers (the filled one kept Redis's TTL).
+    assert!(a.get(&key).await.is_none());
+    assert!(b.get(&key).await.is_none());
+    assert!(keys_under(&prefix).await.is_empty());
+}
+
+#[tokio::test]
+async fn cache_keys_never_enter_the_limiter_key_space() {
+    let prefix = support::unique_redis_prefix();
+    let cache = instance(&prefix).await;
+    let limits = RedisBackend::new(&support::redis_config(
+        support::redis_url(),
+        &prefix,
+        FailMode::Open,
+        TIMEOUT,
+    ))
+    .unwrap_or_else(|e| panic!("RedisBackend::new: {e}"));
+    let check = Check {
+        penalty_key: None,
+        charges: vec![Charge {
+            bucket: Bucket {
+                key: "key:k1".into(),
+                limit: 10,
+                period: Duration::from_secs(60),
+            },
+            unit: Unit::Requests,
+            cost: 1,
+        }],
+        leases: vec![],
+    };
+    let verdict = limits
+        .check(&check)
+        .await
+        .unwrap_or_else(|e| panic!("limit check: {e}"));
+    assert!(matches!(verdict, Verdict::Allowed { .. }), "{verdict:?}");
+    for i in 0..20 {
+        cache
+            .put(CacheKey(i), answer("x"), Duration::from_secs(60))
+            .await;
+    }
+    cache
+        .put_vectors(vec![(CacheKey(99), json!([1.0]))], Duration::from_secs(60))
+        .await;
+
+    let keys = keys_under(&prefix).await;
+    let cache_keys: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with(&format!("{prefix}cache:")))
+        .collect();
+    let limit_keys: Vec<&String> = keys
+        .iter()
+        .filter(|k| k.starts_with(&format!("{prefix}rl:")))
+        .collect();
+    assert_eq!(cache_keys.len(), 21, "{keys:?}");
+    assert!(!limit_keys.is_empty(), "the limiter wrote no key: {keys:?}");
+    assert_eq!(
+        cache_keys.len() + limit_keys.len(),
+        keys.len(),
+        "a key in neither space: {keys:?}"
+    );
+    // Every cache key carries a TTL, so eviction and expiry are the cache's own.
+    let mut con = support::redis_raw().await;
+    for k in cache_keys {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("PTTL: {e}"));
+        assert!(pttl > 0, "{k} has no TTL");
+    }
+}
+
+#[tokio::test]
+async fn redis_down_is_a_miss_not_an_error() {
+    // Nothing listens on port 1: every Redis call fails fast.
+    let config = CacheConfig {
+        redis: Some(support::redis_config(
+            "redis://127.0.0.1:1".into(),
+            "sluice-test-down:",
+            FailMode::Open,
+            Duration::from_millis(200),
+        )),
+        ..CacheConfig::default()
+    };
+    let cache = ResponseCache::new(&config, None).unwrap_or_else(|e| panic!("{e}"));
+    let key = CacheKey(5);
+    assert!(cache.get(&key).await.is_none());
+    cache
+        .put(key, answer("local"), Duration::from_secs(60))
+        .await;
+    // Still served from memory.
+    assert!(cache.get(&key).await.is_some());
+    let s = cache.stats();
+    assert!(s.redis_errors >= 2, "{s:?}");
+    assert_eq!(s.memory_hits, 1);
+}
