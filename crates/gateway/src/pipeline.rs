@@ -30,7 +30,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Auth, Principal};
 use crate::cache::{
-    CacheKey, CacheScope, CachedAnswer, EmbeddingPlan, FlightError, ResponseCache, SingleFlight,
+    CacheKey, CacheScope, CachedAnswer, CoalesceError, Coalescer, EmbeddingPlan, FlightError,
+    ResponseCache, SingleFlight,
 };
 use crate::config::{Config, ModelKind};
 use crate::error::ApiError;
@@ -47,7 +48,8 @@ use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder};
 use crate::telemetry::{LogSink, Metrics, MetricsSink, RecordSink};
 use crate::usage::{self, BudgetDecision, Budgets, Cost, PriceBook, TokenUsage};
 use crate::wire::{
-    ChatMessage, ChatRequest, ChatResponse, Choice, EmbeddingsRequest, StreamChunk, Usage,
+    ChatMessage, ChatRequest, ChatResponse, Choice, EmbeddingInput, EmbeddingsRequest,
+    EmbeddingsResponse, StreamChunk, Usage,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -78,6 +80,8 @@ pub struct Gateway {
     pub cache: Arc<ResponseCache>,
     /// Identical cacheable misses in flight, sharing one upstream call.
     pub flight: SingleFlight<CacheKey, FlightAnswer>,
+    /// Concurrent embeddings requests of one model, sent upstream as one call.
+    pub coalescer: Coalescer<CacheKey, UpstreamError>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
@@ -128,6 +132,11 @@ impl Gateway {
                     .map_err(|e| anyhow::anyhow!("[cache]: {e}"))?,
             ),
             flight: SingleFlight::new(),
+            coalescer: Coalescer::new(
+                config.cache.coalesce_window,
+                config.cache.coalesce_max_batch,
+                Some(metrics.clone()),
+            ),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
             router: Router::new(config.clone())?,
             retrier: Retrier::new(config.retry.clone()),
@@ -1838,24 +1847,12 @@ pub async fn embeddings(
     let mut response = match upstream_request {
         None => respond_embeddings_from_cache(record, plan, &request.model),
         Some(sent) => {
-            let mut attempts = Attempts::default();
-            let result = gw
-                .retrier
-                .run_chain(&chain.routes, &mut attempts, |route| {
-                    let sent = &*sent;
-                    async move {
-                        take_capacity(&route, demand).await?;
-                        let call = route.provider.embeddings(
-                            sent,
-                            &route.upstream_model,
-                            route.timeouts,
-                            route.capacity.as_deref(),
-                        );
-                        let response = within_total(&route, "embeddings", call).await?;
-                        Ok((route, response))
-                    }
-                })
-                .await;
+            let (result, attempts) = match coalescing_key(&gw, &chain, &sent) {
+                Some(key) => {
+                    coalesced_embeddings(&gw, key, &chain, sent.into_owned(), demand).await
+                }
+                None => call_embeddings(&gw, &sent, &chain.routes, demand).await,
+            };
             note_attempts(&mut record, &attempts);
             match result {
                 Ok((route, response)) => {
@@ -1913,6 +1910,98 @@ pub async fn embeddings(
     }
     rate_headers.apply(response.headers_mut());
     response
+}
+
+/// One walk of an embeddings chain: retries, fallbacks, capacity, timeouts.
+async fn call_embeddings(
+    gw: &Gateway,
+    request: &EmbeddingsRequest,
+    routes: &[Arc<Route>],
+    demand: Demand,
+) -> (
+    Result<(Arc<Route>, EmbeddingsResponse), UpstreamError>,
+    Attempts,
+) {
+    let mut attempts = Attempts::default();
+    let result = gw
+        .retrier
+        .run_chain(routes, &mut attempts, |route| async move {
+            take_capacity(&route, demand).await?;
+            let call = route.provider.embeddings(
+                request,
+                &route.upstream_model,
+                route.timeouts,
+                route.capacity.as_deref(),
+            );
+            let response = within_total(&route, "embeddings", call).await?;
+            Ok((route, response))
+        })
+        .await;
+    (result, attempts)
+}
+
+/// The batching key when this request may share its upstream call with concurrent
+/// ones (`[cache] coalesce_window` above zero, and a chain of one model: a batch has one
+/// answering model to bill and name).
+fn coalescing_key(gw: &Gateway, chain: &Chain, sent: &EmbeddingsRequest) -> Option<CacheKey> {
+    if gw.config.cache.coalesce_window.is_zero() || chain.routes.len() != 1 {
+        return None;
+    }
+    let route = chain.routes.first()?;
+    crate::cache::key::embedding_params_key(&route.upstream_model, sent)
+}
+
+/// Send the inputs in one upstream call with the concurrent requests of the same model
+/// and parameters (within the window), and take this request's share of the answer.
+async fn coalesced_embeddings(
+    gw: &Arc<Gateway>,
+    key: CacheKey,
+    chain: &Chain,
+    sent: EmbeddingsRequest,
+    demand: Demand,
+) -> (
+    Result<(Arc<Route>, EmbeddingsResponse), UpstreamError>,
+    Attempts,
+) {
+    let routes = chain.routes.clone();
+    let Some(route) = routes.first().cloned() else {
+        return (
+            Err(UpstreamError::new(
+                ErrorClass::Server,
+                "gateway",
+                "no route",
+            )),
+            Attempts::default(),
+        );
+    };
+    let input = sent.input.clone();
+    let leader = gw.clone();
+    let send = move |batch: EmbeddingInput| async move {
+        let request = EmbeddingsRequest {
+            input: batch,
+            ..sent
+        };
+        call_embeddings(&leader, &request, &routes, demand)
+            .await
+            .0
+            .map(|(_, response)| response)
+    };
+    let attempts = Attempts {
+        calls: 1,
+        ..Attempts::default()
+    };
+    match gw.coalescer.submit(key, input, send).await {
+        Ok(response) => (Ok((route, response)), attempts),
+        Err(CoalesceError::Upstream(e)) => (Err(e), attempts),
+        Err(e) => (
+            Err(UpstreamError::new(
+                ErrorClass::InvalidResponse,
+                route.provider.kind(),
+                e.to_string(),
+            )),
+            attempts,
+        ),
+    }
 }
 
 /// The scope embedding vectors are cached under, or `None` when the cache is off for

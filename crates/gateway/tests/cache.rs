@@ -380,3 +380,75 @@ async fn embeddings_are_cached_per_item_and_only_misses_go_upstream() {
     assert_eq!((record.upstream_calls, record.prompt_tokens), (0, 0));
     assert_eq!(record.cost_nanos, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_embedding_requests_go_upstream_as_one_call() {
+    let mock = sluice_sim::MockServer::start("127.0.0.1:0".parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let h = harness(&format!(
+        r#"
+        [cache]
+        coalesce_window = "50ms"
+        [[providers]]
+        name = "mock"
+        kind = "openai"
+        base_url = "{}"
+        [[models]]
+        name = "text-embedding-3-small"
+        provider = "mock"
+        kind = "embeddings"
+        "#,
+        mock.url()
+    ))
+    .await;
+    let tasks: Vec<_> = (0..5u32)
+        .map(|i| {
+            let app = h.app.clone();
+            tokio::spawn(async move {
+                let input: Vec<Vec<u32>> = vec![vec![i; 4], vec![i + 100; 6]];
+                let r = app
+                    .oneshot(
+                        Request::post("/v1/embeddings")
+                            .header("content-type", "application/json")
+                            .body(Body::from(
+                                json!({"model": "text-embedding-3-small", "input": input})
+                                    .to_string(),
+                            ))
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::OK);
+                let v: Value = serde_json::from_slice(
+                    &axum::body::to_bytes(r.into_body(), usize::MAX)
+                        .await
+                        .unwrap(),
+                )
+                .unwrap();
+                (i, v)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, v) = t.await.unwrap();
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2, "each caller gets its own items back");
+        assert_eq!(
+            (data[0]["index"].clone(), data[1]["index"].clone()),
+            (json!(0), json!(1))
+        );
+        // Each caller's share of the usage: its own 4 + 6 tokens.
+        assert_eq!(v["usage"]["prompt_tokens"], 10, "caller {i}: {v}");
+        // Same vectors as the simulator gives those items alone.
+        let alone = sluice_sim::reply::embedding_of_tokens(&[i; 4], 1536);
+        let got: Vec<f32> = data[0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got, alone, "caller {i} got its own vector");
+    }
+    assert_eq!(mock.calls(), 1, "five requests, one upstream call");
+}
