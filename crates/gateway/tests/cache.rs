@@ -6,14 +6,13 @@
 #![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use sluice_gateway::telemetry::RequestRecord;
 use tower::ServiceExt;
 
 mod support;
 
-use support::{Harness, harness};
+use support::{Harness, Reply, harness};
 
 const SIM: &str = r#"
 [[providers]]
@@ -32,39 +31,8 @@ provider = "cutting"
 upstream = "gpt-4o-mini"
 "#;
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-    record: RequestRecord,
-}
-
 async fn post(h: &mut Harness, body: Value, headers: &[(&str, &str)]) -> Reply {
-    let mut req = Request::post("/v1/chat/completions").header("content-type", "application/json");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = h
-        .app
-        .clone()
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = r.into_parts();
-    let body = String::from_utf8(
-        axum::body::to_bytes(body, usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    let record = h.records.recv().await.unwrap();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        record,
-    }
+    h.send("/v1/chat/completions", body, headers).await
 }
 
 fn cache_header(r: &Reply) -> Option<&str> {
@@ -72,8 +40,8 @@ fn cache_header(r: &Reply) -> Option<&str> {
 }
 
 fn text_of(r: &Reply) -> String {
-    if r.body.starts_with("data:") {
-        r.body
+    if r.text.starts_with("data:") {
+        r.text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .filter(|d| *d != "[DONE]")
@@ -85,8 +53,7 @@ fn text_of(r: &Reply) -> String {
             })
             .collect()
     } else {
-        let v: Value = serde_json::from_str(&r.body).unwrap();
-        v["choices"][0]["message"]["content"]
+        r.body["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
             .to_string()
@@ -130,9 +97,11 @@ async fn a_deterministic_request_is_answered_from_the_cache_at_no_cost() {
         (first.record.prompt_tokens, first.record.completion_tokens)
     );
     assert_eq!(hit.headers["x-sluice-model"], "gpt-4o-mini");
-    let v: Value = serde_json::from_str(&hit.body).unwrap();
     assert!(
-        v["id"].as_str().unwrap().contains(&hit.record.request_id),
+        hit.body["id"]
+            .as_str()
+            .unwrap()
+            .contains(&hit.record.request_id),
         "a fresh id"
     );
     // A different question is a different key.
@@ -191,8 +160,8 @@ async fn streams_are_stored_whole_and_replayed_but_never_when_cut() {
     // ...and streamed again, replayed as SSE with the usage the client asked for.
     let replay = post(&mut h, stream.clone(), &[]).await;
     assert_eq!(cache_header(&replay), Some("hit"));
-    assert!(replay.body.ends_with("data: [DONE]\n\n"));
-    assert!(replay.body.contains("\"usage\""));
+    assert!(replay.text.ends_with("data: [DONE]\n\n"));
+    assert!(replay.text.contains("\"usage\""));
     assert_eq!(text_of(&replay), text_of(&first));
     assert_eq!(replay.record.upstream_calls, 0);
 
@@ -200,7 +169,7 @@ async fn streams_are_stored_whole_and_replayed_but_never_when_cut() {
     let mut cut = json!({"model": "cut-model", "temperature": 0, "stream": true,
                          "messages": [{"role": "user", "content": "Tell me about locks."}]});
     let r = post(&mut h, cut.clone(), &[]).await;
-    assert!(r.body.contains("stream_interrupted"), "{}", r.body);
+    assert!(r.text.contains("stream_interrupted"), "{}", r.text);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     cut["stream"] = json!(false);
     let again = post(&mut h, cut, &[]).await;
@@ -229,18 +198,29 @@ async fn two_instances_share_hits_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_identical_misses_make_one_upstream_call() {
-    let mut h = harness(
+    // The simulator over HTTP counts the calls it answers.
+    let mock = sluice_sim::MockServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        sluice_sim::ChaosConfig {
+            latency: std::time::Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut h = harness(&format!(
         r#"
         [[providers]]
         name = "slow"
-        kind = "sim"
-        chaos = { latency = "300ms" }
+        kind = "openai"
+        base_url = "{}"
         [[models]]
         name = "slow-model"
         provider = "slow"
         upstream = "gpt-4o-mini"
         "#,
-    )
+        mock.url()
+    ))
     .await;
     let body = json!({"model": "slow-model", "temperature": 0,
                       "messages": [{"role": "user", "content": "one question, asked a hundred times"}]});
@@ -297,6 +277,7 @@ async fn a_hundred_identical_misses_make_one_upstream_call() {
         "one upstream call for 100 identical requests: {statuses:?}"
     );
     assert_eq!(statuses.get("miss"), Some(&1), "{statuses:?}");
+    assert_eq!(mock.calls(), 1, "the simulator answered once");
 }
 
 #[tokio::test]

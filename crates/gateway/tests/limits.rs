@@ -7,46 +7,20 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use sluice_gateway::telemetry::{Outcome, RequestRecord};
+use sluice_gateway::telemetry::Outcome;
 use tower::ServiceExt;
 
 mod support;
 
-use support::{Harness, harness};
+use support::{Harness, Reply, harness};
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-    record: RequestRecord,
+trait ChatAs {
+    async fn chat_as(&mut self, user: &str, text: &str) -> Reply;
 }
 
-impl Harness {
-    async fn send(&mut self, path: &str, body: Value, headers: &[(&str, &str)]) -> Reply {
-        let mut req = Request::post(path).header("content-type", "application/json");
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let r = self
-            .app
-            .clone()
-            .oneshot(req.body(Body::from(body.to_string())).unwrap())
-            .await
-            .unwrap();
-        let (parts, body) = r.into_parts();
-        let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let record = self.records.recv().await.unwrap();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            record,
-        }
-    }
-
+impl ChatAs for Harness {
     async fn chat_as(&mut self, user: &str, text: &str) -> Reply {
         let body = json!({"model": "gpt-4o-mini", "user": user,
                           "messages": [{"role": "user", "content": text}]});

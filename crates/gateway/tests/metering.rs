@@ -7,13 +7,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 use sluice_gateway::telemetry::{Outcome, RequestRecord};
 use sluice_gateway::usage::TokenUsage;
 use sluice_gateway::usage::prices::{cost, shipped};
-use tower::ServiceExt;
 
 mod support;
 
@@ -49,27 +47,8 @@ async fn post(
     path: &str,
     body: Value,
 ) -> (StatusCode, HeaderMap, String, RequestRecord) {
-    let r = h
-        .app
-        .clone()
-        .oneshot(
-            Request::post(path)
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let (parts, body) = r.into_parts();
-    let text = String::from_utf8(
-        axum::body::to_bytes(body, usize::MAX)
-            .await
-            .unwrap()
-            .to_vec(),
-    )
-    .unwrap();
-    let record = h.records.recv().await.unwrap();
-    (parts.status, parts.headers, text, record)
+    let r = h.send(path, body, &[]).await;
+    (r.status, r.headers, r.text, r.record)
 }
 
 fn price_of(model: &str, r: &RequestRecord) -> i64 {

@@ -136,3 +136,56 @@ pub async fn redis_raw() -> redis::aio::MultiplexedConnection {
         Err(_) => panic!("{}", redis_unreachable("no answer within 5s")),
     }
 }
+
+/// One answer through [`Harness::send`]: status, headers, the body as text and as JSON
+/// (`Null` when it is not JSON, e.g. SSE), and the request's record.
+pub struct Reply {
+    pub status: axum::http::StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub text: String,
+    pub body: serde_json::Value,
+    pub record: sluice_gateway::telemetry::RequestRecord,
+}
+
+impl Harness {
+    /// POST `body` as JSON to `path` with extra `headers`, and read the answer and the
+    /// record it left.
+    pub async fn send(
+        &mut self,
+        path: &str,
+        body: serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        use tower::ServiceExt;
+        let mut req = axum::http::Request::post(path).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let request = req
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap_or_else(|e| panic!("request: {e}"));
+        let response = self
+            .app
+            .clone()
+            .oneshot(request)
+            .await
+            .unwrap_or_else(|e| match e {});
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_else(|e| panic!("body: {e}"));
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let record = self
+            .records
+            .recv()
+            .await
+            .unwrap_or_else(|| panic!("no record for {path}"));
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+            text,
+            record,
+        }
+    }
+}
