@@ -245,7 +245,9 @@ fn cache_hit_through_the_gateway(bencher: divan::Bencher) {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let (app, _tasks) = runtime.block_on(async {
-        let config = std::sync::Arc::new(config());
+        // The zero-config gateway: the simulator answers gpt-4o-mini.
+        let config = Config::embedded_default(&[("UNUSED", "")]).unwrap_or_else(|e| panic!("{e}"));
+        let config = std::sync::Arc::new(config);
         let store =
             sluice_gateway::store::Store::open(&sluice_gateway::store::StorageTarget::Memory)
                 .await
@@ -268,7 +270,9 @@ fn cache_hit_through_the_gateway(bencher: divan::Bencher) {
         async move {
             let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
             let hit = response.headers().get("x-sluice-cache").cloned();
-            let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+            assert!(status.is_success(), "{status}: {body:?}");
             hit
         }
     };
@@ -277,10 +281,13 @@ fn cache_hit_through_the_gateway(bencher: divan::Bencher) {
         if runtime.block_on(ask()).is_some_and(|h| h == "hit") {
             break;
         }
-        runtime.block_on(tokio::time::sleep(std::time::Duration::from_millis(5)));
+        runtime.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(5)).await });
     }
     bencher.bench_local(|| {
         let hit = runtime.block_on(ask());
-        assert!(hit.is_some_and(|h| h == "hit"));
+        assert!(
+            hit.as_ref().is_some_and(|h| h == "hit"),
+            "not a cache hit: {hit:?}"
+        );
     });
 }
