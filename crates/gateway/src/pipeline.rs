@@ -571,10 +571,7 @@ pub async fn chat_completions(
         .map(|m| estimate_tokens(&m.text()))
         .sum();
     let output = request.max_completion_tokens.or(request.max_tokens);
-    let demand = Demand::new(
-        tier.as_ref(),
-        u64::from(input) + u64::from(output.unwrap_or(0)),
-    );
+    let demand = Demand::new(tier.as_ref(), input, output.unwrap_or(0));
     let limits = admit(
         &gw,
         &mut record,
@@ -1119,14 +1116,18 @@ fn respond_cached(
 #[derive(Debug, Clone, Copy)]
 struct Demand {
     priority: u32,
+    /// The input estimate plus the output allowance.
     tokens: u64,
+    /// The input estimate alone (a stream without upstream usage is recorded with it).
+    input: u32,
 }
 
 impl Demand {
-    fn new(tier: Option<&Tier>, tokens: u64) -> Self {
+    fn new(tier: Option<&Tier>, input: u32, output: u32) -> Self {
         Demand {
             priority: tier.map(|t| t.priority).unwrap_or(0),
-            tokens,
+            tokens: u64::from(input) + u64::from(output),
+            input,
         }
     }
 }
@@ -1428,11 +1429,8 @@ async fn stream_chat(
             let request_id = record.request_id().to_string();
             let (tx, rx) = mpsc::channel::<Bytes>(32);
             let wants_usage = request.wants_stream_usage();
-            let prompt_estimate: u32 = request
-                .messages
-                .iter()
-                .map(|m| estimate_tokens(&m.text()))
-                .sum();
+            // Counted once, for limits, before dispatch.
+            let prompt_estimate = demand.input;
             let tally = StreamTally {
                 record,
                 route: opened.route.clone(),
@@ -1820,7 +1818,8 @@ pub async fn embeddings(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let demand = Demand::new(tier.as_ref(), request.input.estimated_tokens());
+    let input = u32::try_from(request.input.estimated_tokens()).unwrap_or(u32::MAX);
+    let demand = Demand::new(tier.as_ref(), input, 0);
     let limits = admit(
         &gw,
         &mut record,
