@@ -16,10 +16,10 @@
 //! 9. **cache** — an identical earlier answer is replayed at no cost; identical misses
 //!    in flight share one upstream call.
 //! 10. **dispatch** — call the chain; each model's provider capacity admits by tier
-//!    priority or sheds (429); retryable failures are retried with backoff and jitter
-//!    within the retry budget, then the next model is tried ([`Retrier`]). Streams are
-//!    committed only once their first chunk arrived, so a failure before it still
-//!    retries and falls back.
+//!     priority or sheds (429); retryable failures are retried with backoff and jitter
+//!     within the retry budget, then the next model is tried ([`Retrier`]). Streams are
+//!     committed only once their first chunk arrived, so a failure before it still
+//!     retries and falls back.
 //! 11. **output guard** — validators; on failure retry, escalate, fall back or flag.
 //! 12. **fallback** — when every model failed, the requested model's template answers.
 //! 13. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
@@ -708,25 +708,34 @@ fn assign(
 ) -> Result<Assigned, ApiError> {
     use crate::experiments::{self, Treatment};
     use crate::routing::rules::{self, Facts};
+    let routed_alias = gw.config.routing.handles(&request.model);
+    if gw.config.experiments.is_empty() && !routed_alias {
+        return Ok(Assigned {
+            experiment: None,
+            escalate_to: None,
+        });
+    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     // As tagged: from `sluice.feature` or the `x-sluice-feature` header.
     let feature = record.peek().and_then(|r| r.feature.clone());
     let feature = feature.as_deref();
-    let extras = request.sluice.clone().unwrap_or_default();
-    let quality =
-        rules::parse_quality(header(rules::HEADER_QUALITY).or(extras.quality.as_deref()))?;
+    let (asked, named_prompt, quality) = request
+        .sluice
+        .as_ref()
+        .map(|s| (s.experiment.clone(), s.prompt.clone(), s.quality.clone()))
+        .unwrap_or_default();
     let allowed = |m: &str| refused_model(principal, tier, m).is_none();
     let tier_name = tier.map(|t| t.name.as_str());
     let request_id = record.request_id().to_string();
     let subject = experiments::Subject {
-        asked: header(HEADER_EXPERIMENT).or(extras.experiment.as_deref()),
+        asked: header(HEADER_EXPERIMENT).or(asked.as_deref()),
         owner: principal.owner.as_deref(),
         user,
         request_id: &request_id,
         model: &request.model,
         feature,
         tier: tier_name,
-        prompt: extras.prompt.as_deref().or(header(HEADER_PROMPT)),
+        prompt: named_prompt.as_deref().or(header(HEADER_PROMPT)),
     };
     let assignment = experiments::assign(
         &gw.config.experiments,
@@ -746,7 +755,9 @@ fn assign(
         Some(Treatment::Unchanged) | None => {}
     }
     let mut routed = None;
-    if !model_set && gw.config.routing.handles(&request.model) {
+    if !model_set && routed_alias {
+        // Only routing reads it.
+        let quality = rules::parse_quality(header(rules::HEADER_QUALITY).or(quality.as_deref()))?;
         let messages = &request.messages;
         let tokens = || {
             messages

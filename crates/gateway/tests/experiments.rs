@@ -4,11 +4,7 @@
 //! the record; then the report over the request log on SQLite and PostgreSQL, and the
 //! admin API the dashboard reads.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail loudly by design"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
 use axum::http::StatusCode;
 use rand::{Rng, SeedableRng};

@@ -3,11 +3,7 @@
 //! tier), never a model the caller may not use; a cheap answer failing its output check
 //! is re-asked of the strong model once, with both answers in the record.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail loudly by design"
-)]
+#![expect(clippy::expect_used, reason = "test helpers fail loudly by design")]
 
 use axum::http::StatusCode;
 use serde_json::{Value, json};

@@ -12,8 +12,16 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-/// The `since` window from the query string; a precise 400 otherwise.
-fn since(uri: &Uri) -> Result<Option<Duration>, Response> {
+/// The `since` window from the query string, or the 400 to answer with.
+fn since(uri: &Uri) -> Result<Option<Duration>, Box<Response>> {
+    let bad = |message: String, code: &str, param: Option<&str>| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            &message,
+            code,
+            param,
+        ))
+    };
     let mut since = None;
     for pair in uri
         .query()
@@ -25,18 +33,16 @@ fn since(uri: &Uri) -> Result<Option<Duration>, Response> {
             Some(("since", v)) => match humantime_serde::re::humantime::parse_duration(v) {
                 Ok(d) => since = Some(d),
                 Err(e) => {
-                    return Err(error_response(
-                        StatusCode::BAD_REQUEST,
-                        &format!("`since` must be a duration like 24h or 7d: {e}."),
+                    return Err(bad(
+                        format!("`since` must be a duration like 24h or 7d: {e}."),
                         "invalid_since",
                         Some("since"),
                     ));
                 }
             },
             _ => {
-                return Err(error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
+                return Err(bad(
+                    format!(
                         "Unknown query parameter `{}`; only `since` is read.",
                         pair.split('=').next().unwrap_or(pair)
                     ),
@@ -68,7 +74,7 @@ async fn one(gw: &Gateway, e: &Experiment, since: Option<Duration>) -> Result<Re
 pub async fn list(State(gw): State<Arc<Gateway>>, uri: Uri) -> Response {
     let since = match since(&uri) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut reports = Vec::with_capacity(gw.config.experiments.len());
     for e in &gw.config.experiments {
@@ -86,7 +92,7 @@ pub async fn list(State(gw): State<Arc<Gateway>>, uri: Uri) -> Response {
 pub async fn get(State(gw): State<Arc<Gateway>>, Path(name): Path<String>, uri: Uri) -> Response {
     let since = match since(&uri) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(e) = gw.config.experiments.iter().find(|e| e.name == name) else {
         return error_response(
