@@ -62,6 +62,7 @@ fn serve(config: &std::path::Path) -> Proc {
 
 /// The variant each user gets from `gateway`, by `x-sluice-experiment`.
 async fn variants(gateway: &Proc, users: &[String]) -> BTreeMap<String, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     let mut out = BTreeMap::new();
     for user in users {
