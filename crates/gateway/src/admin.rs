@@ -11,6 +11,7 @@
 //! | `POST /admin/keys` | `{owner, tier?, models?, can_assert_tier?}` -> 201, the key shown once |
 //! | `DELETE /admin/keys/{id}`, `POST /admin/keys/{id}/revoke` | revoke (repeating is harmless) |
 //! | `GET /admin/tiers` | the configured tiers and the default tier |
+//! | `GET /admin/experiments[?since=24h]`, `GET /admin/experiments/{name}` | experiment reports (see [`crate::experiments::report`]) |
 //! | `GET /admin/budgets[?limit=N]` | each budget rule's counters this period: spend, limit, percent, forecast exhaustion; biggest spenders first, `N` (default 100, at most 1000) per rule |
 
 use std::fmt::Write as _;
@@ -46,6 +47,8 @@ pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/budgets", get(budgets))
         .route("/penalties", get(penalties))
         .route("/penalties/{key}", axum::routing::delete(lift_penalty))
+        .route("/experiments", get(crate::experiments::admin::list))
+        .route("/experiments/{name}", get(crate::experiments::admin::get))
         .fallback(crate::server::not_found)
         .method_not_allowed_fallback(crate::server::method_not_allowed)
         // Last, so it wraps every route and both fallbacks.
@@ -142,7 +145,12 @@ impl IntoResponse for AdminError {
     }
 }
 
-fn error_response(status: StatusCode, message: &str, code: &str, param: Option<&str>) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    message: &str,
+    code: &str,
+    param: Option<&str>,
+) -> Response {
     let body = json!({
         "error": {"message": message, "type": "invalid_request_error", "code": code, "param": param}
     });

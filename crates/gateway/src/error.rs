@@ -45,6 +45,9 @@ pub enum ApiError {
     ModelNotFound { model: String },
     #[error("{message}")]
     WrongModelKind { message: String },
+    /// `x-sluice-experiment` names an experiment that is not configured.
+    #[error("No experiment `{name}` is configured (`none` opts out of every experiment).")]
+    UnknownExperiment { name: String },
     #[error("No request `{request_id}` is known to this gateway.")]
     RequestNotFound { request_id: String },
     #[error("Request `{request_id}` was made with another API key.")]
@@ -112,6 +115,7 @@ impl ApiError {
                 StatusCode::BAD_REQUEST
             }
             ApiError::WrongModelKind { .. }
+            | ApiError::UnknownExperiment { .. }
             | ApiError::EmptyInput { .. }
             | ApiError::InvalidEncoding { .. }
             | ApiError::InputTooLong { .. }
@@ -148,6 +152,7 @@ impl ApiError {
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType { .. }
             | ApiError::WrongModelKind { .. }
+            | ApiError::UnknownExperiment { .. }
             | ApiError::EmptyInput { .. }
             | ApiError::InvalidEncoding { .. }
             | ApiError::InputTooLong { .. }
@@ -207,6 +212,7 @@ impl ApiError {
             ApiError::Unauthorized { .. } => "invalid_api_key",
             ApiError::ModelNotFound { .. } => "model_not_found",
             ApiError::WrongModelKind { .. } => "model_not_supported",
+            ApiError::UnknownExperiment { .. } => "unknown_experiment",
             ApiError::RouteNotFound { .. } => "unknown_url",
             ApiError::RequestNotFound { .. } => "request_not_found",
             ApiError::RequestNotOwned { .. } => "request_not_owned",
@@ -249,6 +255,7 @@ impl ApiError {
             | ApiError::WrongModelKind { .. }
             | ApiError::ModelNotAllowed { .. } => Some("model"),
             ApiError::Upstream(e) => e.param.as_deref(),
+            ApiError::UnknownExperiment { .. } => Some("x-sluice-experiment"),
             ApiError::InvalidJson { .. }
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType { .. }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod experiments;
 pub mod guard;
 pub mod limits;
 pub mod pipeline;

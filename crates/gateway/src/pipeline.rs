@@ -4,23 +4,26 @@
 //! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
 //! 3. **identify** — end user, tier (asserted by the key, the key's, or the default),
 //!    whether the key and tier may use the model (403).
-//! 4. **route** — the requested model's chain: the model, its fallbacks, its template.
-//! 5. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
-//! 6. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
+//! 4. **assign** (chat) — the experiment variant (sticky per end user; a model, or a
+//!    prompt version set on `sluice.prompt`), then, for the routing alias, the model the
+//!    routing rules choose and where a failed output check escalates to.
+//! 5. **route** — the model's chain: the model, its fallbacks, its template.
+//! 6. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
+//! 7. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
 //!    key, end user and tier, in one call to the limit store (memory or Redis); 429.
 //!    Parsing comes first because the end user and the token estimate live in the body.
-//! 7. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
-//! 8. **cache** — an identical earlier answer is replayed at no cost; identical misses
+//! 8. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
+//! 9. **cache** — an identical earlier answer is replayed at no cost; identical misses
 //!    in flight share one upstream call.
-//! 9. **dispatch** — call the chain; each model's provider capacity admits by tier
-//!    priority or sheds (429); retryable failures are retried with backoff and jitter
-//!    within the retry budget, then the next model is tried ([`Retrier`]). Streams are
-//!    committed only once their first chunk arrived, so a failure before it still
-//!    retries and falls back.
-//! 10. **output guard** — validators; on failure retry, escalate, fall back or flag.
-//! 11. **fallback** — when every model failed, the requested model's template answers.
-//! 12. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
-//! 13. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
+//! 10. **dispatch** — call the chain; each model's provider capacity admits by tier
+//!     priority or sheds (429); retryable failures are retried with backoff and jitter
+//!     within the retry budget, then the next model is tried ([`Retrier`]). Streams are
+//!     committed only once their first chunk arrived, so a failure before it still
+//!     retries and falls back.
+//! 11. **output guard** — validators; on failure retry, escalate, fall back or flag.
+//! 12. **fallback** — when every model failed, the requested model's template answers.
+//! 13. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
+//! 14. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
 //!     via [`RecordGuard`], also when a stream breaks or the client hangs up; its
 //!     after-hook settles limits and charges the request's cost to its budgets.
 
@@ -73,6 +76,8 @@ pub const HEADER_GUARD: &str = "x-sluice-guard";
 pub const HEADER_OUTPUT: &str = "x-sluice-output";
 pub const HEADER_TIER: &str = "x-sluice-tier";
 pub const HEADER_CACHE: &str = "x-sluice-cache";
+pub const HEADER_EXPERIMENT: &str = "x-sluice-experiment";
+pub const HEADER_PROMPT: &str = "x-sluice-prompt";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
@@ -211,6 +216,7 @@ fn fail(mut record: RecordGuard, error: ApiError) -> Response {
         | ApiError::Unauthorized { .. }
         | ApiError::ModelNotFound { .. }
         | ApiError::WrongModelKind { .. }
+        | ApiError::UnknownExperiment { .. }
         | ApiError::RouteNotFound { .. }
         | ApiError::RequestNotFound { .. }
         | ApiError::RequestNotOwned { .. }
@@ -369,6 +375,10 @@ fn identify(
     let tier = resolve_tier(gw, principal, headers)?.cloned();
     let name = tier.as_ref().map(|t| t.name.clone());
     record.update(|r| r.tier = name);
+    if gw.config.routing.handles(model) {
+        // The routed model is checked when the assign stage chooses it.
+        return Ok(tier);
+    }
     match refused_model(principal, tier.as_ref(), model) {
         Some(who) => Err(ApiError::ModelNotAllowed {
             model: model.to_string(),
@@ -544,12 +554,29 @@ pub async fn chat_completions(
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };
-    // 4. route
-    let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
+    // 4. assign: experiment variant, routing rules
+    let assigned = match assign(
+        &gw,
+        &mut record,
+        (&principal, tier.as_ref(), user.as_deref()),
+        &headers,
+        &mut request,
+    ) {
+        Ok(a) => a,
+        Err(e) => return fail(record, e),
+    };
+    // 5. route (an escalation target goes right after the chosen model)
+    let chain = match gw
+        .router
+        .chain(&request.model, ModelKind::Chat)
+        .and_then(|c| match &assigned.escalate_to {
+            Some(to) => crate::routing::rules::escalating(&gw.router, c, to),
+            None => Ok(c),
+        }) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    // 5. input guard: validate, sanitize, cap, scan (in place)
+    // 6. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
     let detector = &gw.config.guard.detector;
     let guarded = guard_input(
@@ -564,7 +591,7 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    // 6. limits: requests, tokens (input estimate + output allowance), concurrency
+    // 7. limits: requests, tokens (input estimate + output allowance), concurrency
     let input: u32 = request
         .messages
         .iter()
@@ -585,7 +612,7 @@ pub async fn chat_completions(
         Ok(h) => h,
         Err(e) => return fail(record, e),
     };
-    // 7. budgets: block, or answer with the cheaper model a spent budget names
+    // 8. budgets: block, or answer with the cheaper model a spent budget names
     let chain = match check_budgets(&gw, &mut record).await {
         Ok(None) => chain,
         Ok(Some(to)) if to == request.model => chain,
@@ -598,7 +625,7 @@ pub async fn chat_completions(
         },
         Err(e) => return fail(record, e),
     };
-    // 8. cache: a stored answer to the same request (same scope, model, messages and
+    // 9. cache: a stored answer to the same request (same scope, model, messages and
     //    parameters) is replayed, as JSON or SSE, at no cost
     let cache = plan_cache(
         &gw,
@@ -614,12 +641,13 @@ pub async fn chat_completions(
         let first = chain.routes.first().map(|r| &**r);
         let mut response = respond_cached(&gw, record, &request, first, &hit, "hit");
         rate_headers.apply(response.headers_mut());
+        assigned.echo(&mut response);
         return response;
     }
     if cache.is_some() {
         record.update(|r| r.cache_status = Some("miss".into()));
     }
-    // 9-12. dispatch, output guard, fallback, respond (13. record happens inside, once)
+    // 10-13. dispatch, output guard, fallback, respond (14. record happens inside, once)
     let rule = gw
         .config
         .guard
@@ -648,7 +676,120 @@ pub async fn chat_completions(
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
     rate_headers.apply(response.headers_mut());
+    assigned.echo(&mut response);
     response
+}
+
+/// What the assign stage decided, for the route stage and the response.
+struct Assigned {
+    /// `NAME=VARIANT`, echoed in `x-sluice-experiment`.
+    experiment: Option<String>,
+    escalate_to: Option<String>,
+}
+
+impl Assigned {
+    fn echo(&self, response: &mut Response) {
+        if let Some(e) = &self.experiment {
+            set_header(response, HEADER_EXPERIMENT, e);
+        }
+    }
+}
+
+/// Assign: the first experiment that applies puts the request in a variant (its model
+/// replaces the requested one, or its prompt version is set on `sluice.prompt` for the
+/// resolve stage to render); then a request for the routing alias gets the model the
+/// routing rules choose. Both go in the record.
+fn assign(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    (principal, tier, user): (&Principal, Option<&Tier>, Option<&str>),
+    headers: &HeaderMap,
+    request: &mut ChatRequest,
+) -> Result<Assigned, ApiError> {
+    use crate::experiments::{self, Treatment};
+    use crate::routing::rules::{self, Facts};
+    let routed_alias = gw.config.routing.handles(&request.model);
+    if gw.config.experiments.is_empty() && !routed_alias {
+        return Ok(Assigned {
+            experiment: None,
+            escalate_to: None,
+        });
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // As tagged: from `sluice.feature` or the `x-sluice-feature` header.
+    let feature = record.peek().and_then(|r| r.feature.clone());
+    let feature = feature.as_deref();
+    let (asked, named_prompt, quality) = request
+        .sluice
+        .as_ref()
+        .map(|s| (s.experiment.clone(), s.prompt.clone(), s.quality.clone()))
+        .unwrap_or_default();
+    let allowed = |m: &str| refused_model(principal, tier, m).is_none();
+    let tier_name = tier.map(|t| t.name.as_str());
+    let request_id = record.request_id().to_string();
+    let subject = experiments::Subject {
+        asked: header(HEADER_EXPERIMENT).or(asked.as_deref()),
+        owner: principal.owner.as_deref(),
+        user,
+        request_id: &request_id,
+        model: &request.model,
+        feature,
+        tier: tier_name,
+        prompt: named_prompt.as_deref().or(header(HEADER_PROMPT)),
+    };
+    let assignment = experiments::assign(
+        &gw.config.experiments,
+        &subject,
+        experiments::now_ms(),
+        &allowed,
+    )?;
+    let mut model_set = false;
+    match assignment.as_ref().map(|a| &a.treatment) {
+        Some(Treatment::Model(m)) => {
+            request.model = m.clone();
+            model_set = true;
+        }
+        Some(Treatment::Prompt(p)) => {
+            request.sluice.get_or_insert_with(Default::default).prompt = Some(p.clone());
+        }
+        Some(Treatment::Unchanged) | None => {}
+    }
+    let mut routed = None;
+    if !model_set && routed_alias {
+        // Only routing reads it.
+        let quality = rules::parse_quality(header(rules::HEADER_QUALITY).or(quality.as_deref()))?;
+        let messages = &request.messages;
+        let tokens = || {
+            messages
+                .iter()
+                .map(|m| u64::from(estimate_tokens(&m.text())))
+                .sum()
+        };
+        let facts = Facts {
+            feature,
+            tier: tier_name,
+            quality,
+            input_tokens: &tokens,
+        };
+        routed = Some(gw.config.routing.decide(&facts, &allowed)?);
+    }
+    let escalate_to = routed.as_ref().and_then(|d| d.escalate_to.clone());
+    if let Some(d) = &routed {
+        request.model = d.model.clone();
+    }
+    let (experiment, variant) = assignment
+        .as_ref()
+        .map(|a| (a.experiment.clone(), a.variant.clone()))
+        .unzip();
+    record.update(|r| {
+        r.experiment = experiment;
+        r.variant = variant;
+        r.routed_by = routed.map(|d| d.by);
+    });
+    Ok(Assigned {
+        experiment: assignment.map(|a| a.header()),
+        escalate_to,
+    })
 }
 
 fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
@@ -738,6 +879,17 @@ async fn complete_chat(
             return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
         };
         let failures = output::failures(&rule.validators, &answer_text(&response));
+        let checked = format!(
+            "{}:{}",
+            route.model,
+            if failures.is_empty() { "pass" } else { "fail" }
+        );
+        record.update(|r| {
+            r.output_checks = Some(match r.output_checks.take() {
+                Some(before) => format!("{before},{checked}"),
+                None => checked,
+            });
+        });
         if failures.is_empty() {
             record.update(|r| r.output_check = Some("pass".into()));
             store_answer(&gw, cache_key, &route, &response);

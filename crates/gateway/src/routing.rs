@@ -1,5 +1,8 @@
 //! Routing: from the model a client asked for to the chain of routes to try (the model,
 //! then its fallbacks in order) and the template that answers when all of them failed.
+//! [`rules`] chooses the model for requests naming the routing alias.
+
+pub mod rules;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -122,6 +122,9 @@ pub struct SluiceExtras {
     pub cache: Option<String>,
     #[serde(default)]
     pub experiment: Option<String>,
+    /// `high` asks routing for its strong path, as `x-sluice-quality` does.
+    #[serde(default)]
+    pub quality: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use sluice_gateway::admin::KeysArgs;
 use sluice_gateway::config::{Config, SystemEnv};
+use sluice_gateway::experiments::ExperimentsArgs;
 use sluice_gateway::stats::GroupBy;
 use sluice_gateway::telemetry::init_logging;
 
@@ -55,6 +56,14 @@ enum Command {
         #[command(flatten)]
         args: KeysArgs,
     },
+    /// A/B experiments: `report NAME [--since 7d] [--json]`.
+    Experiments {
+        /// The gateway's config (for `[[experiments]]` and `[storage]`).
+        #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        args: ExperimentsArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +99,12 @@ fn main() -> ExitCode {
             Command::Keys { config, args } => {
                 let config = load(config.as_deref())?;
                 let out = sluice_gateway::admin::keys_command(&config, args).await?;
+                print(&out);
+                Ok(())
+            }
+            Command::Experiments { config, args } => {
+                let config = load(config.as_deref())?;
+                let out = sluice_gateway::experiments::experiments_command(&config, args).await?;
                 print(&out);
                 Ok(())
             }

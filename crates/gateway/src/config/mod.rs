@@ -48,6 +48,10 @@ pub struct Config {
     pub budgets: BudgetsConfig,
     /// Response and embedding cache, coalescing.
     pub cache: crate::cache::CacheConfig,
+    /// Model choice for requests naming the routing alias (`[routing]`).
+    pub routing: crate::routing::rules::RoutingConfig,
+    /// A/B experiments (`[[experiments]]`).
+    pub experiments: Vec<crate::experiments::Experiment>,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -443,10 +447,15 @@ impl Config {
         let cache: crate::cache::config::RawCache = section("cache")
             .and_then(|v| problems.take("cache", v))
             .unwrap_or_default();
+        let routing: crate::routing::rules::RawRouting = section("routing")
+            .and_then(|v| problems.take("routing", v))
+            .unwrap_or_default();
+        let experiments: Vec<(usize, crate::experiments::RawExperiment)> =
+            take_array(section("experiments"), "experiments", &mut problems);
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache, routing, experiments)",
             );
         }
         let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
@@ -477,6 +486,11 @@ impl Config {
             &mut problems,
         );
         config.cache = cache;
+        let model = |name: &str| config.model(name).cloned();
+        let mut push = |path, message| problems.push(path, message);
+        let routing = crate::routing::rules::build(routing, &model, &tier_names, &mut push);
+        let experiments = crate::experiments::config::build(experiments, &model, &mut push);
+        (config.routing, config.experiments) = (routing, experiments);
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -882,6 +896,8 @@ fn build(
         limits,
         budgets,
         cache: crate::cache::CacheConfig::default(),
+        routing: Default::default(),
+        experiments: Vec::new(),
         server: ServerConfig {
             listen,
             master_key,

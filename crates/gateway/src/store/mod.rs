@@ -3,6 +3,7 @@
 //! placeholders are written `$N`, which both backends read. Migrations are versioned per
 //! backend.
 
+mod experiments;
 mod keys;
 mod redact;
 mod spend;
@@ -18,6 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
+pub use experiments::ExperimentRow;
 pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, key_hint};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
@@ -88,7 +90,7 @@ pub struct Feedback {
     pub created_at_ms: i64,
 }
 
-const COLUMNS: [&str; 43] = [
+const COLUMNS: [&str; 45] = [
     "request_id",
     "started_at_ms",
     "endpoint",
@@ -132,6 +134,8 @@ const COLUMNS: [&str; 43] = [
     "cost_nanos",
     "cost_saved_nanos",
     "cached_prompt_tokens",
+    "output_checks",
+    "routed_by",
 ];
 
 impl Store {
@@ -234,6 +238,8 @@ impl Store {
                 .bind(r.cost_nanos)
                 .bind(r.cost_saved_nanos)
                 .bind(i64::from(r.cached_prompt_tokens))
+                .bind(r.output_checks.clone())
+                .bind(r.routed_by.clone())
                 .execute(&mut *tx)
                 .await?;
         }

@@ -162,6 +162,11 @@ pub struct RequestRecord {
     pub guard_flags: Option<String>,
     /// The output checks: `pass`, or `fail:<action>` (`fail:retry`, `fail:flag`, ...).
     pub output_check: Option<String>,
+    /// Every answer the output checks read, in order, `model:pass|fail` comma-separated:
+    /// an escalation shows the cheap answer that failed and the strong one after it.
+    pub output_checks: Option<String>,
+    /// What chose the model of a routed request (`rule:NAME`, `default:feature=X`, ...).
+    pub routed_by: Option<String>,
     /// Only with `[storage] store_bodies = true`, secrets redacted.
     pub request_body: Option<String>,
     pub response_body: Option<String>,
