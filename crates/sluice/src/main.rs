@@ -12,6 +12,12 @@ use sluice_gateway::experiments::ExperimentsArgs;
 use sluice_gateway::stats::GroupBy;
 use sluice_gateway::telemetry::init_logging;
 
+// mimalloc over glibc malloc: the request path allocates many small, short-lived
+// buffers (headers, JSON, records); glibc's malloc/free were ~7% of the gateway's CPU
+// in a profile at one connection (bench/RESULTS.md, Run 6).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "sluice", version, about = "A production gateway for LLM APIs")]
 struct Cli {
