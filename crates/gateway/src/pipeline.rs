@@ -2,25 +2,33 @@
 //!
 //! 1. **authenticate** — key -> [`Principal`] (master or virtual key); 401 otherwise.
 //! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
-//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default),
+//!    `x-sluice-prompt` is copied into the request's `sluice.prompt` here.
+//! 3. **resolve** — the prompt the request names (`id@version` or `id@label`, from the
+//!    header, the body, or an experiment) -> its version; variables checked (400 naming
+//!    the variable); messages rendered; the prompt's model and parameters filled in
+//!    where the request left them open. Before identify, so the 403 check judges the
+//!    model that will really be asked.
+//! 4. **identify** — end user, tier (asserted by the key, the key's, or the default),
 //!    whether the key and tier may use the model (403).
-//! 4. **route** — the requested model's chain: the model, its fallbacks, its template.
-//! 5. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
-//! 6. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
+//! 5. **route** — the requested model's chain: the model, its fallbacks, its template
+//!    (a prompt's own fallback template wins).
+//! 6. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
+//! 7. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
 //!    key, end user and tier, in one call to the limit store (memory or Redis); 429.
 //!    Parsing comes first because the end user and the token estimate live in the body.
-//! 7. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
-//! 8. **cache** — an identical earlier answer is replayed at no cost; identical misses
-//!    in flight share one upstream call.
-//! 9. **dispatch** — call the chain; each model's provider capacity admits by tier
-//!    priority or sheds (429); retryable failures are retried with backoff and jitter
-//!    within the retry budget, then the next model is tried ([`Retrier`]). Streams are
-//!    committed only once their first chunk arrived, so a failure before it still
-//!    retries and falls back.
-//! 10. **output guard** — validators; on failure retry, escalate, fall back or flag.
-//! 11. **fallback** — when every model failed, the requested model's template answers.
-//! 12. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
-//! 13. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
+//! 8. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
+//! 9. **cache** — an identical earlier answer is replayed at no cost; identical misses
+//!    in flight share one upstream call. A prompt's content hash is part of the key.
+//! 10. **dispatch** — call the chain; each model's provider capacity admits by tier
+//!     priority or sheds (429); retryable failures are retried with backoff and jitter
+//!     within the retry budget, then the next model is tried ([`Retrier`]). Streams are
+//!     committed only once their first chunk arrived, so a failure before it still
+//!     retries and falls back.
+//! 11. **output guard** — validators (a prompt's own, else the configured rule); on
+//!     failure retry, escalate, fall back or flag.
+//! 12. **fallback** — when every model failed, the requested model's template answers.
+//! 13. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
+//! 14. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
 //!     via [`RecordGuard`], also when a stream breaks or the client hangs up; its
 //!     after-hook settles limits and charges the request's cost to its budgets.
 
@@ -73,6 +81,7 @@ pub const HEADER_GUARD: &str = "x-sluice-guard";
 pub const HEADER_OUTPUT: &str = "x-sluice-output";
 pub const HEADER_TIER: &str = "x-sluice-tier";
 pub const HEADER_CACHE: &str = "x-sluice-cache";
+pub const HEADER_PROMPT: &str = "x-sluice-prompt";
 
 /// Everything a request needs, shared by all requests.
 pub struct Gateway {
@@ -95,6 +104,8 @@ pub struct Gateway {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
+    /// Prompt versions and labels, swapped whole on reload.
+    pub prompts: Arc<crate::prompts::Prompts>,
     /// Stream forwarders run here, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Cancelled when shutdown's grace period is over: open streams end then.
@@ -109,6 +120,28 @@ impl Gateway {
         store: Arc<Store>,
         extra_sinks: Vec<Box<dyn RecordSink>>,
         tasks: TaskTracker,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::start_inner(config, store, extra_sinks, tasks, None)
+    }
+
+    /// Like [`Gateway::start`], with every model answered by `provider` (prompt test
+    /// replays: the whole pipeline runs, no upstream is called).
+    pub fn start_answering_with(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        extra_sinks: Vec<Box<dyn RecordSink>>,
+        tasks: TaskTracker,
+        provider: Arc<dyn crate::providers::Provider>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::start_inner(config, store, extra_sinks, tasks, Some(provider))
+    }
+
+    fn start_inner(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        extra_sinks: Vec<Box<dyn RecordSink>>,
+        tasks: TaskTracker,
+        provider: Option<Arc<dyn crate::providers::Provider>>,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
         // Extra sinks first: they are cheap, and a slow store must not delay them.
@@ -148,7 +181,8 @@ impl Gateway {
                 Some(metrics.clone()),
             ),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
-            router: Router::new(config.clone())?,
+            router: Router::answered_by(config.clone(), provider)?,
+            prompts: crate::prompts::Prompts::load(config.prompts.clone()),
             retrier: Retrier::new(config.retry.clone()),
             regenerations: Regenerations::new(config.telemetry.regeneration_window),
             config,
@@ -221,6 +255,7 @@ fn fail(mut record: RecordGuard, error: ApiError) -> Response {
         | ApiError::NestingTooDeep { .. }
         | ApiError::InputBlocked { .. }
         | ApiError::ModelNotAllowed { .. }
+        | ApiError::Prompt(_)
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
         ApiError::OutputInvalid { .. } => Outcome::BadOutput,
     };
@@ -520,7 +555,7 @@ pub async fn chat_completions(
     let max_depth = gw.config.guard.input.max_depth;
     let mut request = match body.and_then(|b| {
         guard::input::precheck(&b, max_depth)?;
-        parse_chat(&b)
+        parse_chat(&b, &headers)
     }) {
         Ok(r) => r,
         Err(e) => return fail(record, e),
@@ -531,7 +566,7 @@ pub async fn chat_completions(
         user: request.user.as_deref(),
         feature: feature.as_deref(),
         model: &request.model,
-        input_hash: input_hash(&request.messages),
+        input_hash: chat_input_hash(&request),
         track_regenerations: true,
     };
     let user = match tag_request(&gw, &mut record, &headers, tags) {
@@ -539,17 +574,22 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     record.update(|r| r.stream = request.is_stream());
-    // 3. identity: tier, model access
+    // 3. resolve: prompt -> messages, model, parameters
+    let prompt = match resolve_prompt(&gw, &mut record, &mut request) {
+        Ok(p) => p,
+        Err(e) => return fail(record, e),
+    };
+    // 4. identity: tier, model access
     let tier = match identify(&gw, &mut record, &principal, &headers, &request.model) {
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };
-    // 4. route
+    // 5. route
     let chain = match gw.router.chain(&request.model, ModelKind::Chat) {
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    // 5. input guard: validate, sanitize, cap, scan (in place)
+    // 6. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
     let detector = &gw.config.guard.detector;
     let guarded = guard_input(
@@ -564,7 +604,7 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    // 6. limits: requests, tokens (input estimate + output allowance), concurrency
+    // 7. limits: requests, tokens (input estimate + output allowance), concurrency
     let input: u32 = request
         .messages
         .iter()
@@ -585,8 +625,8 @@ pub async fn chat_completions(
         Ok(h) => h,
         Err(e) => return fail(record, e),
     };
-    // 7. budgets: block, or answer with the cheaper model a spent budget names
-    let chain = match check_budgets(&gw, &mut record).await {
+    // 8. budgets: block, or answer with the cheaper model a spent budget names
+    let mut chain = match check_budgets(&gw, &mut record).await {
         Ok(None) => chain,
         Ok(Some(to)) if to == request.model => chain,
         Ok(Some(to)) => match gw.router.chain(&to, ModelKind::Chat) {
@@ -598,14 +638,17 @@ pub async fn chat_completions(
         },
         Err(e) => return fail(record, e),
     };
-    // 8. cache: a stored answer to the same request (same scope, model, messages and
-    //    parameters) is replayed, as JSON or SSE, at no cost
+    if let Some(p) = &prompt {
+        chain.prompt_fallback = p.fallback.clone();
+    }
+    // 9. cache: a stored answer to the same request (same scope, model, prompt version,
+    //    messages and parameters) is replayed, as JSON or SSE, at no cost
     let cache = plan_cache(
         &gw,
         &headers,
         &principal,
         &request,
-        &chain,
+        (&chain, prompt.as_ref().map(|p| p.key.as_str())),
         feature.as_deref(),
     );
     if let Some(plan) = cache.as_ref().filter(|p| p.read)
@@ -619,12 +662,15 @@ pub async fn chat_completions(
     if cache.is_some() {
         record.update(|r| r.cache_status = Some("miss".into()));
     }
-    // 9-12. dispatch, output guard, fallback, respond (13. record happens inside, once)
-    let rule = gw
-        .config
-        .guard
-        .output_for(&request.model, feature.as_deref(), None)
-        .cloned();
+    // 10-13. dispatch, output guard, fallback, respond (14. record happens inside, once)
+    let rule = match prompt.and_then(|p| p.rule) {
+        Some(r) => Some(r),
+        None => gw
+            .config
+            .guard
+            .output_for(&request.model, feature.as_deref(), None)
+            .cloned(),
+    };
     let cache_key = cache.filter(|p| p.write).map(|p| (p.key, p.ttl));
     let stored = cache_key.is_some();
     let plan = Dispatch {
@@ -651,8 +697,23 @@ pub async fn chat_completions(
     response
 }
 
-fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let request: ChatRequest = parse_body(body)?;
+fn parse_chat(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, ApiError> {
+    let mut request: ChatRequest = parse_body(body)?;
+    // The header names the prompt when the body does not (an experiment may set it later).
+    if let Some(p) = headers
+        .get(HEADER_PROMPT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        let extras = request.sluice.get_or_insert_with(Default::default);
+        if extras.prompt.is_none() {
+            extras.prompt = Some(p.trim().to_string());
+        }
+    }
+    if request.sluice.as_ref().is_some_and(|s| s.prompt.is_some()) {
+        // The prompt supplies messages and may supply the model.
+        return Ok(request);
+    }
     if request.model.trim().is_empty() {
         return Err(ApiError::invalid(
             "`model` must not be empty",
@@ -666,6 +727,82 @@ fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         ));
     }
     Ok(request)
+}
+
+/// What a regeneration is judged by: the messages, plus the prompt and its variables
+/// when the request names one (its messages alone may be empty).
+fn chat_input_hash(request: &ChatRequest) -> u64 {
+    match request.sluice.as_ref().filter(|s| s.prompt.is_some()) {
+        None => input_hash(&request.messages),
+        Some(s) => input_hash(&(&request.messages, &s.prompt, &s.variables)),
+    }
+}
+
+/// A request's resolved prompt: the cache-key part, its fallback text, its output rule.
+struct ResolvedPrompt {
+    /// `id@version#hash`.
+    key: String,
+    fallback: Option<String>,
+    rule: Option<OutputRule>,
+}
+
+/// Resolve: the prompt the request names (`sluice.prompt`: the body's, the header's,
+/// or an experiment's) -> its version; the variables bound (400 naming the variable);
+/// its messages rendered before the client's own; its parameters filling what the
+/// request left open; its model used when the request's `model` is empty, the prompt's
+/// id or one of `[prompts] model_aliases`. The record names the version and its hash.
+fn resolve_prompt(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    request: &mut ChatRequest,
+) -> Result<Option<ResolvedPrompt>, ApiError> {
+    use crate::prompts::{PromptError, render};
+    let Some(reference) = request.sluice.as_ref().and_then(|s| s.prompt.clone()) else {
+        return Ok(None);
+    };
+    let version = gw.prompts.registry().resolve(&reference)?;
+    record.update(|r| {
+        r.prompt_id = Some(version.id.clone());
+        r.prompt_version = Some(version.version.to_string());
+        r.prompt_hash = Some(version.hash.clone());
+    });
+    let no_variables = serde_json::Map::new();
+    let given = request
+        .sluice
+        .as_ref()
+        .map(|s| &s.variables)
+        .unwrap_or(&no_variables);
+    let vars = render::bind(&version.variables, given)?;
+    render::apply(&version, &vars, request)?;
+    let asked = request.model.trim();
+    if asked.is_empty()
+        || asked == version.id
+        || gw.prompts.config().model_aliases.iter().any(|a| a == asked)
+    {
+        request.model = version.model.clone().ok_or_else(|| PromptError::NoModel {
+            reference: version.reference(),
+        })?;
+    }
+    let model = request.model.clone();
+    record.update(|r| r.model_requested = Some(model));
+    let fallback =
+        version
+            .render("fallback", &vars)
+            .map_err(|message| PromptError::RenderFailed {
+                reference: version.reference(),
+                message,
+            })?;
+    let rule = (!version.validators.is_empty()).then(|| OutputRule {
+        when: Default::default(),
+        validators: version.validators.clone(),
+        on_fail: version.on_fail,
+        retries: version.retries,
+    });
+    Ok(Some(ResolvedPrompt {
+        key: format!("{}#{}", version.reference(), version.hash),
+        fallback,
+        rule,
+    }))
 }
 
 /// Call the chain for a whole answer, then hold it to the output rule: on failure,
@@ -1010,7 +1147,7 @@ fn plan_cache(
     headers: &HeaderMap,
     principal: &Principal,
     request: &ChatRequest,
-    chain: &Chain,
+    (chain, prompt): (&Chain, Option<&str>),
     feature: Option<&str>,
 ) -> Option<CachePlan> {
     let config = &gw.config.cache;
@@ -1034,7 +1171,7 @@ fn plan_cache(
         CacheScope::Owner => crate::cache::Scope::Owner(principal.owner.as_deref()),
         CacheScope::Global => crate::cache::Scope::Global,
     };
-    let key = crate::cache::chat_key(scope, &route.upstream_model, None, request)?;
+    let key = crate::cache::chat_key(scope, &route.upstream_model, prompt, request)?;
     Some(CachePlan {
         key,
         ttl: config.ttl_for(&request.model, feature),
@@ -1299,6 +1436,9 @@ fn template_text(
     request: &ChatRequest,
     record: &RecordGuard,
 ) -> Option<String> {
+    if let Some(text) = &chain.prompt_fallback {
+        return Some(text.clone());
+    }
     let name = chain.template.as_deref()?;
     let sluice = request.sluice.clone().unwrap_or_default();
     let input = request.last_user_text();

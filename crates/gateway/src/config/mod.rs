@@ -48,6 +48,8 @@ pub struct Config {
     pub budgets: BudgetsConfig,
     /// Response and embedding cache, coalescing.
     pub cache: crate::cache::CacheConfig,
+    /// Prompt files, lock, labels.
+    pub prompts: crate::prompts::PromptsConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -443,10 +445,13 @@ impl Config {
         let cache: crate::cache::config::RawCache = section("cache")
             .and_then(|v| problems.take("cache", v))
             .unwrap_or_default();
+        let prompts: crate::prompts::config::RawPrompts = section("prompts")
+            .and_then(|v| problems.take("prompts", v))
+            .unwrap_or_default();
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache, prompts)",
             );
         }
         let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
@@ -477,6 +482,13 @@ impl Config {
             &mut problems,
         );
         config.cache = cache;
+        let file = match &config.source {
+            ConfigSource::File(p) => Some(p.as_path()),
+            ConfigSource::Embedded { .. } => None,
+        };
+        config.prompts = crate::prompts::config::build(prompts, file, &mut |path, message| {
+            problems.push(path, message)
+        });
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -882,6 +894,7 @@ fn build(
         limits,
         budgets,
         cache: crate::cache::CacheConfig::default(),
+        prompts: crate::prompts::PromptsConfig::default(),
         server: ServerConfig {
             listen,
             master_key,
