@@ -331,8 +331,8 @@ mod outreach {
         let mut body = format!("Hi {first},\n\n{}.", opener.replace("{company}", &company));
         match facts.as_slice() {
             [] => body.push_str(&format!(" {product} might help.")),
-            [one] => body.push_str(&format!(" {product}: {one}.")),
-            [one, two, ..] => body.push_str(&format!(" {product}: {one}, and {two}.")),
+            [one] => body.push_str(&format!(" With {product} you get {one}.")),
+            [one, two, ..] => body.push_str(&format!(" With {product} you get {one}, and {two}.")),
         }
         body.push_str(&format!("\n\n{ask}\n\nBest,\n{sender}"));
         Some(body)

@@ -55,7 +55,18 @@ fn problem(path: &Path, message: String) -> FileProblem {
 
 /// The error for a locked version edited in place.
 pub fn changed_problem(v: &PromptVersion, locked: &str) -> FileProblem {
-    let next = v.file.with_file_name(format!("v{}.toml", v.version + 1));
+    // The next free version number in the prompt's folder.
+    let highest = v
+        .file
+        .parent()
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| super::file::version_of_file(e.file_name().to_str()?))
+        .max()
+        .unwrap_or(v.version);
+    let next = v.file.with_file_name(format!("v{}.toml", highest + 1));
     FileProblem {
         file: v.file.clone(),
         line: None,

@@ -62,6 +62,8 @@ pub struct RunOutcome {
     pub model: Option<String>,
     /// The prompt's fallback template answered.
     pub fallback: bool,
+    /// The answer's usage (prompt, completion tokens).
+    pub usage: (u32, u32),
     pub duration: Duration,
 }
 
@@ -332,8 +334,8 @@ pub async fn run(
                             Recording {
                                 model: outcome.model.clone().unwrap_or_default(),
                                 text: answer.clone(),
-                                prompt_tokens: 0,
-                                completion_tokens: 0,
+                                prompt_tokens: outcome.usage.0,
+                                completion_tokens: outcome.usage.1,
                             },
                         );
                     }
@@ -370,6 +372,7 @@ fn failed(why: String) -> RunOutcome {
         answer: None,
         model: None,
         fallback: false,
+        usage: (0, 0),
         duration: Duration::ZERO,
     }
 }
@@ -429,12 +432,19 @@ async fn ask(
     let Some(text) = json["choices"][0]["message"]["content"].as_str() else {
         return failed("the answer has no text content".into());
     };
+    let tokens = |field: &str| {
+        json["usage"][field]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0)
+    };
     RunOutcome {
         run: 0,
         failures: Vec::new(),
         answer: Some(text.to_string()),
         model,
         fallback,
+        usage: (tokens("prompt_tokens"), tokens("completion_tokens")),
         duration: Duration::ZERO,
     }
 }
