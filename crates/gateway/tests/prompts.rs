@@ -5,7 +5,6 @@
 
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     reason = "test helpers outside #[test] fns fail loudly by design"
 )]
 
@@ -396,4 +395,20 @@ async fn the_watcher_moves_traffic_when_the_config_label_changes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     running.stop().await;
+}
+
+#[tokio::test]
+async fn a_prompt_streams_like_any_request() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let mut b = body(Some("greet"), json!({"name": "Dana", "company": "Acme"}));
+    b["stream"] = json!(true);
+    let r = h.send("/v1/chat/completions", b, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("data: [DONE]"), "{}", r.text);
+    // A bare id is the highest version: v2, whose 3-word check needs the whole answer,
+    // so the fallback is replayed as a stream.
+    assert!(r.text.contains("Hello Dana!"), "{}", r.text);
+    assert!(r.record.stream);
+    assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
 }
