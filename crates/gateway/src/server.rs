@@ -213,12 +213,8 @@ pub async fn start(
     // Keys created before start work from the first request on.
     gateway.auth.ready().await?;
     let watching = tokio_util::sync::CancellationToken::new();
-    let prompts = &gateway.config.prompts;
-    if prompts.watch
-        && prompts.dir.is_some()
-        && let Err(e) = crate::prompts::watch::spawn(gateway.prompts.clone(), watching.clone())
-    {
-        tracing::warn!(error = %e, "cannot watch the prompt files; they reload on SIGHUP only if the watcher starts, so restart to pick up changes");
+    if let Err(e) = crate::prompts::watch::spawn(gateway.prompts.clone(), watching.clone()) {
+        tracing::warn!(error = %e, "cannot watch the prompt files: restart to pick up changes");
     }
     let cancel = gateway.shutdown.clone();
     let router = app(gateway.clone());

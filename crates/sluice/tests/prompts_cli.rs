@@ -234,3 +234,51 @@ fn check_catches_an_edited_locked_version_and_reports_file_and_line() {
     let shipped = std::fs::read_to_string(repo().join("prompts/prompts.lock")).unwrap();
     assert_eq!(lock, shipped);
 }
+
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_the_labels_of_a_running_gateway() {
+    let (dir, config) = copy_example();
+    let config_path = PathBuf::from(&config);
+    // No file watcher: only the signal can pick the change up.
+    edit(
+        &config_path,
+        "dir = \"prompts\"",
+        "dir = \"prompts\"\nwatch = false",
+    );
+    let gw = common::spawn(
+        &["serve", "--config", &config, "--listen", "127.0.0.1:0"],
+        &[],
+    );
+    let ask = || {
+        let body = r#"{"model": "prompt", "sluice": {"prompt": "message-generator@production", "variables": {"recipient_name": "Dana Ruiz", "company": "Acme"}}}"#;
+        let (status, text) = common::http(&gw.addr, "POST", "/v1/chat/completions", body);
+        assert_eq!(status, 200, "{text}");
+        text
+    };
+    // v2 signs with its default sender, v1 (no sender variable) with "The team".
+    assert!(ask().contains("Best,\\nSam"));
+    edit(&config_path, "production = 2", "production = 1");
+    let status = Command::new("kill")
+        .args(["-HUP", &gw.child.id().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = ask();
+        if text.contains("Best,\\nThe team") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SIGHUP did not move the label within 15 s; last answer: {text}"
+        );
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "a blocking test, no runtime here"
+        )]
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(dir);
+}

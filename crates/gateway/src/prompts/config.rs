@@ -101,6 +101,12 @@ pub fn build(
             "labels need `prompts.dir` (where the prompt files are)".into(),
         );
     }
+    if raw.debounce.is_some_and(|d| d < Duration::from_millis(10)) {
+        problems(
+            "prompts.debounce".into(),
+            "must be at least 10ms (file events settle for this long before a reload)".into(),
+        );
+    }
     let d = PromptsConfig::default();
     PromptsConfig {
         dir,
@@ -127,5 +133,53 @@ pub fn check_label(label: &str) -> Result<(), String> {
         Err(format!(
             "`{label}` is not a label: use letters, digits, `-` and `_`, not a version like `2` or `v2`, and not `{LATEST}` (built in)"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build_from(text: &str, file: Option<&Path>) -> (PromptsConfig, Vec<(String, String)>) {
+        let raw: RawPrompts = toml::from_str(text).unwrap();
+        let mut problems = Vec::new();
+        let c = build(raw, file, &mut |p, m| problems.push((p, m)));
+        (c, problems)
+    }
+
+    #[test]
+    fn paths_are_taken_from_the_config_files_folder() {
+        let (c, problems) = build_from(
+            "dir = \"prompts\"\n[labels.greet]\nproduction = 2\n",
+            Some(Path::new("/etc/sluice/sluice.toml")),
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.dir.as_deref(), Some(Path::new("/etc/sluice/prompts")));
+        assert_eq!(
+            c.lock.as_deref(),
+            Some(Path::new("/etc/sluice/prompts/prompts.lock"))
+        );
+        assert_eq!(c.labels["greet"]["production"], 2);
+        assert_eq!(c.model_aliases, ["prompt"]);
+    }
+
+    #[test]
+    fn bad_labels_and_settings_are_reported_with_their_path() {
+        let (_, problems) = build_from(
+            "dir = \"p\"\ndebounce = \"1ms\"\n[labels.greet]\nv2 = 1\nlatest = 1\nok = 0\n[labels.\"a/b\"]\nx = 1\n",
+            None,
+        );
+        let paths: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
+        for expected in [
+            "prompts.debounce",
+            "prompts.labels.greet.v2",
+            "prompts.labels.greet.latest",
+            "prompts.labels.greet.ok",
+            "prompts.labels.a/b",
+        ] {
+            assert!(paths.contains(&expected), "{expected} not in {paths:?}");
+        }
+        let (_, problems) = build_from("[labels.greet]\nproduction = 1\n", None);
+        assert_eq!(problems[0].0, "prompts.labels");
     }
 }

@@ -13,46 +13,30 @@ use tokio_util::sync::CancellationToken;
 use super::{Prompts, PromptsConfig};
 use crate::config::{Config, SystemEnv};
 
-/// Start watching; the watcher lives until `shutdown` is cancelled.
+/// Reload on SIGHUP, and (with `[prompts] watch`) when the files change; until
+/// `shutdown` is cancelled.
 pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = prompts.config();
     let Some(dir) = config.dir.as_deref() else {
         return Ok(());
     };
-    let dir = dir.canonicalize()?;
     let config_file = config
         .config_file
         .as_deref()
         .map(Path::canonicalize)
         .transpose()?;
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let events = tx.clone();
-    let (watched_dir, watched_file) = (dir.clone(), config_file.clone());
-    let mut debouncer = new_debouncer(config.debounce, move |result: DebounceEventResult| {
-        let relevant = match result {
-            Ok(events) => events
-                .iter()
-                .any(|e| matters(&e.path, &watched_dir, watched_file.as_deref())),
-            Err(e) => {
-                tracing::warn!(error = %e, "prompt watcher error");
-                false
-            }
-        };
-        if relevant {
-            // A reload is already queued when the channel is full: nothing is lost.
-            let _ = events.try_send(());
-        }
-    })?;
-    debouncer.watcher().watch(&dir, RecursiveMode::Recursive)?;
-    // The folder, not the file: editors save by replacing the file, which ends a
-    // watch on the file itself.
-    if let Some(parent) = config_file.as_deref().and_then(Path::parent) {
-        debouncer
-            .watcher()
-            .watch(parent, RecursiveMode::NonRecursive)?;
-    }
+    let debouncer = if config.watch {
+        Some(watch_files(
+            &dir.canonicalize()?,
+            config_file.clone(),
+            config.debounce,
+            tx.clone(),
+        )?)
+    } else {
+        None
+    };
     spawn_sighup(tx, shutdown.clone());
-    tracing::info!(dir = %dir.display(), "watching prompt files for changes");
     tokio::spawn(async move {
         // Dropping the debouncer stops its thread.
         let _debouncer = debouncer;
@@ -70,6 +54,44 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
         }
     });
     Ok(())
+}
+
+type Debouncer =
+    notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>;
+
+/// A debounced watcher on the prompt folder and the config file's folder.
+fn watch_files(
+    dir: &Path,
+    config_file: Option<std::path::PathBuf>,
+    debounce: std::time::Duration,
+    tx: mpsc::Sender<()>,
+) -> anyhow::Result<Debouncer> {
+    let (watched_dir, watched_file) = (dir.to_path_buf(), config_file.clone());
+    let mut debouncer = new_debouncer(debounce, move |result: DebounceEventResult| {
+        let relevant = match result {
+            Ok(events) => events
+                .iter()
+                .any(|e| matters(&e.path, &watched_dir, watched_file.as_deref())),
+            Err(e) => {
+                tracing::warn!(error = %e, "prompt watcher error");
+                false
+            }
+        };
+        if relevant {
+            // A reload is already queued when the channel is full: nothing is lost.
+            let _ = tx.try_send(());
+        }
+    })?;
+    debouncer.watcher().watch(dir, RecursiveMode::Recursive)?;
+    // The folder, not the file: editors save by replacing the file, which ends a
+    // watch on the file itself.
+    if let Some(parent) = config_file.as_deref().and_then(Path::parent) {
+        debouncer
+            .watcher()
+            .watch(parent, RecursiveMode::NonRecursive)?;
+    }
+    tracing::info!(dir = %dir.display(), "watching prompt files for changes");
+    Ok(debouncer)
 }
 
 /// A prompt file, the lock, or the config file.
