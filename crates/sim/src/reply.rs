@@ -440,7 +440,7 @@ mod tests {
         assert!(r.text.starts_with("Hi Dana,"), "{}", r.text);
         assert!(
             r.text.contains(
-                "Sluice: one binary, no services to run, and retries and fallbacks built in."
+                "With Sluice you get one binary, no services to run, and retries and fallbacks built in."
             ),
             "{}",
             r.text

@@ -1,12 +1,6 @@
 //! Black-box tests of the `sluice` command line: the embedded default, refusing to run
 //! keyless on a public address, and config errors reported all at once.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers outside #[test] fns fail loudly by design"
-)]
-
 mod common;
 
 use std::process::Command;
