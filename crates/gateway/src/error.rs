@@ -96,6 +96,9 @@ pub enum ApiError {
     /// An upstream failure that survived retries and fallbacks.
     #[error("{0}")]
     Upstream(UpstreamError),
+    /// A prompt reference or its variables were refused (4xx, see [`PromptError`]).
+    #[error("{0}")]
+    Prompt(crate::prompts::PromptError),
     /// The gateway itself failed. Never for anything a client sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -140,6 +143,8 @@ impl ApiError {
             ApiError::StorageUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Upstream(e) => upstream_status(e.class),
+            ApiError::Prompt(e) if e.is_not_found() => StatusCode::NOT_FOUND,
+            ApiError::Prompt(_) => StatusCode::BAD_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -162,7 +167,8 @@ impl ApiError {
             | ApiError::ModelNotFound { .. }
             | ApiError::RouteNotFound { .. }
             | ApiError::RequestNotFound { .. }
-            | ApiError::MethodNotAllowed { .. } => "invalid_request_error",
+            | ApiError::MethodNotAllowed { .. }
+            | ApiError::Prompt(_) => "invalid_request_error",
             ApiError::RequestNotOwned { .. } | ApiError::ModelNotAllowed { .. } => {
                 "permission_error"
             }
@@ -232,11 +238,19 @@ impl ApiError {
                 ErrorClass::InvalidResponse => "upstream_invalid_response",
                 ErrorClass::CapacityExceeded => "capacity_exceeded",
             },
+            ApiError::Prompt(e) => e.code(),
             ApiError::Internal(_) => "internal_error",
         }
     }
 
-    pub fn param(&self) -> Option<&str> {
+    pub fn param(&self) -> Option<String> {
+        if let ApiError::Prompt(e) = self {
+            return Some(e.param());
+        }
+        self.static_param().map(str::to_string)
+    }
+
+    fn static_param(&self) -> Option<&str> {
         match self {
             ApiError::InvalidRequest { param, .. } => param.as_deref(),
             ApiError::EmptyInput { param } => Some(param),
@@ -263,6 +277,7 @@ impl ApiError {
             | ApiError::RouteNotFound { .. }
             | ApiError::MethodNotAllowed { .. }
             | ApiError::StorageUnavailable(_)
+            | ApiError::Prompt(_)
             | ApiError::Internal(_) => None,
             ApiError::RequestNotFound { .. } | ApiError::RequestNotOwned { .. } => {
                 Some("request_id")
@@ -332,6 +347,12 @@ fn upstream_status(class: ErrorClass) -> StatusCode {
         | ErrorClass::NotFound
         | ErrorClass::InvalidResponse => StatusCode::BAD_GATEWAY,
         ErrorClass::BadRequest | ErrorClass::ContentFilter => StatusCode::BAD_REQUEST,
+    }
+}
+
+impl From<crate::prompts::PromptError> for ApiError {
+    fn from(e: crate::prompts::PromptError) -> Self {
+        ApiError::Prompt(e)
     }
 }
 

@@ -4,12 +4,14 @@
 pub mod admin;
 pub mod auth;
 pub mod cache;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod experiments;
 pub mod guard;
 pub mod limits;
 pub mod pipeline;
+pub mod prompts;
 pub mod providers;
 pub mod quality;
 pub mod redis_conn;

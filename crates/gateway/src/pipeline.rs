@@ -2,28 +2,37 @@
 //!
 //! 1. **authenticate** — key -> [`Principal`] (master or virtual key); 401 otherwise.
 //! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
-//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default),
-//!    whether the key and tier may use the model (403).
+//!    `x-sluice-prompt` is copied into the request's `sluice.prompt` here (the body's
+//!    wins).
+//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default).
+//!    Embeddings also check here whether the key and tier may use the model (403).
 //! 4. **assign** (chat) — the experiment variant (sticky per end user; a model, or a
 //!    prompt version set on `sluice.prompt`), then, for the routing alias, the model the
 //!    routing rules choose and where a failed output check escalates to.
-//! 5. **route** — the model's chain: the model, its fallbacks, its template.
-//! 6. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
-//! 7. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
+//! 5. **resolve** (chat) — the prompt the request names (`id@version` or `id@label`,
+//!    from the header, the body, or the variant) -> its version; variables checked (400
+//!    naming the variable); messages rendered; the prompt's model and parameters filled
+//!    in where the request left them open. Then whether the key and tier may use the
+//!    model that will really be asked (403).
+//! 6. **route** — the model's chain: the model, its fallbacks, its template (a prompt's
+//!    own fallback template wins).
+//! 7. **input guard** — validate, sanitize, cap (the tier's caps tighten the guard's).
+//! 8. **limits** — requests, tokens (an estimate, reconciled later) and concurrency per
 //!    key, end user and tier, in one call to the limit store (memory or Redis); 429.
 //!    Parsing comes first because the end user and the token estimate live in the body.
-//! 8. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
-//! 9. **cache** — an identical earlier answer is replayed at no cost; identical misses
-//!    in flight share one upstream call.
-//! 10. **dispatch** — call the chain; each model's provider capacity admits by tier
+//! 9. **budgets** — a spent budget blocks (429) or names a cheaper model to route to.
+//! 10. **cache** — an identical earlier answer is replayed at no cost; identical misses
+//!     in flight share one upstream call. A prompt's content hash is part of the key.
+//! 11. **dispatch** — call the chain; each model's provider capacity admits by tier
 //!     priority or sheds (429); retryable failures are retried with backoff and jitter
 //!     within the retry budget, then the next model is tried ([`Retrier`]). Streams are
 //!     committed only once their first chunk arrived, so a failure before it still
 //!     retries and falls back.
-//! 11. **output guard** — validators; on failure retry, escalate, fall back or flag.
-//! 12. **fallback** — when every model failed, the requested model's template answers.
-//! 13. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
-//! 14. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
+//! 12. **output guard** — validators (a prompt's own, else the configured rule); on
+//!     failure retry, escalate, fall back or flag.
+//! 13. **fallback** — when every model failed, the requested model's template answers.
+//! 14. **respond** — JSON, or SSE forwarded chunk by chunk as it arrives.
+//! 15. **record** — one [`RequestRecord`](crate::telemetry::RequestRecord) per request,
 //!     via [`RecordGuard`], also when a stream breaks or the client hangs up; its
 //!     after-hook settles limits and charges the request's cost to its budgets.
 
@@ -100,6 +109,8 @@ pub struct Gateway {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub regenerations: Regenerations,
+    /// Prompt versions and labels, swapped whole on reload.
+    pub prompts: Arc<crate::prompts::Prompts>,
     /// Stream forwarders run here, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Cancelled when shutdown's grace period is over: open streams end then.
@@ -114,6 +125,28 @@ impl Gateway {
         store: Arc<Store>,
         extra_sinks: Vec<Box<dyn RecordSink>>,
         tasks: TaskTracker,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::start_inner(config, store, extra_sinks, tasks, None)
+    }
+
+    /// Like [`Gateway::start`], with every model answered by `provider` (prompt test
+    /// replays: the whole pipeline runs, no upstream is called).
+    pub fn start_answering_with(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        extra_sinks: Vec<Box<dyn RecordSink>>,
+        tasks: TaskTracker,
+        provider: Arc<dyn crate::providers::Provider>,
+    ) -> anyhow::Result<Arc<Self>> {
+        Self::start_inner(config, store, extra_sinks, tasks, Some(provider))
+    }
+
+    fn start_inner(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        extra_sinks: Vec<Box<dyn RecordSink>>,
+        tasks: TaskTracker,
+        provider: Option<Arc<dyn crate::providers::Provider>>,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
         // Extra sinks first: they are cheap, and a slow store must not delay them.
@@ -153,7 +186,8 @@ impl Gateway {
                 Some(metrics.clone()),
             ),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
-            router: Router::new(config.clone())?,
+            router: Router::answered_by(config.clone(), provider)?,
+            prompts: crate::prompts::Prompts::load(config.prompts.clone()),
             retrier: Retrier::new(config.retry.clone()),
             regenerations: Regenerations::new(config.telemetry.regeneration_window),
             config,
@@ -227,6 +261,7 @@ fn fail(mut record: RecordGuard, error: ApiError) -> Response {
         | ApiError::NestingTooDeep { .. }
         | ApiError::InputBlocked { .. }
         | ApiError::ModelNotAllowed { .. }
+        | ApiError::Prompt(_)
         | ApiError::MethodNotAllowed { .. } => Outcome::RejectedInput,
         ApiError::OutputInvalid { .. } => Outcome::BadOutput,
     };
@@ -370,21 +405,25 @@ fn identify(
     record: &mut RecordGuard,
     principal: &Principal,
     headers: &HeaderMap,
-    model: &str,
+    model: Option<&str>,
 ) -> Result<Option<Tier>, ApiError> {
     let tier = resolve_tier(gw, principal, headers)?.cloned();
     let name = tier.as_ref().map(|t| t.name.clone());
     record.update(|r| r.tier = name);
-    if gw.config.routing.handles(model) {
-        // The routed model is checked when the assign stage chooses it.
-        return Ok(tier);
+    if let Some(model) = model {
+        allow_model(principal, tier.as_ref(), model)?;
     }
-    match refused_model(principal, tier.as_ref(), model) {
+    Ok(tier)
+}
+
+/// 403 unless the key and its tier may use `model`.
+fn allow_model(principal: &Principal, tier: Option<&Tier>, model: &str) -> Result<(), ApiError> {
+    match refused_model(principal, tier, model) {
         Some(who) => Err(ApiError::ModelNotAllowed {
             model: model.to_string(),
             who,
         }),
-        None => Ok(tier),
+        None => Ok(()),
     }
 }
 
@@ -530,7 +569,7 @@ pub async fn chat_completions(
     let max_depth = gw.config.guard.input.max_depth;
     let mut request = match body.and_then(|b| {
         guard::input::precheck(&b, max_depth)?;
-        parse_chat(&b)
+        parse_chat(&b, &headers)
     }) {
         Ok(r) => r,
         Err(e) => return fail(record, e),
@@ -541,7 +580,7 @@ pub async fn chat_completions(
         user: request.user.as_deref(),
         feature: feature.as_deref(),
         model: &request.model,
-        input_hash: input_hash(&request.messages),
+        input_hash: chat_input_hash(&request),
         track_regenerations: true,
     };
     let user = match tag_request(&gw, &mut record, &headers, tags) {
@@ -549,8 +588,8 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     record.update(|r| r.stream = request.is_stream());
-    // 3. identity: tier, model access
-    let tier = match identify(&gw, &mut record, &principal, &headers, &request.model) {
+    // 3. identity: tier (model access once the model is final: after resolve)
+    let tier = match identify(&gw, &mut record, &principal, &headers, None) {
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };
@@ -565,7 +604,15 @@ pub async fn chat_completions(
         Ok(a) => a,
         Err(e) => return fail(record, e),
     };
-    // 5. route (an escalation target goes right after the chosen model)
+    // 5. resolve: prompt -> messages, model, parameters; then model access
+    let prompt = match resolve_prompt(&gw, &mut record, &mut request) {
+        Ok(p) => p,
+        Err(e) => return fail(record, e),
+    };
+    if let Err(e) = allow_model(&principal, tier.as_ref(), &request.model) {
+        return fail(record, e);
+    }
+    // 6. route (an escalation target goes right after the chosen model)
     let chain = match gw
         .router
         .chain(&request.model, ModelKind::Chat)
@@ -576,7 +623,7 @@ pub async fn chat_completions(
         Ok(c) => c,
         Err(e) => return fail(record, e),
     };
-    // 6. input guard: validate, sanitize, cap, scan (in place)
+    // 7. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
     let detector = &gw.config.guard.detector;
     let guarded = guard_input(
@@ -591,7 +638,7 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    // 7. limits: requests, tokens (input estimate + output allowance), concurrency
+    // 8. limits: requests, tokens (input estimate + output allowance), concurrency
     let input: u32 = request
         .messages
         .iter()
@@ -612,8 +659,8 @@ pub async fn chat_completions(
         Ok(h) => h,
         Err(e) => return fail(record, e),
     };
-    // 8. budgets: block, or answer with the cheaper model a spent budget names
-    let chain = match check_budgets(&gw, &mut record).await {
+    // 9. budgets: block, or answer with the cheaper model a spent budget names
+    let mut chain = match check_budgets(&gw, &mut record).await {
         Ok(None) => chain,
         Ok(Some(to)) if to == request.model => chain,
         Ok(Some(to)) => match gw.router.chain(&to, ModelKind::Chat) {
@@ -625,14 +672,17 @@ pub async fn chat_completions(
         },
         Err(e) => return fail(record, e),
     };
-    // 9. cache: a stored answer to the same request (same scope, model, messages and
-    //    parameters) is replayed, as JSON or SSE, at no cost
+    if let Some(p) = &prompt {
+        chain.prompt_fallback = p.fallback.clone();
+    }
+    // 10. cache: a stored answer to the same request (same scope, model, prompt version,
+    //    messages and parameters) is replayed, as JSON or SSE, at no cost
     let cache = plan_cache(
         &gw,
         &headers,
         &principal,
         &request,
-        &chain,
+        (&chain, prompt.as_ref().map(|p| p.key.as_str())),
         feature.as_deref(),
     );
     if let Some(plan) = cache.as_ref().filter(|p| p.read)
@@ -647,12 +697,15 @@ pub async fn chat_completions(
     if cache.is_some() {
         record.update(|r| r.cache_status = Some("miss".into()));
     }
-    // 10-13. dispatch, output guard, fallback, respond (14. record happens inside, once)
-    let rule = gw
-        .config
-        .guard
-        .output_for(&request.model, feature.as_deref(), None)
-        .cloned();
+    // 11-14. dispatch, output guard, fallback, respond (15. record happens inside, once)
+    let rule = match prompt.and_then(|p| p.rule) {
+        Some(r) => Some(r),
+        None => gw
+            .config
+            .guard
+            .output_for(&request.model, feature.as_deref(), None)
+            .cloned(),
+    };
     let cache_key = cache.filter(|p| p.write).map(|p| (p.key, p.ttl));
     let stored = cache_key.is_some();
     let plan = Dispatch {
@@ -792,8 +845,23 @@ fn assign(
     })
 }
 
-fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
-    let request: ChatRequest = parse_body(body)?;
+fn parse_chat(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, ApiError> {
+    let mut request: ChatRequest = parse_body(body)?;
+    // The header names the prompt when the body does not (an experiment may set it later).
+    if let Some(p) = headers
+        .get(HEADER_PROMPT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        let extras = request.sluice.get_or_insert_with(Default::default);
+        if extras.prompt.is_none() {
+            extras.prompt = Some(p.trim().to_string());
+        }
+    }
+    if request.sluice.as_ref().is_some_and(|s| s.prompt.is_some()) {
+        // The prompt supplies messages and may supply the model.
+        return Ok(request);
+    }
     if request.model.trim().is_empty() {
         return Err(ApiError::invalid(
             "`model` must not be empty",
@@ -807,6 +875,82 @@ fn parse_chat(body: &[u8]) -> Result<ChatRequest, ApiError> {
         ));
     }
     Ok(request)
+}
+
+/// What a regeneration is judged by: the messages, plus the prompt and its variables
+/// when the request names one (its messages alone may be empty).
+fn chat_input_hash(request: &ChatRequest) -> u64 {
+    match request.sluice.as_ref().filter(|s| s.prompt.is_some()) {
+        None => input_hash(&request.messages),
+        Some(s) => input_hash(&(&request.messages, &s.prompt, &s.variables)),
+    }
+}
+
+/// A request's resolved prompt: the cache-key part, its fallback text, its output rule.
+struct ResolvedPrompt {
+    /// `id@version#hash`.
+    key: String,
+    fallback: Option<String>,
+    rule: Option<OutputRule>,
+}
+
+/// Resolve: the prompt the request names (`sluice.prompt`: the body's, the header's,
+/// or an experiment's) -> its version; the variables bound (400 naming the variable);
+/// its messages rendered before the client's own; its parameters filling what the
+/// request left open; its model used when the request's `model` is empty, the prompt's
+/// id or one of `[prompts] model_aliases`. The record names the version and its hash.
+fn resolve_prompt(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    request: &mut ChatRequest,
+) -> Result<Option<ResolvedPrompt>, ApiError> {
+    use crate::prompts::{PromptError, render};
+    let Some(reference) = request.sluice.as_ref().and_then(|s| s.prompt.clone()) else {
+        return Ok(None);
+    };
+    let version = gw.prompts.registry().resolve(&reference)?;
+    record.update(|r| {
+        r.prompt_id = Some(version.id.clone());
+        r.prompt_version = Some(version.version.to_string());
+        r.prompt_hash = Some(version.hash.clone());
+    });
+    let no_variables = serde_json::Map::new();
+    let given = request
+        .sluice
+        .as_ref()
+        .map(|s| &s.variables)
+        .unwrap_or(&no_variables);
+    let vars = render::bind(&version.variables, given)?;
+    render::apply(&version, &vars, request)?;
+    let asked = request.model.trim();
+    if asked.is_empty()
+        || asked == version.id
+        || gw.prompts.config().model_aliases.iter().any(|a| a == asked)
+    {
+        request.model = version.model.clone().ok_or_else(|| PromptError::NoModel {
+            reference: version.reference(),
+        })?;
+    }
+    let model = request.model.clone();
+    record.update(|r| r.model_requested = Some(model));
+    let fallback =
+        version
+            .render("fallback", &vars)
+            .map_err(|message| PromptError::RenderFailed {
+                reference: version.reference(),
+                message,
+            })?;
+    let rule = (!version.validators.is_empty()).then(|| OutputRule {
+        when: Default::default(),
+        validators: version.validators.clone(),
+        on_fail: version.on_fail,
+        retries: version.retries,
+    });
+    Ok(Some(ResolvedPrompt {
+        key: format!("{}#{}", version.reference(), version.hash),
+        fallback,
+        rule,
+    }))
 }
 
 /// Call the chain for a whole answer, then hold it to the output rule: on failure,
@@ -1162,7 +1306,7 @@ fn plan_cache(
     headers: &HeaderMap,
     principal: &Principal,
     request: &ChatRequest,
-    chain: &Chain,
+    (chain, prompt): (&Chain, Option<&str>),
     feature: Option<&str>,
 ) -> Option<CachePlan> {
     let config = &gw.config.cache;
@@ -1186,7 +1330,7 @@ fn plan_cache(
         CacheScope::Owner => crate::cache::Scope::Owner(principal.owner.as_deref()),
         CacheScope::Global => crate::cache::Scope::Global,
     };
-    let key = crate::cache::chat_key(scope, &route.upstream_model, None, request)?;
+    let key = crate::cache::chat_key(scope, &route.upstream_model, prompt, request)?;
     Some(CachePlan {
         key,
         ttl: config.ttl_for(&request.model, feature),
@@ -1451,6 +1595,9 @@ fn template_text(
     request: &ChatRequest,
     record: &RecordGuard,
 ) -> Option<String> {
+    if let Some(text) = &chain.prompt_fallback {
+        return Some(text.clone());
+    }
     let name = chain.template.as_deref()?;
     let sluice = request.sluice.clone().unwrap_or_default();
     let input = request.last_user_text();
@@ -1949,7 +2096,7 @@ pub async fn embeddings(
         Ok(u) => u,
         Err(e) => return fail(record, e),
     };
-    let tier = match identify(&gw, &mut record, &principal, &headers, &request.model) {
+    let tier = match identify(&gw, &mut record, &principal, &headers, Some(&request.model)) {
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };

@@ -35,6 +35,8 @@ pub struct Chain {
     pub routes: Vec<Arc<Route>>,
     /// The requested model's template fallback, if it has one.
     pub template: Option<String>,
+    /// The request's prompt's fallback, rendered; wins over `template`.
+    pub prompt_fallback: Option<String>,
 }
 
 /// The routing table built from config at start.
@@ -63,6 +65,14 @@ pub struct TemplateContext<'a> {
 
 impl Router {
     pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
+        Self::answered_by(config, None)
+    }
+
+    /// With `only`, every model is answered by that provider (prompt test replays).
+    pub fn answered_by(
+        config: Arc<Config>,
+        only: Option<Arc<dyn Provider>>,
+    ) -> anyhow::Result<Self> {
         let mut shared: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for p in &config.providers {
             shared.insert(p.name.clone(), build_provider(p)?);
@@ -83,7 +93,7 @@ impl Router {
                     None => continue,
                 },
             };
-            providers.insert(m.name.clone(), provider);
+            providers.insert(m.name.clone(), only.clone().unwrap_or(provider));
         }
         // Every entry gets one, configured or not: upstream headers and 429s set limits too.
         let capacities: HashMap<String, Arc<Capacity>> = config
@@ -161,6 +171,7 @@ impl Router {
         Ok(Chain {
             routes,
             template: model.template_fallback.as_ref().map(|_| model.name.clone()),
+            prompt_fallback: None,
         })
     }
 

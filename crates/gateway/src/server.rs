@@ -212,6 +212,10 @@ pub async fn start(
     let gateway = Gateway::start(Arc::new(config), store.clone(), extra_sinks, tasks.clone())?;
     // Keys created before start work from the first request on.
     gateway.auth.ready().await?;
+    let watching = tokio_util::sync::CancellationToken::new();
+    if let Err(e) = crate::prompts::watch::spawn(gateway.prompts.clone(), watching.clone()) {
+        tracing::warn!(error = %e, "cannot watch the prompt files: restart to pick up changes");
+    }
     let cancel = gateway.shutdown.clone();
     let router = app(gateway.clone());
     let done = tokio::spawn(async move {
@@ -251,6 +255,7 @@ pub async fn start(
             );
         }
         store.close().await;
+        watching.cancel();
     });
     Ok(Running {
         addr,

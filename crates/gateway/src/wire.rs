@@ -13,6 +13,8 @@ use serde_json::{Map, Value};
 pub struct ChatRequest {
     #[serde(skip_serializing)]
     pub model: String,
+    /// May be absent when the request names a prompt (the prompt renders the messages).
+    #[serde(default)]
     pub messages: Vec<ChatMessage>,
     #[serde(default, skip_serializing)]
     pub stream: Option<bool>,

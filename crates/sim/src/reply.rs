@@ -217,6 +217,11 @@ pub fn chat_reply_variant(
         pieces.push(piece);
     }
 
+    // A prompt asking for an outreach message gets a plausible one instead of word salad.
+    if let Some(text) = outreach::message(prompt_text, seed) {
+        pieces = split_pieces(&text);
+    }
+
     let mut completion_tokens: u32 = 0;
     let mut finish_reason = "stop";
     if let Some(cap) = max_tokens {
@@ -241,6 +246,96 @@ pub fn chat_reply_variant(
         completion_tokens,
         pieces,
         finish_reason,
+    }
+}
+
+/// `text` as stream deltas: each word with the whitespace before it, so they concatenate
+/// back to `text`.
+fn split_pieces(text: &str) -> Vec<String> {
+    let mut pieces: Vec<String> = Vec::new();
+    let mut current = String::new();
+    let mut in_word = false;
+    for c in text.chars() {
+        if c.is_whitespace() && in_word {
+            pieces.push(std::mem::take(&mut current));
+            in_word = false;
+        } else if !c.is_whitespace() {
+            in_word = true;
+        }
+        current.push(c);
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
+}
+
+/// Sales outreach messages, for prompts that ask for one.
+mod outreach {
+    /// The marker a prompt carries when it wants an outreach message.
+    const ASKS: &str = "outreach message";
+
+    /// A short outreach email built only from what the prompt states: `Recipient name:`,
+    /// `Company:`, `Product:`, `Fact:` lines (two facts at most) and `Sender:`. One call
+    /// to action, never a claim the prompt did not make. `None` when the prompt does not
+    /// ask for an outreach message.
+    pub fn message(prompt: &str, seed: u64) -> Option<String> {
+        if !prompt.to_lowercase().contains(ASKS) {
+            return None;
+        }
+        let field = |key: &str| {
+            prompt.lines().find_map(|l| {
+                let l = l.trim().trim_start_matches("- ");
+                let (k, v) = l.split_once(':')?;
+                (k.trim().eq_ignore_ascii_case(key) && !v.trim().is_empty())
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let facts: Vec<String> = prompt
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.trim().trim_start_matches("- ").split_once(':')?;
+                (k.trim().eq_ignore_ascii_case("fact") && !v.trim().is_empty())
+                    .then(|| v.trim().trim_end_matches('.').to_string())
+            })
+            .take(2)
+            .collect();
+        let name = field("recipient name").unwrap_or_else(|| "there".into());
+        let first = name
+            .split_whitespace()
+            .next()
+            .unwrap_or("there")
+            .to_string();
+        let company = field("company").unwrap_or_else(|| "your team".into());
+        let product = field("product").unwrap_or_else(|| "our product".into());
+        let sender = field("sender").unwrap_or_else(|| "The team".into());
+        let pick = |options: &[&'static str], salt: u64| {
+            options[(super::mix64(seed ^ salt) % options.len() as u64) as usize]
+        };
+        let opener = pick(
+            &[
+                "I noticed {company} is growing its engineering team",
+                "Teams like {company} often tell us the same thing",
+                "I have been following what {company} is building",
+            ],
+            1,
+        );
+        let ask = pick(
+            &[
+                "Would you be open to a 15-minute call next week?",
+                "Could we find 15 minutes next week to see if it fits?",
+                "Are you free for a short call next Tuesday or Wednesday?",
+            ],
+            2,
+        );
+        let mut body = format!("Hi {first},\n\n{}.", opener.replace("{company}", &company));
+        match facts.as_slice() {
+            [] => body.push_str(&format!(" {product} might help.")),
+            [one] => body.push_str(&format!(" With {product} you get {one}.")),
+            [one, two, ..] => body.push_str(&format!(" With {product} you get {one}, and {two}.")),
+        }
+        body.push_str(&format!("\n\n{ask}\n\nBest,\n{sender}"));
+        Some(body)
     }
 }
 
@@ -336,6 +431,36 @@ mod tests {
         assert_eq!(zero.finish_reason, "length");
         let roomy = chat_reply("m", "cap me", Some(full.completion_tokens));
         assert_eq!(roomy, full);
+    }
+
+    #[test]
+    fn outreach_prompts_get_a_short_message_from_the_facts_given() {
+        let prompt = "Write a short outreach message.\nRecipient name: Dana Ruiz\nCompany: Acme\nProduct: Sluice\nFact: one binary, no services to run\nFact: retries and fallbacks built in\nFact: a third fact\nSender: Sam";
+        let r = chat_reply("gpt-4o-mini", prompt, None);
+        assert!(r.text.starts_with("Hi Dana,"), "{}", r.text);
+        assert!(
+            r.text.contains(
+                "With Sluice you get one binary, no services to run, and retries and fallbacks built in."
+            ),
+            "{}",
+            r.text
+        );
+        assert!(!r.text.contains("third fact"), "{}", r.text);
+        assert_eq!(r.text.matches('?').count(), 1, "{}", r.text);
+        assert!(r.text.ends_with("Best,\nSam"), "{}", r.text);
+        assert!(r.text.split_whitespace().count() < 150);
+        assert_eq!(r.pieces.concat(), r.text);
+        assert_eq!(r.completion_tokens, count_tokens(&r.text));
+        assert_eq!(r, chat_reply("gpt-4o-mini", prompt, None));
+        let capped = chat_reply("gpt-4o-mini", prompt, Some(5));
+        assert_eq!(capped.finish_reason, "length");
+        assert!(r.text.starts_with(&capped.text));
+        // Other prompts keep their word-salad replies.
+        assert!(
+            chat_reply("m", "write a message", None)
+                .text
+                .starts_with("Simulated reply:")
+        );
     }
 
     #[test]

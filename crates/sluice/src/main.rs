@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+
+mod progress;
 use sluice_gateway::admin::KeysArgs;
 use sluice_gateway::config::{Config, SystemEnv};
 use sluice_gateway::experiments::ExperimentsArgs;
+use sluice_gateway::prompts::runner::{self, Mode, Options};
 use sluice_gateway::stats::GroupBy;
 use sluice_gateway::telemetry::init_logging;
 
@@ -54,6 +57,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validate the config and prompt files (every problem, with file and line); keep
+    /// prompts.lock. Exits non-zero on any error.
+    Check {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = "sluice.toml")]
+        config: PathBuf,
+        /// Lock prompt versions that are not in prompts.lock yet.
+        #[arg(long)]
+        update_lock: bool,
+    },
+    /// Prompt files: run their test cases.
+    Prompts {
+        #[command(subcommand)]
+        command: PromptsCommand,
+    },
     /// Virtual keys: create (printed once, stored hashed), list, revoke.
     Keys {
         /// The gateway's config (for `[storage]` and `[[tiers]]`); without it, ./sluice.db.
@@ -72,6 +89,30 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum PromptsCommand {
+    /// Run every test case through the gateway's pipeline; non-zero exit on a failure.
+    Test {
+        #[arg(long, short, env = "SLUICE_CONFIG", default_value = "sluice.toml")]
+        config: PathBuf,
+        /// One prompt (`ID`) or version (`ID@VERSION`, `ID@LABEL`).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Run each case N times and report the pass rate.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        repeat: u32,
+        /// Save the answers to a cassette next to each prompt file.
+        #[arg(long, conflicts_with = "replay")]
+        record: bool,
+        /// Answer from the cassettes: no upstream calls, deterministic.
+        #[arg(long)]
+        replay: bool,
+        /// Also write a JUnit XML report here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -86,6 +127,53 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Check {
+                config,
+                update_lock,
+            } => {
+                let (report, _) = sluice_gateway::check::run(&config, &SystemEnv, update_lock);
+                print(&report.to_string());
+                if report.ok() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("check failed"))
+                }
+            }
+            Command::Prompts {
+                command:
+                    PromptsCommand::Test {
+                        config,
+                        prompt,
+                        repeat,
+                        record,
+                        replay,
+                        junit,
+                    },
+            } => {
+                let config = Config::load(&config, &SystemEnv)?;
+                init_logging_quiet(&config);
+                let mode = match (record, replay) {
+                    (true, _) => Mode::Record,
+                    (_, true) => Mode::Replay,
+                    _ => Mode::Live,
+                };
+                let options = Options {
+                    prompt,
+                    repeat,
+                    mode,
+                };
+                let mut progress = progress::for_terminal();
+                let report = runner::run(config, &options, progress.as_mut()).await?;
+                print(report.text().trim_end());
+                if let Some(path) = junit {
+                    std::fs::write(&path, report.junit()?)?;
+                }
+                if report.passed() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("prompt tests failed"))
+                }
+            }
             Command::Serve { config, listen } => serve(config, listen).await,
             Command::Mock(args) => {
                 init_logging(&Default::default());
@@ -143,4 +231,13 @@ async fn serve(path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Res
     init_logging(&config.telemetry);
     let listen = listen.unwrap_or(config.server.listen);
     sluice_gateway::server::serve(config, listen).await
+}
+
+/// Test runs log only warnings and errors: the report is the output.
+fn init_logging_quiet(config: &Config) {
+    let mut telemetry = config.telemetry.clone();
+    if telemetry.log_level == "info" {
+        telemetry.log_level = "warn".into();
+    }
+    init_logging(&telemetry);
 }

@@ -52,6 +52,8 @@ pub struct Config {
     pub routing: crate::routing::rules::RoutingConfig,
     /// A/B experiments (`[[experiments]]`).
     pub experiments: Vec<crate::experiments::Experiment>,
+    /// Prompt files, lock, labels.
+    pub prompts: crate::prompts::PromptsConfig,
     /// Where this config came from, for the start-up log line.
     pub source: ConfigSource,
 }
@@ -452,10 +454,13 @@ impl Config {
             .unwrap_or_default();
         let experiments: Vec<(usize, crate::experiments::RawExperiment)> =
             take_array(section("experiments"), "experiments", &mut problems);
+        let prompts: crate::prompts::config::RawPrompts = section("prompts")
+            .and_then(|v| problems.take("prompts", v))
+            .unwrap_or_default();
         for key in table.keys() {
             problems.push(
                 key.clone(),
-                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache, routing, experiments)",
+                "unknown section (expected server, retry, providers, models, storage, guard, telemetry, tiers, limits, redis, budgets, cache, routing, experiments, prompts)",
             );
         }
         let limits = crate::limits::config::build(tiers, limits, redis, &mut |path, message| {
@@ -491,6 +496,13 @@ impl Config {
         let routing = crate::routing::rules::build(routing, &model, &tier_names, &mut push);
         let experiments = crate::experiments::config::build(experiments, &model, &mut push);
         (config.routing, config.experiments) = (routing, experiments);
+        let file = match &config.source {
+            ConfigSource::File(p) => Some(p.as_path()),
+            ConfigSource::Embedded { .. } => None,
+        };
+        config.prompts = crate::prompts::config::build(prompts, file, &mut |path, message| {
+            problems.push(path, message)
+        });
         if problems.0.is_empty() {
             Ok(config)
         } else {
@@ -898,6 +910,7 @@ fn build(
         cache: crate::cache::CacheConfig::default(),
         routing: Default::default(),
         experiments: Vec::new(),
+        prompts: crate::prompts::PromptsConfig::default(),
         server: ServerConfig {
             listen,
             master_key,

@@ -252,6 +252,7 @@ pub fn escalating(router: &Router, chain: Chain, to: &str) -> Result<Chain, ApiE
     Ok(Chain {
         routes,
         template: chain.template,
+        prompt_fallback: chain.prompt_fallback,
     })
 }
 

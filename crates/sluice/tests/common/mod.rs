@@ -110,3 +110,23 @@ pub fn write_temp(name: &str, contents: &str) -> std::path::PathBuf {
     std::fs::write(&path, contents).expect("write temp file");
     path
 }
+
+/// One HTTP/1.1 request over a fresh connection; returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let status = out[9..12].parse().expect("status code");
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,534 @@
+//! One prompt version file (`prompts/ID/vN.toml`): its raw TOML shape, and the validated
+//! [`PromptVersion`] with its compiled templates and content hash.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::assert::Assertion;
+use crate::guard::OnFail;
+use crate::guard::output::Validator;
+use crate::wire::ChatRequest;
+
+/// The largest template output, in characters: a prompt that renders more than this is
+/// refused (a loop over a client's list cannot blow up the upstream request).
+pub const MAX_RENDERED_CHARS: usize = 200_000;
+/// minijinja fuel per render: bounds the work a template may do.
+const RENDER_FUEL: u64 = 200_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    description: Option<String>,
+    #[serde(default)]
+    labels: Vec<String>,
+    model: Option<String>,
+    #[serde(default)]
+    params: Map<String, Value>,
+    system: Option<String>,
+    user: Option<String>,
+    #[serde(default)]
+    variables: BTreeMap<String, RawVariable>,
+    #[serde(default)]
+    validators: Vec<toml::Value>,
+    on_fail: Option<OnFail>,
+    retries: Option<u32>,
+    fallback: Option<String>,
+    #[serde(default)]
+    tests: Vec<RawCase>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawVariable {
+    #[serde(rename = "type")]
+    kind: VarType,
+    required: Option<bool>,
+    max_length: Option<usize>,
+    default: Option<Value>,
+    description: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCase {
+    name: String,
+    #[serde(default)]
+    variables: Map<String, Value>,
+    #[serde(default, rename = "assert")]
+    assertions: Vec<toml::Value>,
+}
+
+/// A variable's type, checked against what the client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VarType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Array,
+    Object,
+}
+
+impl VarType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VarType::String => "string",
+            VarType::Integer => "integer",
+            VarType::Number => "number",
+            VarType::Boolean => "boolean",
+            VarType::Array => "array",
+            VarType::Object => "object",
+        }
+    }
+
+    pub fn accepts(self, v: &Value) -> bool {
+        match self {
+            VarType::String => v.is_string(),
+            VarType::Integer => v.is_i64() || v.is_u64(),
+            VarType::Number => v.is_number(),
+            VarType::Boolean => v.is_boolean(),
+            VarType::Array => v.is_array(),
+            VarType::Object => v.is_object(),
+        }
+    }
+}
+
+/// One declared variable.
+#[derive(Debug, Clone)]
+pub struct Variable {
+    pub kind: VarType,
+    pub required: bool,
+    /// Characters for a string, items for an array.
+    pub max_length: Option<usize>,
+    pub default: Option<Value>,
+}
+
+/// One test case: variables in, assertions on the answer.
+#[derive(Debug, Clone)]
+pub struct TestCase {
+    pub name: String,
+    pub variables: Map<String, Value>,
+    pub assertions: Vec<Assertion>,
+}
+
+/// One prompt version, validated and ready to render.
+pub struct PromptVersion {
+    pub id: String,
+    pub version: u32,
+    /// 16 hex digits of the SHA-256 of what shapes an answer (see [`PromptVersion::hash`]).
+    pub hash: String,
+    pub file: PathBuf,
+    pub description: Option<String>,
+    /// Labels this file claims (config labels win over them).
+    pub labels: Vec<String>,
+    pub model: Option<String>,
+    /// Request parameters the prompt sets when the request does not.
+    pub params: ChatRequest,
+    pub variables: BTreeMap<String, Variable>,
+    pub validators: Vec<Validator>,
+    pub on_fail: OnFail,
+    pub retries: u32,
+    pub has_system: bool,
+    pub has_user: bool,
+    pub has_fallback: bool,
+    pub tests: Vec<TestCase>,
+    /// The compiled templates: `system`, `user`, `fallback`.
+    env: minijinja::Environment<'static>,
+}
+
+impl std::fmt::Debug for PromptVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PromptVersion")
+            .field("id", &self.id)
+            .field("version", &self.version)
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A problem in a prompt file: where (line when the TOML parser knows it, and the
+/// field), and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProblem {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FileProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Prompt ids are folder names: letters, digits, `-`, `_`, `.`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{id}` is not a prompt id: use letters, digits, `-`, `_` and `.`"
+        ))
+    }
+}
+
+/// `2` or `v2`.
+pub fn is_version_text(s: &str) -> bool {
+    parse_version(s).is_some()
+}
+
+/// `2` or `v2` -> 2 (0 is not a version).
+pub fn parse_version(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix('v').unwrap_or(s);
+    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|v| *v > 0)
+}
+
+/// The version a file name stands for: `v2.toml` -> 2.
+pub fn version_of_file(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".toml")?;
+    stem.strip_prefix('v').and_then(parse_version)
+}
+
+impl PromptVersion {
+    /// Parse and validate `text` (the contents of `file`), the version `version` of `id`.
+    /// Every problem is returned, not just the first.
+    pub fn parse(
+        id: &str,
+        version: u32,
+        file: &Path,
+        text: &str,
+    ) -> Result<PromptVersion, Vec<FileProblem>> {
+        let problem = |line: Option<usize>, path: &str, message: String| FileProblem {
+            file: file.to_path_buf(),
+            line,
+            path: path.to_string(),
+            message,
+        };
+        let raw: RawFile = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+                return Err(vec![problem(line, "", e.message().trim_end().to_string())]);
+            }
+        };
+        let mut problems = Vec::new();
+        let line_of = |key: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(key))
+                .map(|i| i + 1)
+        };
+        let hash = content_hash(&raw);
+
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.set_fuel(Some(RENDER_FUEL));
+        env.set_keep_trailing_newline(false);
+        let declared: Vec<&String> = raw.variables.keys().collect();
+        for (name, source) in [
+            ("system", &raw.system),
+            ("user", &raw.user),
+            ("fallback", &raw.fallback),
+        ] {
+            let Some(source) = source else { continue };
+            match env.add_template_owned(name.to_string(), source.clone()) {
+                Err(e) => problems.push(problem(
+                    line_of(name),
+                    name,
+                    format!("invalid template: {e}"),
+                )),
+                Ok(()) => {
+                    if let Ok(t) = env.get_template(name) {
+                        let mut unknown: Vec<String> = t
+                            .undeclared_variables(false)
+                            .into_iter()
+                            .filter(|v| {
+                                !declared.contains(&v) && !BUILTIN_NAMES.contains(&v.as_str())
+                            })
+                            .collect();
+                        unknown.sort();
+                        if !unknown.is_empty() {
+                            problems.push(problem(
+                                line_of(name),
+                                name,
+                                format!(
+                                    "uses undeclared variable(s) {}: declare them under [variables]",
+                                    unknown.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if raw.system.is_none() && raw.user.is_none() {
+            problems.push(problem(
+                None,
+                "",
+                "a prompt needs a `system` or a `user` template".into(),
+            ));
+        }
+
+        let mut variables = BTreeMap::new();
+        for (name, v) in &raw.variables {
+            let path = format!("variables.{name}");
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || name.starts_with(|c: char| c.is_ascii_digit())
+            {
+                problems.push(problem(
+                    line_of(&format!("[variables.{name}]")),
+                    &path,
+                    "a variable name is letters, digits and `_`, not starting with a digit".into(),
+                ));
+            }
+            if v.max_length.is_some() && !matches!(v.kind, VarType::String | VarType::Array) {
+                problems.push(problem(
+                    None,
+                    &format!("{path}.max_length"),
+                    "only applies to strings (characters) and arrays (items)".into(),
+                ));
+            }
+            if let Some(d) = &v.default
+                && !v.kind.accepts(d)
+            {
+                problems.push(problem(
+                    None,
+                    &format!("{path}.default"),
+                    format!("is not of type {}", v.kind.as_str()),
+                ));
+            }
+            variables.insert(
+                name.clone(),
+                Variable {
+                    kind: v.kind,
+                    required: v.required.unwrap_or(v.default.is_none()),
+                    max_length: v.max_length,
+                    default: v.default.clone(),
+                },
+            );
+        }
+
+        for label in &raw.labels {
+            if let Err(e) = super::config::check_label(label) {
+                problems.push(problem(line_of("labels"), "labels", e));
+            }
+        }
+
+        let params = match build_params(&raw.params) {
+            Ok(p) => p,
+            Err(e) => {
+                problems.push(problem(line_of("[params]"), "params", e));
+                empty_params()
+            }
+        };
+
+        let mut validators = Vec::new();
+        for (i, v) in raw.validators.iter().enumerate() {
+            match Validator::from_toml(v.clone()) {
+                Ok(v) => validators.push(v),
+                Err(e) => problems.push(problem(
+                    line_of("validators"),
+                    &format!("validators[{i}]"),
+                    e,
+                )),
+            }
+        }
+        let on_fail = raw.on_fail.unwrap_or_default();
+        if raw.retries.is_some() && on_fail != OnFail::Retry {
+            problems.push(problem(
+                line_of("retries"),
+                "retries",
+                "only applies to on_fail = \"retry\"".into(),
+            ));
+        }
+        if on_fail == OnFail::Fallback && raw.fallback.is_none() {
+            problems.push(problem(
+                line_of("on_fail"),
+                "on_fail",
+                "\"fallback\" needs a `fallback` template".into(),
+            ));
+        }
+
+        let mut tests = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, case) in raw.tests.iter().enumerate() {
+            let path = format!("tests[{i}]");
+            if !names.insert(case.name.clone()) {
+                problems.push(problem(
+                    None,
+                    &format!("{path}.name"),
+                    format!("duplicate test name `{}`", case.name),
+                ));
+            }
+            let mut assertions = Vec::new();
+            for (j, a) in case.assertions.iter().enumerate() {
+                match Assertion::from_toml(a.clone()) {
+                    Ok(a) => assertions.push(a),
+                    Err(e) => problems.push(problem(None, &format!("{path}.assert[{j}]"), e)),
+                }
+            }
+            if case.assertions.is_empty() {
+                problems.push(problem(
+                    None,
+                    &format!("{path}.assert"),
+                    "a test case needs at least one assertion".into(),
+                ));
+            }
+            if let Err(e) = super::render::bind(&variables, &case.variables) {
+                problems.push(problem(None, &format!("{path}.variables"), e.to_string()));
+            }
+            tests.push(TestCase {
+                name: case.name.clone(),
+                variables: case.variables.clone(),
+                assertions,
+            });
+        }
+
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(PromptVersion {
+            id: id.to_string(),
+            version,
+            hash,
+            file: file.to_path_buf(),
+            description: raw.description,
+            labels: raw.labels,
+            model: raw.model,
+            params,
+            variables,
+            validators,
+            on_fail,
+            retries: raw.retries.unwrap_or(1),
+            has_system: raw.system.is_some(),
+            has_user: raw.user.is_some(),
+            has_fallback: raw.fallback.is_some(),
+            tests,
+            env,
+        })
+    }
+
+    /// `id@version`.
+    pub fn reference(&self) -> String {
+        format!("{}@{}", self.id, self.version)
+    }
+
+    /// Render one of the templates (`system`, `user`, `fallback`) with bound variables.
+    pub fn render(&self, name: &str, vars: &Map<String, Value>) -> Result<Option<String>, String> {
+        let Ok(t) = self.env.get_template(name) else {
+            return Ok(None);
+        };
+        let text = t.render(vars).map_err(|e| {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            msg
+        })?;
+        if text.chars().count() > MAX_RENDERED_CHARS {
+            return Err(format!(
+                "the `{name}` template rendered more than {MAX_RENDERED_CHARS} characters"
+            ));
+        }
+        Ok(Some(text))
+    }
+}
+
+/// Names a template may use without declaring them (minijinja's globals).
+const BUILTIN_NAMES: &[&str] = &["range", "dict", "namespace", "loop", "debug"];
+
+/// The content hash: SHA-256 over the canonical JSON (sorted keys) of everything that
+/// shapes an answer: model, parameters, templates, variables, validators, on-fail action
+/// and the fallback. Not hashed: `description`, `labels` and `tests`, so a label can
+/// move and a case can be added without a new version; formatting and comments do not
+/// count either.
+fn content_hash(raw: &RawFile) -> String {
+    let validators: Vec<Value> = raw
+        .validators
+        .iter()
+        .map(|v| serde_json::to_value(v).unwrap_or(Value::Null))
+        .collect();
+    let canonical = json!({
+        "model": raw.model,
+        "params": raw.params,
+        "system": raw.system,
+        "user": raw.user,
+        "variables": raw.variables,
+        "validators": validators,
+        "on_fail": raw.on_fail.map(OnFail::as_str),
+        "retries": raw.retries,
+        "fallback": raw.fallback,
+    });
+    let digest = Sha256::digest(canonical.to_string().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+fn empty_params() -> ChatRequest {
+    ChatRequest {
+        model: String::new(),
+        messages: Vec::new(),
+        stream: None,
+        stream_options: None,
+        max_tokens: None,
+        max_completion_tokens: None,
+        temperature: None,
+        top_p: None,
+        n: None,
+        stop: None,
+        user: None,
+        tools: None,
+        tool_choice: None,
+        sluice: None,
+        extra: Map::new(),
+    }
+}
+
+/// `[params]`, read as the request fields they are (so a wrong type is caught here).
+fn build_params(params: &Map<String, Value>) -> Result<ChatRequest, String> {
+    const NOT_PARAMS: [&str; 6] = [
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "sluice",
+        "user",
+    ];
+    if let Some(k) = params.keys().find(|k| NOT_PARAMS.contains(&k.as_str())) {
+        return Err(format!(
+            "`{k}` is not a parameter a prompt sets (model is `model`; the rest come from the request)"
+        ));
+    }
+    let mut body = params.clone();
+    body.insert("model".into(), Value::String(String::new()));
+    body.insert("messages".into(), Value::Array(Vec::new()));
+    serde_path_to_error::deserialize::<_, ChatRequest>(Value::Object(body))
+        .map_err(|e| format!("`{}`: {}", e.path(), e.inner()))
+}
+
+/// The shared handle the registry keeps.
+pub type Version = Arc<PromptVersion>;

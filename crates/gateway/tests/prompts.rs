@@ -1,0 +1,414 @@
+//! Prompts through the whole pipeline: resolution by version and label, variable
+//! checks (400 naming the variable), rendering, the record's prompt fields, model and
+//! parameter defaults, the prompt's fallback, reload (label moves, broken files), and
+//! the watcher switching traffic without a restart.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns fail loudly by design"
+)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_gateway::telemetry::Outcome;
+
+mod support;
+
+use support::harness;
+
+const V1: &str = r#"
+model = "gpt-4o-mini"
+system = "You greet people."
+user = "Say hello to {{ name }} from {{ company }}."
+
+[variables.name]
+type = "string"
+max_length = 10
+
+[variables.company]
+type = "string"
+
+[variables.count]
+type = "integer"
+required = false
+
+[[tests]]
+name = "hello"
+variables = { name = "Dana", company = "Acme" }
+assert = [{ min_words = 1 }]
+"#;
+
+const V2: &str = r#"
+model = "gpt-4o-mini"
+system = "You greet people warmly."
+user = "Say a warm hello to {{ name }} from {{ company }}."
+validators = [{ max_words = 3 }]
+on_fail = "fallback"
+fallback = "Hello {{ name }}!"
+
+[params]
+temperature = 0.2
+max_tokens = 50
+
+[variables.name]
+type = "string"
+max_length = 10
+
+[variables.company]
+type = "string"
+"#;
+
+/// A fresh folder with `greet/v1.toml` and `greet/v2.toml`.
+fn prompt_dir() -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sluice-prompts-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(dir.join("greet")).unwrap();
+    std::fs::write(dir.join("greet/v1.toml"), V1).unwrap();
+    std::fs::write(dir.join("greet/v2.toml"), V2).unwrap();
+    dir
+}
+
+fn config(dir: &Path, production: u32) -> String {
+    format!(
+        r#"
+[[providers]]
+name = "sim"
+kind = "sim"
+
+[[models]]
+name = "gpt-4o-mini"
+provider = "sim"
+
+[[models]]
+name = "gpt-4o"
+provider = "sim"
+
+[prompts]
+dir = "{}"
+watch = true
+debounce = "50ms"
+
+[prompts.labels.greet]
+production = {production}
+"#,
+        dir.display()
+    )
+}
+
+fn body(prompt: Option<&str>, variables: Value) -> Value {
+    let mut sluice = json!({"variables": variables});
+    if let Some(p) = prompt {
+        sluice["prompt"] = json!(p);
+    }
+    json!({"model": "prompt", "sluice": sluice})
+}
+
+fn answer(reply: &support::Reply) -> String {
+    reply.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_version_renders_its_messages_and_names_itself_in_the_record() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let r = h
+        .send(
+            "/v1/chat/completions",
+            body(
+                None,
+                json!({"name": "Dana", "company": "Acme", "unused": true}),
+            ),
+            &[("x-sluice-prompt", "greet@1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // The simulator's answer is a pure function of the messages it got: the rendered ones.
+    let expected = sluice_sim::reply::chat_reply(
+        "gpt-4o-mini",
+        "You greet people.\nSay hello to Dana from Acme.",
+        None,
+    );
+    assert_eq!(answer(&r), expected.text);
+    assert_eq!(r.headers["x-sluice-model"], "gpt-4o-mini");
+    let v1 = h.gateway.prompts.registry().resolve("greet@1").unwrap();
+    assert_eq!(r.record.prompt_id.as_deref(), Some("greet"));
+    assert_eq!(r.record.prompt_version.as_deref(), Some("1"));
+    assert_eq!(r.record.prompt_hash.as_deref(), Some(v1.hash.as_str()));
+    assert_eq!(r.record.model_requested.as_deref(), Some("gpt-4o-mini"));
+    assert_eq!(v1.hash.len(), 16);
+
+    // The client's own messages follow the rendered ones; its explicit model wins.
+    let mut b = body(Some("greet@v1"), json!({"name": "Dana", "company": "Acme"}));
+    b["model"] = json!("gpt-4o");
+    b["messages"] = json!([{"role": "user", "content": "And add a joke."}]);
+    let r = h.send("/v1/chat/completions", b, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let expected = sluice_sim::reply::chat_reply(
+        "gpt-4o",
+        "You greet people.\nSay hello to Dana from Acme.\nAnd add a joke.",
+        None,
+    );
+    assert_eq!(answer(&r), expected.text);
+    assert_eq!(r.headers["x-sluice-model"], "gpt-4o");
+}
+
+#[tokio::test]
+async fn bad_variables_are_400s_naming_the_variable() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let cases = [
+        (
+            json!({"name": "Dana"}),
+            "missing_variable",
+            "company",
+            "required",
+        ),
+        (
+            json!({"name": "Dana", "company": null}),
+            "missing_variable",
+            "company",
+            "required",
+        ),
+        (
+            json!({"name": 42, "company": "Acme"}),
+            "invalid_variable",
+            "name",
+            "must be a string, not a number",
+        ),
+        (
+            json!({"name": "Dana", "company": "Acme", "count": "3"}),
+            "invalid_variable",
+            "count",
+            "must be an integer",
+        ),
+        (
+            json!({"name": "Bartholomew!", "company": "Acme"}),
+            "invalid_variable",
+            "name",
+            "12 characters, at most 10",
+        ),
+    ];
+    for (variables, code, name, says) in cases {
+        let r = h
+            .send(
+                "/v1/chat/completions",
+                body(Some("greet@1"), variables.clone()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 400, "{variables}: {}", r.text);
+        let e = &r.body["error"];
+        assert_eq!(e["code"], code, "{variables}: {}", r.text);
+        assert_eq!(e["param"], format!("sluice.variables.{name}"));
+        assert_eq!(e["type"], "invalid_request_error");
+        assert!(e["message"].as_str().unwrap().contains(says), "{}", r.text);
+        assert_eq!(r.record.outcome, Outcome::RejectedInput);
+        assert_eq!(r.record.prompt_id.as_deref(), Some("greet"));
+        assert_eq!(r.record.upstream_calls, 0);
+    }
+}
+
+#[tokio::test]
+async fn unknown_prompts_versions_and_labels_are_refused_clearly() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let vars = json!({"name": "Dana", "company": "Acme"});
+    for (reference, status, code, says) in [
+        (
+            "nope@1",
+            404,
+            "prompt_not_found",
+            "no prompt `nope` (prompts: greet)",
+        ),
+        (
+            "greet@9",
+            404,
+            "prompt_not_found",
+            "has no version 9 (versions: 1, 2)",
+        ),
+        (
+            "greet@canary",
+            404,
+            "prompt_not_found",
+            "no label `canary` (labels: production)",
+        ),
+        ("greet@", 400, "invalid_prompt_reference", "ID@VERSION"),
+        ("a/b@1", 400, "invalid_prompt_reference", "not a prompt id"),
+    ] {
+        let r = h
+            .send(
+                "/v1/chat/completions",
+                body(Some(reference), vars.clone()),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, status, "{reference}: {}", r.text);
+        assert_eq!(r.body["error"]["code"], code, "{reference}");
+        assert_eq!(r.body["error"]["param"], "sluice.prompt");
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{reference}: {message}");
+    }
+    // Without a prompt, an empty `messages` is still refused as before.
+    let r = h
+        .send(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "messages": []}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.body["error"]["param"], "messages");
+}
+
+#[tokio::test]
+async fn parameters_fill_gaps_and_the_prompt_fallback_answers_a_failed_check() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 2)).await;
+    // v2 allows 3 words: the simulator's 12+ word answer fails and the fallback answers.
+    let r = h
+        .send(
+            "/v1/chat/completions",
+            body(
+                Some("greet@production"),
+                json!({"name": "Dana", "company": "Acme"}),
+            ),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(answer(&r), "Hello Dana!");
+    assert_eq!(r.headers["x-sluice-fallback"], "template");
+    assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
+    assert_eq!(r.record.output_check.as_deref(), Some("fail:fallback"));
+    // The request's explicit max_tokens wins over the prompt's 50: cut to a word, the
+    // answer passes the 3-word check and no fallback is needed.
+    let mut b = body(Some("greet@2"), json!({"name": "Dana", "company": "Acme"}));
+    b["max_tokens"] = json!(3);
+    let r = h.send("/v1/chat/completions", b, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(answer(&r), "Simulated");
+    assert_eq!(r.body["choices"][0]["finish_reason"], "length");
+    assert!(r.headers.get("x-sluice-fallback").is_none());
+    assert_eq!(r.record.output_check.as_deref(), Some("pass"));
+}
+
+#[tokio::test]
+async fn moving_a_label_in_config_switches_traffic_and_a_broken_file_keeps_the_last_good() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let vars = json!({"name": "Dana", "company": "Acme"});
+    let b = body(Some("greet@production"), vars.clone());
+    let r = h.send("/v1/chat/completions", b.clone(), &[]).await;
+    assert_eq!(r.record.prompt_version.as_deref(), Some("1"));
+
+    // The label moves: the same gateway now serves v2.
+    let moved = sluice_gateway::config::Config::from_toml(
+        &config(&dir, 2),
+        &[("UNUSED", "")],
+        sluice_gateway::config::ConfigSource::Embedded { simulated: false },
+    )
+    .unwrap();
+    h.gateway.prompts.reload(Some(moved.prompts));
+    let r = h.send("/v1/chat/completions", b, &[]).await;
+    assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
+
+    // v1 breaks on disk: the registry keeps the copy that loaded, and says so.
+    let good = h
+        .gateway
+        .prompts
+        .registry()
+        .resolve("greet@1")
+        .unwrap()
+        .hash
+        .clone();
+    std::fs::write(dir.join("greet/v1.toml"), "system = \"{{ unclosed\"\n").unwrap();
+    let registry = h.gateway.prompts.reload(None);
+    assert_eq!(registry.resolve("greet@1").unwrap().hash, good);
+    let problems: Vec<String> = registry.problems.iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("v1.toml") && p.contains("invalid template")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("keeping the last good greet@1")),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_watcher_moves_traffic_when_the_config_label_changes() {
+    let dir = prompt_dir();
+    let config_path = dir.join("sluice.toml");
+    std::fs::write(&config_path, config(&dir, 1)).unwrap();
+    let cfg = sluice_gateway::config::Config::load(&config_path, &[("UNUSED", "")]).unwrap();
+    let running = sluice_gateway::server::start(
+        sluice_gateway::config::Config {
+            storage: sluice_gateway::config::StorageConfig {
+                target: sluice_gateway::store::StorageTarget::Memory,
+                ..cfg.storage.clone()
+            },
+            ..cfg
+        },
+        "127.0.0.1:0".parse().unwrap(),
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    let ask = || async {
+        let r = client
+            .post(format!("{}/v1/chat/completions", running.url()))
+            .header("x-sluice-prompt", "greet@production")
+            .json(&body(None, json!({"name": "Dana", "company": "Acme"})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let v1_answer = ask().await;
+    assert!(!v1_answer.starts_with("Hello Dana!"), "{v1_answer}");
+    // Give the watcher a moment to be armed, then move the label in the file.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&config_path, config(&dir, 2)).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if ask().await == "Hello Dana!" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the label move was not picked up within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_prompt_streams_like_any_request() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let mut b = body(Some("greet"), json!({"name": "Dana", "company": "Acme"}));
+    b["stream"] = json!(true);
+    let r = h.send("/v1/chat/completions", b, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("data: [DONE]"), "{}", r.text);
+    // A bare id is the highest version: v2, whose 3-word check needs the whole answer,
+    // so the fallback is replayed as a stream.
+    assert!(r.text.contains("Hello Dana!"), "{}", r.text);
+    assert!(r.record.stream);
+    assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
+}
