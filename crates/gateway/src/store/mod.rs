@@ -4,6 +4,7 @@
 //! backend.
 
 mod keys;
+mod records;
 mod redact;
 mod spend;
 
@@ -19,6 +20,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor, Row};
 
 pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, key_hint};
+pub use records::{Cursor, RecordFilter};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
 
