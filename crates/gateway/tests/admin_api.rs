@@ -4,6 +4,8 @@
 //! `sluice stats --json`; `/admin/records` filters, pages and shows one record; a
 //! separate admin listener takes `/admin` and `/dashboard` off the main port.
 
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
+
 mod support;
 
 use std::time::Duration;

@@ -6,11 +6,7 @@
 //! `target/test-artifacts/dashboard.png`. The page's load time with 100k records is
 //! printed, not asserted. Also: `/admin/stats` equals `sluice stats --json`.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test helpers fail loudly by design"
-)]
+#![expect(clippy::unwrap_used, reason = "test helpers fail loudly by design")]
 
 mod common;
 
@@ -42,7 +38,9 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// 100k records over the last 24 hours, in batches through the store's own insert.
+/// 100k records between 23 and 2 hours ago (so the last hour holds only the scripted
+/// workload, and the default 24 h view all of them), in batches through the store's own
+/// insert.
 async fn seed(path: &Path) -> Duration {
     let started = Instant::now();
     let store = Store::open(&StorageTarget::Sqlite(path.to_path_buf()))
@@ -61,7 +59,7 @@ async fn seed(path: &Path) -> Duration {
         };
         batch.push(RequestRecord {
             request_id: format!("seed_{i:06}"),
-            started_at_ms: now - 60_000 - (n * 86_000_000 / SEEDED as u64),
+            started_at_ms: now - 7_200_000 - (n * 75_600_000 / SEEDED as u64),
             endpoint: Endpoint::ChatCompletions,
             stream: i % 3 == 0,
             key_id: Some("master".into()),
@@ -94,6 +92,8 @@ async fn seed(path: &Path) -> Duration {
 }
 
 struct Workload {
+    /// Requests sent, each leaving one record.
+    sent: usize,
     errors: usize,
     checkout: usize,
 }
@@ -173,7 +173,9 @@ async fn workload(url: &str) -> Workload {
     assert_eq!(r.status(), 400);
     // A trial user runs into the budget.
     let mut blocked = false;
+    let mut trial = 0;
     for i in 0..10 {
+        trial += 1;
         let r = chat(
             "gpt-4o-mini",
             "trial",
@@ -200,7 +202,11 @@ async fn workload(url: &str) -> Workload {
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
-    Workload { errors, checkout }
+    Workload {
+        sent: checkout + 3 + errors + 1 + trial,
+        errors,
+        checkout,
+    }
 }
 
 async fn admin_json(url: &str) -> Value {
@@ -317,26 +323,30 @@ match = {{ feature = "trial" }}
     let url = format!("http://{}", gateway.addr);
     let work = workload(&url).await;
 
-    // Every workload record written before the browser looks.
+    // Every workload record written before the browser looks (read beside the gateway:
+    // SQLite in WAL mode).
+    let reader = Store::open(&StorageTarget::Sqlite(db.clone()))
+        .await
+        .unwrap();
     let mut total = 0;
-    for _ in 0..300 {
-        let s = admin_json(&format!("{url}/admin/stats?since=30d")).await;
-        total = s["groups"][0]["requests"].as_u64().unwrap_or(0);
-        if total >= SEEDED as u64 + 20 {
+    for _ in 0..600 {
+        total = reader.count().await.unwrap();
+        if total >= (SEEDED + work.sent) as i64 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(total >= SEEDED as u64 + 20, "records written: {total}");
+    reader.close().await;
+    assert_eq!(total, (SEEDED + work.sent) as i64, "one record per request");
 
-    // /admin/stats is `sluice stats --json`.
+    // /admin/stats is `sluice stats --json` (the last hour: the workload alone).
     let cli = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args([
             "stats",
             "--config",
             config.to_str().unwrap(),
             "--since",
-            "30d",
+            "1h",
             "--by",
             "feature",
             "--json",
@@ -349,9 +359,16 @@ match = {{ feature = "trial" }}
         String::from_utf8_lossy(&cli.stderr)
     );
     let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
-    let api = admin_json(&format!("{url}/admin/stats?since=30d&by=feature")).await;
+    let api = admin_json(&format!("{url}/admin/stats?since=1h&by=feature")).await;
     assert_eq!(api["by"], cli["by"]);
     assert_eq!(api["groups"], cli["groups"]);
+    let features: Vec<&str> = api["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_str().unwrap())
+        .collect();
+    assert_eq!(features, ["(none)", "checkout", "search", "trial"]);
 
     let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()

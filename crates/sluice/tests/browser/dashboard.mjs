@@ -26,8 +26,11 @@ const browser = await chromium.launch({
 try {
   const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
   const page = await context.newPage();
+  // Console errors count once signed in: before, the login form's 401 (by design) shows
+  // as "Failed to load resource".
+  let signedIn = false;
   page.on("console", (msg) => {
-    if (msg.type() !== "error") return;
+    if (msg.type() !== "error" || !signedIn) return;
     const where = msg.location().url || "";
     // Until GET /admin/experiments exists, the experiments panel's 404 shows here as
     // "Failed to load resource"; the panel itself renders its empty state.
@@ -38,7 +41,8 @@ try {
     result.console_errors.push(msg.text() + (where ? " (" + where + ")" : ""));
   });
   page.on("pageerror", (err) => result.console_errors.push("page error: " + err.message));
-  page.setDefaultTimeout(20000);
+  // Generous: a debug build reading 100k records on a busy 2-core machine takes seconds.
+  page.setDefaultTimeout(180000);
 
   // Without a session: the login form, with 401.
   const first = await page.goto(url + "/dashboard");
@@ -48,6 +52,7 @@ try {
   check((await page.textContent("#login-message")).includes("not the admin key"), "a wrong key is refused");
 
   await page.fill("#key", key);
+  signedIn = true;
   await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
   await page.waitForSelector("body[data-loaded]");
   const cookies = await context.cookies();
@@ -142,6 +147,10 @@ try {
   console.log(JSON.stringify(result));
 } catch (err) {
   result.error = String(err && err.stack ? err.stack : err);
+  try {
+    const pages = browser.contexts().flatMap((c) => c.pages());
+    if (pages.length) await pages[pages.length - 1].screenshot({ path: process.env.SCREENSHOT.replace(/\.png$/, "-failed.png"), fullPage: true });
+  } catch (_) { /* the failure above is what matters */ }
   console.log(JSON.stringify(result));
   process.exitCode = 1;
 } finally {
