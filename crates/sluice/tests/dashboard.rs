@@ -413,10 +413,18 @@ match = {{ feature = "trial" }}
         result["console_errors"],
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!(
-        "dashboard page load with {SEEDED} records in SQLite: {} ms (navigation to every panel drawn; debug build)",
-        result["load_ms"]
+    let timing = format!(
+        "dashboard page load with {SEEDED} records in SQLite: {} ms (navigation to every panel drawn; {} build)\n",
+        result["load_ms"],
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
+    eprint!("{timing}");
+    // Kept beside the screenshot: cargo hides a passing test's output.
+    std::fs::write(artifacts.join("dashboard-load.txt"), &timing).unwrap();
     eprintln!(
         "experiments panel: {} report(s) shown{}",
         result["experiments_shown"],
