@@ -12,6 +12,7 @@
 //! | `DELETE /admin/keys/{id}`, `POST /admin/keys/{id}/revoke` | revoke (repeating is harmless) |
 //! | `GET /admin/tiers` | the configured tiers and the default tier |
 //! | `GET /admin/experiments[?since=24h]`, `GET /admin/experiments/{name}` | experiment reports (see [`crate::experiments::report`]) |
+//! | `GET /admin/stats`, `/admin/overview`, `/admin/records[/{id}]`, `/admin/openapi.json` | see [`crate::dashboard::api`] |
 //! | `GET /admin/budgets[?limit=N]` | each budget rule's counters this period: spend, limit, percent, forecast exhaustion; biggest spenders first, `N` (default 100, at most 1000) per rule |
 
 use std::fmt::Write as _;
@@ -31,6 +32,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use crate::dashboard;
 use crate::error::ApiError;
 use crate::limits::config::{LimitsConfig, Rates};
 use crate::pipeline::{Gateway, parse_body};
@@ -49,18 +51,28 @@ pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
         .route("/penalties/{key}", axum::routing::delete(lift_penalty))
         .route("/experiments", get(crate::experiments::admin::list))
         .route("/experiments/{name}", get(crate::experiments::admin::get))
+        // What the dashboard draws from (crate::dashboard::api), and this API's document.
+        .route("/stats", get(dashboard::api::stats))
+        .route("/overview", get(dashboard::api::overview))
+        .route("/records", get(dashboard::api::records))
+        .route("/records/{request_id}", get(dashboard::api::record))
+        .route("/openapi.json", get(dashboard::openapi::openapi_json))
         .fallback(crate::server::not_found)
         .method_not_allowed_fallback(crate::server::method_not_allowed)
         // Last, so it wraps every route and both fallbacks.
         .layer(middleware::from_fn_with_state(gateway, require_admin))
 }
 
-/// The one check in front of `/admin`: the master key, or 401 with the OpenAI error body.
+/// The one check in front of `/admin`: the master key, or a dashboard session for reads
+/// ([`dashboard::has_session`]), or 401 with the OpenAI error body.
 pub async fn require_admin(
     State(gw): State<Arc<Gateway>>,
     request: Request,
     next: Next,
 ) -> Response {
+    if dashboard::has_session(&gw, request.method(), request.headers()) {
+        return next.run(request).await;
+    }
     match gw.auth.authenticate_admin(request.headers()) {
         Ok(_) => next.run(request).await,
         Err(e) => e.into_response(),

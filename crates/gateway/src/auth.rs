@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::http::HeaderMap;
+use hmac::Mac;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -240,6 +241,46 @@ impl Auth {
                     .into(),
             }),
         }
+    }
+
+    /// Whether `key` is the master (admin) key: the dashboard's login form.
+    pub fn is_admin_key(&self, key: &str) -> bool {
+        self.is_master(key.trim())
+    }
+
+    /// A dashboard session token valid until `expires_ms`: `EXPIRY.MAC`, the MAC an
+    /// HMAC-SHA256 of the expiry keyed by the master key. It is not the key, cannot be
+    /// turned back into it, works on every instance sharing the master key, and a new
+    /// master key ends every session. `None` without a master key (no admin at all).
+    pub fn issue_session(&self, expires_ms: i64) -> Option<String> {
+        let mac = self.session_mac(expires_ms)?;
+        Some(format!(
+            "{expires_ms}.{}",
+            hex::encode(mac.finalize().into_bytes())
+        ))
+    }
+
+    /// Whether a session token from [`Auth::issue_session`] is genuine and unexpired.
+    pub fn session_valid(&self, token: &str, now_ms: i64) -> bool {
+        let Some((expiry, mac)) = token.split_once('.') else {
+            return false;
+        };
+        let (Ok(expires_ms), Ok(mac)) = (expiry.parse::<i64>(), hex::decode(mac)) else {
+            return false;
+        };
+        expires_ms > now_ms
+            && self
+                .session_mac(expires_ms)
+                .is_some_and(|m| m.verify_slice(&mac).is_ok())
+    }
+
+    fn session_mac(&self, expires_ms: i64) -> Option<hmac::Hmac<sha2::Sha256>> {
+        let master = self.master.as_ref()?;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(master.expose_secret().as_bytes()).ok()?;
+        mac.update(b"sluice dashboard session v1:");
+        mac.update(expires_ms.to_string().as_bytes());
+        Some(mac)
     }
 
     fn is_master(&self, key: &str) -> bool {

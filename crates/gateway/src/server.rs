@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::config::{Config, ConfigSource};
+use crate::dashboard;
 use crate::error::ApiError;
 use crate::limits::config::FailMode;
 use crate::pipeline::{self, Gateway};
@@ -27,11 +28,17 @@ use crate::telemetry::RecordSink;
 
 /// The gateway's routes. `/healthz`, `/readyz` and `/metrics` are open; every `/v1`
 /// handler authenticates as the first pipeline stage; `/admin` needs the master key, one
-/// check in front of all of it ([`admin::require_admin`]).
+/// check in front of all of it ([`admin::require_admin`]); `/dashboard` needs it too
+/// (or its session cookie). With `[server] admin_listen`, `/admin` and `/dashboard` are
+/// not here but on [`admin_app`], served on that address.
 pub fn app(gateway: Arc<Gateway>) -> Router {
     let limit = gateway.config.server.max_body_bytes;
-    Router::new()
-        .nest("/admin", admin::router(gateway.clone()))
+    let router = if gateway.config.server.admin_listen.is_none() {
+        admin_routes(gateway.clone())
+    } else {
+        Router::new()
+    };
+    router
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
@@ -39,6 +46,23 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(gateway)
+}
+
+fn admin_routes(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
+    Router::new()
+        .nest("/admin", admin::router(gateway.clone()))
+        .merge(dashboard::router(gateway))
+}
+
+/// `/admin`, `/dashboard` and `/healthz` alone: what `[server] admin_listen` serves.
+pub fn admin_app(gateway: Arc<Gateway>) -> Router {
+    let limit = gateway.config.server.max_body_bytes;
+    admin_routes(gateway.clone())
+        .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -177,6 +201,8 @@ pub fn check_exposure(config: &Config, listen: SocketAddr) -> anyhow::Result<()>
 /// A running gateway, for tests and for `serve`.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/admin` and `/dashboard` are served when `[server] admin_listen` is set.
+    pub admin_addr: Option<SocketAddr>,
     pub gateway: Arc<Gateway>,
     shutdown: tokio::sync::oneshot::Sender<()>,
     done: tokio::task::JoinHandle<()>,
@@ -206,6 +232,14 @@ pub async fn start(
     let store = Store::open(&config.storage.target).await?;
     let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let admin_listener = match config.server.admin_listen {
+        Some(a) => Some(TcpListener::bind(a).await?),
+        None => None,
+    };
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
     let grace = config.server.shutdown_grace;
     let tasks = TaskTracker::new();
@@ -218,12 +252,26 @@ pub async fn start(
     }
     let cancel = gateway.shutdown.clone();
     let router = app(gateway.clone());
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_serving = admin_listener.map(|l| {
+        let stop = admin_stop.clone();
+        let admin = admin_app(gateway.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(l, admin)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin server stopped with an error");
+            }
+        })
+    });
     let done = tokio::spawn(async move {
         let (begin, begun) = tokio::sync::oneshot::channel::<()>();
         let mut serving = tokio::spawn(async move {
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {
                     let _ = rx.await;
+                    admin_stop.cancel();
                     let _ = begin.send(());
                 })
                 .await;
@@ -245,6 +293,9 @@ pub async fn start(
             cancel.cancel();
             let _ = tokio::time::timeout(STREAM_END_WAIT, &mut serving).await;
         }
+        if let Some(admin) = admin_serving {
+            let _ = tokio::time::timeout(STREAM_END_WAIT, admin).await;
+        }
         tasks.close();
         if tokio::time::timeout(FLUSH_WAIT, tasks.wait())
             .await
@@ -259,6 +310,7 @@ pub async fn start(
     });
     Ok(Running {
         addr,
+        admin_addr,
         gateway,
         shutdown,
         done,
@@ -295,6 +347,9 @@ pub async fn serve(config: Config, listen: SocketAddr) -> anyhow::Result<()> {
     let keyless = auth.is_keyless();
     tracing::info!(storage = %storage, virtual_keys = auth.active_keys(), "request log ready");
     tracing::info!(addr = %running.addr, config = %source, keyless, "sluice listening on http://{}", running.addr);
+    if let Some(admin) = running.admin_addr {
+        tracing::info!(addr = %admin, "/admin and /dashboard listening on http://{admin} (not on the main address)");
+    }
     if keyless {
         tracing::warn!("no SLUICE_MASTER_KEY set: running keyless, loopback only");
     } else if !auth.has_master_key() {

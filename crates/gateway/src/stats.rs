@@ -89,6 +89,19 @@ fn group_key(row: &StatRow, by: GroupBy) -> String {
 
 /// Aggregate rows (and the feedback on them) into one entry per group, sorted by group.
 pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<GroupStats> {
+    let scores = scores_by_request(feedback);
+    let mut groups: BTreeMap<String, Vec<&StatRow>> = BTreeMap::new();
+    for row in rows {
+        groups.entry(group_key(row, by)).or_default().push(row);
+    }
+    groups
+        .into_iter()
+        .map(|(group, rows)| group_stats(group, &rows, &scores))
+        .collect()
+}
+
+/// Feedback scores by request id.
+fn scores_by_request(feedback: &[Feedback]) -> HashMap<&str, Vec<f64>> {
     let mut scores: HashMap<&str, Vec<f64>> = HashMap::new();
     for f in feedback {
         scores
@@ -96,58 +109,137 @@ pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<Grou
             .or_default()
             .push(f.score);
     }
-    let mut groups: BTreeMap<String, Vec<&StatRow>> = BTreeMap::new();
-    for row in rows {
-        groups.entry(group_key(row, by)).or_default().push(row);
+    scores
+}
+
+/// The figures for one group of rows (rates are 0 for an empty group).
+fn group_stats(group: String, rows: &[&StatRow], scores: &HashMap<&str, Vec<f64>>) -> GroupStats {
+    let n = rows.len() as u64;
+    let share = |count: u64| if n == 0 { 0.0 } else { count as f64 / n as f64 };
+    let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for r in rows {
+        let o = Outcome::parse(&r.outcome).unwrap_or(Outcome::ApiError);
+        *outcomes.entry(o.as_str()).or_default() += 1;
     }
-    groups
-        .into_iter()
-        .map(|(group, rows)| {
-            let n = rows.len() as u64;
-            let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
-            for r in &rows {
-                let o = Outcome::parse(&r.outcome).unwrap_or(Outcome::ApiError);
-                *outcomes.entry(o.as_str()).or_default() += 1;
-            }
-            let rate =
-                |o: Outcome| outcomes.get(o.as_str()).copied().unwrap_or(0) as f64 / n as f64;
-            let hits = rows
-                .iter()
-                .filter(|r| r.cache_status.as_deref() == Some("hit"))
-                .count() as u64;
-            let lookups = rows.iter().filter(|r| r.cache_status.is_some()).count() as u64;
-            let group_scores: Vec<f64> = rows
-                .iter()
-                .filter_map(|r| scores.get(r.request_id.as_str()))
-                .flatten()
-                .copied()
-                .collect();
-            let regenerations = rows.iter().filter(|r| r.regeneration_of.is_some()).count() as u64;
-            GroupStats {
-                requests: n,
-                api_error_rate: rate(Outcome::ApiError),
-                bad_output_rate: rate(Outcome::BadOutput),
-                latency_ms: percentiles(rows.iter().map(|r| r.latency_ms).collect()),
-                ttft_ms: percentiles(rows.iter().filter_map(|r| r.ttft_ms).collect()),
-                prompt_tokens: rows.iter().map(|r| r.prompt_tokens.max(0) as u64).sum(),
-                completion_tokens: rows.iter().map(|r| r.completion_tokens.max(0) as u64).sum(),
-                cached_prompt_tokens: rows
-                    .iter()
-                    .map(|r| r.cached_prompt_tokens.max(0) as u64)
-                    .sum(),
-                cost_usd: usd(rows.iter().filter_map(|r| r.cost_nanos)),
-                cost_saved_usd: usd(rows.iter().filter_map(|r| r.cost_saved_nanos)),
-                cache_hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
-                feedback_count: group_scores.len() as u64,
-                feedback_mean: (!group_scores.is_empty())
-                    .then(|| group_scores.iter().sum::<f64>() / group_scores.len() as f64),
-                regenerations,
-                regeneration_rate: regenerations as f64 / n as f64,
-                outcomes,
-                group,
+    let rate = |o: Outcome| share(outcomes.get(o.as_str()).copied().unwrap_or(0));
+    let hits = rows
+        .iter()
+        .filter(|r| r.cache_status.as_deref() == Some("hit"))
+        .count() as u64;
+    let lookups = rows.iter().filter(|r| r.cache_status.is_some()).count() as u64;
+    let group_scores: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| scores.get(r.request_id.as_str()))
+        .flatten()
+        .copied()
+        .collect();
+    let regenerations = rows.iter().filter(|r| r.regeneration_of.is_some()).count() as u64;
+    GroupStats {
+        requests: n,
+        api_error_rate: rate(Outcome::ApiError),
+        bad_output_rate: rate(Outcome::BadOutput),
+        latency_ms: percentiles(rows.iter().map(|r| r.latency_ms).collect()),
+        ttft_ms: percentiles(rows.iter().filter_map(|r| r.ttft_ms).collect()),
+        prompt_tokens: rows.iter().map(|r| r.prompt_tokens.max(0) as u64).sum(),
+        completion_tokens: rows.iter().map(|r| r.completion_tokens.max(0) as u64).sum(),
+        cached_prompt_tokens: rows
+            .iter()
+            .map(|r| r.cached_prompt_tokens.max(0) as u64)
+            .sum(),
+        cost_usd: usd(rows.iter().filter_map(|r| r.cost_nanos)),
+        cost_saved_usd: usd(rows.iter().filter_map(|r| r.cost_saved_nanos)),
+        cache_hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
+        feedback_count: group_scores.len() as u64,
+        feedback_mean: (!group_scores.is_empty())
+            .then(|| group_scores.iter().sum::<f64>() / group_scores.len() as f64),
+        regenerations,
+        regeneration_rate: share(regenerations),
+        outcomes,
+        group,
+    }
+}
+
+/// One time bucket of [`Overview::series`]: the same figures as a group, for the
+/// requests started in `[start_ms, start_ms + step_ms)`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    pub start_ms: i64,
+    #[serde(flatten)]
+    pub stats: GroupStats,
+}
+
+/// Everything the dashboard draws from the request log, from one read of it: totals,
+/// a time series, breakdowns by model, feature and hour of day, and the top users by
+/// cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Overview {
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub step_ms: i64,
+    pub total: GroupStats,
+    pub series: Vec<SeriesPoint>,
+    pub by_model: Vec<GroupStats>,
+    pub by_feature: Vec<GroupStats>,
+    pub by_hour: Vec<GroupStats>,
+    /// The users who cost most, most first.
+    pub top_users: Vec<GroupStats>,
+}
+
+/// How many buckets the time series aims at, and how many top users are shown.
+pub const SERIES_BUCKETS: i64 = 60;
+pub const TOP_USERS: usize = 10;
+
+/// Bucket width for a window: about [`SERIES_BUCKETS`] buckets, whole minutes.
+pub fn step_for(since_ms: i64, until_ms: i64) -> i64 {
+    let span = (until_ms - since_ms).max(1);
+    let step = (span + SERIES_BUCKETS - 1) / SERIES_BUCKETS;
+    ((step + 59_999) / 60_000).max(1) * 60_000
+}
+
+/// The dashboard's figures for the rows of `[since_ms, until_ms]`.
+pub fn overview(rows: &[StatRow], feedback: &[Feedback], since_ms: i64, until_ms: i64) -> Overview {
+    let scores = scores_by_request(feedback);
+    let all: Vec<&StatRow> = rows.iter().collect();
+    let step_ms = step_for(since_ms, until_ms);
+    let buckets = usize::try_from((until_ms - since_ms).max(0) / step_ms + 1).unwrap_or(1);
+    let mut by_bucket: Vec<Vec<&StatRow>> = vec![Vec::new(); buckets];
+    for r in rows {
+        if let Ok(i) = usize::try_from((r.started_at_ms - since_ms) / step_ms)
+            && let Some(bucket) = by_bucket.get_mut(i)
+        {
+            bucket.push(r);
+        }
+    }
+    let series = by_bucket
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let start_ms = since_ms + i as i64 * step_ms;
+            SeriesPoint {
+                start_ms,
+                stats: group_stats(start_ms.to_string(), rows, &scores),
             }
         })
-        .collect()
+        .collect();
+    let mut top_users = compute(rows, feedback, GroupBy::User);
+    top_users.retain(|g| g.group != "(none)");
+    top_users.sort_by(|a, b| {
+        b.cost_usd
+            .total_cmp(&a.cost_usd)
+            .then(b.requests.cmp(&a.requests))
+    });
+    top_users.truncate(TOP_USERS);
+    Overview {
+        since_ms,
+        until_ms,
+        step_ms,
+        total: group_stats("all".into(), &all, &scores),
+        series,
+        by_model: compute(rows, feedback, GroupBy::Model),
+        by_feature: compute(rows, feedback, GroupBy::Feature),
+        by_hour: compute(rows, feedback, GroupBy::Hour),
+        top_users,
+    }
 }
 
 /// Integer nano-dollars summed exactly (in 128 bits), then dollars.
@@ -250,25 +342,51 @@ pub async fn report(
     json: bool,
 ) -> anyhow::Result<String> {
     let store = crate::store::Store::open(&config.storage.target).await?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let since_ms = now_ms.saturating_sub(i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
-    let rows = store.stat_rows(since_ms).await?;
-    let feedback = store.feedback_since(since_ms).await?;
+    let since_ms = since_ms(now_ms(), since);
+    let read = read(&store, since_ms).await;
     store.close().await;
+    let (rows, feedback) = read?;
     let groups = compute(&rows, &feedback, by);
     if json {
-        let by_name = format!("{by:?}").to_lowercase();
-        Ok(serde_json::to_string_pretty(&serde_json::json!({
-            "since_ms": since_ms,
-            "by": by_name,
-            "groups": groups,
-        }))?)
+        Ok(serde_json::to_string_pretty(&stats_json(
+            since_ms, by, groups,
+        ))?)
     } else {
         Ok(render_table(&groups, by))
     }
+}
+
+/// The requests started at or after `since_ms`, and the feedback on them.
+pub async fn read(
+    store: &crate::store::Store,
+    since_ms: i64,
+) -> Result<(Vec<StatRow>, Vec<Feedback>), sqlx::Error> {
+    Ok((
+        store.stat_rows(since_ms).await?,
+        store.feedback_since(since_ms).await?,
+    ))
+}
+
+/// What `sluice stats --json` prints, and `GET /admin/stats` answers.
+pub fn stats_json(since_ms: i64, by: GroupBy, groups: Vec<GroupStats>) -> serde_json::Value {
+    serde_json::json!({
+        "since_ms": since_ms,
+        "by": format!("{by:?}").to_lowercase(),
+        "groups": groups,
+    })
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The start of a window `since` long that ends at `now_ms`.
+pub fn since_ms(now_ms: i64, since: std::time::Duration) -> i64 {
+    now_ms.saturating_sub(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

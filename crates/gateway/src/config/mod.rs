@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
+    /// When set, `/admin` and `/dashboard` are served only on this address (404 on
+    /// `listen`), so `/v1` can be exposed without them.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -255,6 +258,7 @@ struct RawServer {
     max_body_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     shutdown_grace: Option<Duration>,
+    admin_listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -716,6 +720,19 @@ fn build(
         .filter(|k| !k.is_empty())
         .or_else(|| env.var("SLUICE_MASTER_KEY"))
         .map(SecretString::from);
+    let admin_listen = server
+        .admin_listen
+        .filter(|a| !a.is_empty())
+        .and_then(|a| match a.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                problems.push(
+                    "server.admin_listen",
+                    format!("`{a}` is not an address like 127.0.0.1:8485: {e}"),
+                );
+                None
+            }
+        });
     let max_body_bytes = server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY);
     if max_body_bytes < 1024 {
         problems.push("server.max_body_bytes", "must be at least 1024");
@@ -916,6 +933,7 @@ fn build(
             master_key,
             max_body_bytes,
             shutdown_grace: server.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            admin_listen,
         },
         retry,
         providers,

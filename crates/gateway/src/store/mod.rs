@@ -5,6 +5,7 @@
 
 mod experiments;
 mod keys;
+mod records;
 mod redact;
 mod spend;
 
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 pub use experiments::ExperimentRow;
 pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, key_hint};
+pub use records::{Cursor, RecordFilter};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
 

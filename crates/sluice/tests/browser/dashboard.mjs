@@ -1,0 +1,156 @@
+// Drives headless Chromium through the dashboard, for crates/sluice/tests/dashboard.rs:
+// log in, wait for every panel to render with data, filter the requests table, open one
+// record, collect console errors, save a screenshot. Prints one JSON line with what it
+// measured; exits non-zero with the reason on the first failed check.
+//
+// Input (environment): SLUICE_URL, SLUICE_ADMIN_KEY, SCREENSHOT, CHROMIUM (path),
+// EXPECT (JSON: {feature, feature_rows, error_rows, budget, user}).
+import { chromium } from "playwright-core";
+
+const url = process.env.SLUICE_URL;
+const key = process.env.SLUICE_ADMIN_KEY;
+const expect = JSON.parse(process.env.EXPECT);
+const result = { checks: [], console_errors: [] };
+
+function check(ok, what) {
+  if (!ok) throw new Error("check failed: " + what);
+  result.checks.push(what);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM,
+  headless: true,
+  // Root in a container has no user namespaces for the sandbox.
+  args: ["--no-sandbox", "--disable-dev-shm-usage"],
+});
+try {
+  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+  const page = await context.newPage();
+  // Console errors count once signed in: before, the login form's 401 (by design) shows
+  // as "Failed to load resource".
+  let signedIn = false;
+  page.on("console", (msg) => {
+    if (msg.type() !== "error" || !signedIn) return;
+    const where = msg.location().url || "";
+    result.console_errors.push(msg.text() + (where ? " (" + where + ")" : ""));
+  });
+  page.on("pageerror", (err) => result.console_errors.push("page error: " + err.message));
+  // Generous: a debug build reading 100k records on a busy 2-core machine takes seconds.
+  page.setDefaultTimeout(180000);
+
+  // Without a session: the login form, with 401.
+  const first = await page.goto(url + "/dashboard");
+  check(first.status() === 401, "GET /dashboard without a session is 401");
+  await page.fill("#key", "not-the-key");
+  await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+  check((await page.textContent("#login-message")).includes("not the admin key"), "a wrong key is refused");
+
+  await page.fill("#key", key);
+  signedIn = true;
+  await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+  await page.waitForSelector("body[data-loaded]");
+  const cookies = await context.cookies();
+  const session = cookies.find((c) => c.name === "sluice_session");
+  check(session && session.httpOnly && session.secure && session.sameSite === "Strict", "the session cookie is HttpOnly, Secure, SameSite=Strict");
+  check(!session.value.includes(key), "the cookie is not the key");
+  check(!(await page.evaluate(() => document.cookie)).includes("sluice_session"), "scripts cannot read the cookie");
+
+  // A fresh load, timed: navigation to every panel drawn.
+  const t0 = Date.now();
+  await page.goto(url + "/dashboard");
+  await page.waitForSelector("body[data-loaded]");
+  result.load_ms = Date.now() - t0;
+  result.status_line = await page.textContent("#status");
+  check(result.status_line.startsWith("updated"), "the page loaded its data: " + result.status_line);
+
+  // Every panel, with data.
+  const tiles = await page.$$eval("#tiles .tile", (ts) => Object.fromEntries(ts.map((t) => [t.querySelector(".k").textContent, t.querySelector(".v").textContent])));
+  check(Number(tiles.requests.replace(/,/g, "")) > 0, "summary shows requests: " + tiles.requests);
+  check(tiles["API error rate"] !== "–" && tiles["API error rate"] !== "0.0 %", "summary shows the API error rate: " + tiles["API error rate"]);
+  for (const id of ["chart-requests", "chart-latency", "chart-hours", "chart-cache"]) {
+    check((await page.$$(`#${id} .uplot canvas`)).length === 1, id + " is drawn");
+  }
+  const legend = await page.$$eval("#chart-requests .u-legend .u-series th", (ths) => ths.map((t) => t.textContent.trim()));
+  check(legend.some((l) => l.includes("api_error")) && legend.some((l) => l.includes("ok")), "requests chart has ok and api_error: " + legend.join(","));
+  const models = await page.$$eval("#table-models tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
+  check(models.includes("gpt-4o-mini"), "tokens and cost by model: " + models.join(","));
+  const features = await page.$$eval("#table-features tbody tr td:first-child", (tds) => tds.map((t) => t.textContent));
+  check(features.includes(expect.feature), "tokens and cost by feature: " + features.join(","));
+  const users = await page.$$eval("#table-users tbody tr", (trs) => trs.length);
+  check(users > 0, "top users by cost: " + users);
+  const budgets = await page.textContent("#budgets");
+  check(budgets.includes(expect.budget), "budgets panel shows " + expect.budget);
+  check((await page.$$("#budgets .bar")).length > 0, "budgets show spend against the limit");
+  const cache = await page.$$eval("#cache-tiles .tile .v", (vs) => vs.map((v) => v.textContent));
+  check(cache[0] !== "–" && cache[0] !== "0.0 %", "cache hit rate: " + cache[0]);
+  check(cache[1] !== "$0.000000", "cache savings: " + cache[1]);
+  const experiments = await page.textContent("#experiments");
+  const reports = await page.$$("#experiments .experiment");
+  check(reports.length > 0, "experiments panel shows a report: " + experiments.slice(0, 80));
+  const verdict = await page.textContent("#experiments .experiment");
+  check(/better|worse|no significant difference|no data yet/i.test(verdict), "experiment verdict shown: " + verdict.slice(0, 120));
+  const variantRows = await page.$$eval("#experiments .experiment tbody tr", (trs) => trs.length);
+  check(variantRows >= 2, "experiment variants table: " + variantRows + " rows");
+  result.experiments_shown = reports.length;
+
+  // The requests table, filtered by feature, then by outcome.
+  const rowsBefore = await page.$$eval("#table-records tbody tr", (trs) => trs.length);
+  check(rowsBefore > 0, "recent requests listed: " + rowsBefore);
+  const featureColumn = () => page.$$eval("#table-records tbody tr td:nth-child(3)", (tds) => tds.map((t) => t.textContent));
+  await page.selectOption("#filter-feature", expect.feature);
+  await Promise.all([
+    page.waitForResponse((r) => r.url().includes("/admin/records?") && r.url().includes("feature=" + expect.feature)),
+    page.click("#filters button[type=submit]"),
+  ]);
+  await page.waitForFunction((f) => [...document.querySelectorAll("#table-records tbody tr td:nth-child(3)")].every((t) => t.textContent === f), expect.feature);
+  const filtered = await featureColumn();
+  check(filtered.length === expect.feature_rows && filtered.every((f) => f === expect.feature), `filtered by feature: ${filtered.length} rows, expected ${expect.feature_rows}`);
+
+  await page.selectOption("#filter-feature", "");
+  await page.selectOption("#filter-outcome", "api_error");
+  await Promise.all([
+    page.waitForResponse((r) => r.url().includes("/admin/records?") && r.url().includes("outcome=api_error")),
+    page.click("#filters button[type=submit]"),
+  ]);
+  await page.waitForFunction(() => [...document.querySelectorAll("#table-records tbody tr td:nth-child(5)")].every((t) => t.textContent.startsWith("api_error")));
+  const outcomes = await page.$$eval("#table-records tbody tr td:nth-child(5)", (tds) => tds.map((t) => t.textContent));
+  check(outcomes.length >= expect.error_rows && outcomes.every((o) => o.startsWith("api_error")), "filtered by outcome: " + outcomes.length);
+
+  // One record in detail.
+  await page.selectOption("#filter-outcome", "");
+  await page.fill("#filter-user", expect.user);
+  await Promise.all([
+    page.waitForResponse((r) => r.url().includes("user=" + expect.user)),
+    page.click("#filters button[type=submit]"),
+  ]);
+  await page.waitForFunction((u) => [...document.querySelectorAll("#table-records tbody tr td:nth-child(4)")].every((t) => t.textContent === u), expect.user);
+  const id = await page.textContent("#table-records tbody tr:first-child td:last-child");
+  await Promise.all([
+    page.waitForResponse((r) => r.url().includes("/admin/records/")),
+    page.click("#table-records tbody tr:first-child"),
+  ]);
+  await page.waitForSelector("#record-detail:not([hidden])");
+  const detail = await page.textContent("#record-detail");
+  check(detail.includes(id) && detail.includes(expect.user) && detail.includes("latency_ms"), "the record's detail view shows " + id);
+  result.detail_feedback = detail.includes("feedback");
+
+  // Refresh without a reload: the time range picker fetches again, the page stays.
+  const loads = Number(await page.getAttribute("body", "data-loaded"));
+  await page.selectOption("#range", "7d");
+  await page.waitForFunction((n) => Number(document.body.dataset.loaded) > n, loads);
+  check(true, "the time range picker refreshes in place");
+
+  await page.screenshot({ path: process.env.SCREENSHOT, fullPage: true });
+  check(result.console_errors.length === 0, "no console errors: " + result.console_errors.join(" | "));
+  console.log(JSON.stringify(result));
+} catch (err) {
+  result.error = String(err && err.stack ? err.stack : err);
+  try {
+    const pages = browser.contexts().flatMap((c) => c.pages());
+    if (pages.length) await pages[pages.length - 1].screenshot({ path: process.env.SCREENSHOT.replace(/\.png$/, "-failed.png"), fullPage: true });
+  } catch (_) { /* the failure above is what matters */ }
+  console.log(JSON.stringify(result));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
