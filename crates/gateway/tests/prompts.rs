@@ -412,3 +412,66 @@ async fn a_prompt_streams_like_any_request() {
     assert!(r.record.stream);
     assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
 }
+
+/// A prompt-target experiment: requests naming the prompt get the variant's version,
+/// sticky per user, rendered by the resolve stage and named in the record and header;
+/// tiers with a model list still accept the prompt's model (the 403 check runs on the
+/// model the prompt resolves to).
+#[tokio::test]
+async fn an_experiment_serves_each_user_the_version_of_their_variant() {
+    let dir = prompt_dir();
+    let experiment = r#"
+[limits]
+default_tier = "free"
+
+[[tiers]]
+name = "free"
+models = ["gpt-4o-mini"]
+
+[[experiments]]
+name = "greeting"
+target = "prompt"
+prompt = "greet"
+variants = [
+  { name = "one", weight = 50, prompt = "greet@1" },
+  { name = "two", weight = 50, prompt = "greet@2" },
+]
+"#;
+    let mut h = harness(&format!("{}{experiment}", config(&dir, 1))).await;
+    let mut seen = std::collections::HashMap::new();
+    for i in 0..40 {
+        let user = format!("user-{}", i % 20);
+        let mut b = body(
+            Some("greet@production"),
+            json!({"name": "Dana", "company": "Acme"}),
+        );
+        b["user"] = json!(user);
+        let r = h.send("/v1/chat/completions", b, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let variant = r.record.variant.clone().unwrap();
+        let version = r.record.prompt_version.clone().unwrap();
+        assert_eq!(r.record.experiment.as_deref(), Some("greeting"));
+        assert_eq!(
+            r.headers["x-sluice-experiment"],
+            format!("greeting={variant}").as_str()
+        );
+        // The variant decides the version, whatever the label points to.
+        let want = if variant == "one" { "1" } else { "2" };
+        assert_eq!(version, want, "variant {variant}");
+        let expected = if variant == "one" {
+            "You greet people.\nSay hello to Dana from Acme."
+        } else {
+            "You greet people warmly.\nSay a warm hello to Dana from Acme."
+        };
+        if variant == "one" {
+            let reply = sluice_sim::reply::chat_reply("gpt-4o-mini", expected, None);
+            assert_eq!(answer(&r), reply.text);
+        }
+        // Sticky: a user's second request lands in the same variant.
+        if let Some(before) = seen.insert(user.clone(), variant.clone()) {
+            assert_eq!(before, variant, "{user} moved");
+        }
+    }
+    let variants: std::collections::HashSet<_> = seen.values().collect();
+    assert_eq!(variants.len(), 2, "20 users all landed in one variant");
+}

@@ -185,7 +185,7 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    /// Insert a batch in one transaction. Rows go in multi-row statements of fixed sizes
+    /// Insert a batch in one transaction. SQLite rows go in multi-row statements of fixed sizes
     /// (32, then the binary digits of the rest: 50 rows = 32 + 16 + 2), so there are at
     /// most six distinct statements, each prepared once and reused, and a batch costs a
     /// few round trips to the database thread instead of one per row (with SQLite, every
@@ -199,7 +199,14 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let mut rest = batch;
         while !rest.is_empty() {
-            let n = insert_chunk(rest.len());
+            let n = match self.backend {
+                Backend::Sqlite => insert_chunk(rest.len()),
+                // PostgreSQL types a multi-row VALUES list column by column across the
+                // rows, and sqlx declares a NULL's type from its Rust type, so rows
+                // with NULLs in different columns fail to unify; row by row, each value
+                // is only cast to its column.
+                Backend::Postgres => 1,
+            };
             let (chunk, tail) = rest.split_at(n);
             let mut query = sqlx::query(insert_sql(n));
             for r in chunk {
