@@ -185,35 +185,65 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    /// Insert a batch in one transaction. SQLite rows go in multi-row statements of fixed sizes
-    /// (32, then the binary digits of the rest: 50 rows = 32 + 16 + 2), so there are at
-    /// most six distinct statements, each prepared once and reused, and a batch costs a
-    /// few round trips to the database thread instead of one per row (with SQLite, every
-    /// statement is a hand-off to sqlx's worker thread and back: two context switches
-    /// per request on the gateway's cores). Re-inserting a request id is ignored, so a
-    /// retried batch never duplicates.
+    /// Insert a batch in one transaction, one prepared row statement each: the same
+    /// SQL every time, so both backends reuse the prepared statement (a multi-row
+    /// statement of varying size is re-planned per batch, which measured slower under
+    /// load). Re-inserting a request id is ignored, so a retried batch never duplicates.
     pub async fn insert(&self, batch: &[RequestRecord]) -> Result<(), sqlx::Error> {
         if batch.is_empty() {
             return Ok(());
         }
+        let sql = insert_sql();
         let mut tx = self.pool.begin().await?;
-        let mut rest = batch;
-        while !rest.is_empty() {
-            let n = match self.backend {
-                Backend::Sqlite => insert_chunk(rest.len()),
-                // PostgreSQL types a multi-row VALUES list column by column across the
-                // rows, and sqlx declares a NULL's type from its Rust type, so rows
-                // with NULLs in different columns fail to unify; row by row, each value
-                // is only cast to its column.
-                Backend::Postgres => 1,
-            };
-            let (chunk, tail) = rest.split_at(n);
-            let mut query = sqlx::query(insert_sql(n));
-            for r in chunk {
-                query = bind_record(query, r);
-            }
-            query.execute(&mut *tx).await?;
-            rest = tail;
+        for r in batch {
+            sqlx::query(sql)
+                .bind(r.request_id.clone())
+                .bind(to_i64(r.started_at_ms))
+                .bind(r.endpoint.as_str().to_string())
+                .bind(i64::from(r.stream))
+                .bind(r.key_id.clone())
+                .bind(r.user.clone())
+                .bind(r.tier.clone())
+                .bind(r.feature.clone())
+                .bind(r.model_requested.clone())
+                .bind(r.model.clone())
+                .bind(r.provider.clone())
+                .bind(r.prompt_id.clone())
+                .bind(r.prompt_version.clone())
+                .bind(r.prompt_hash.clone())
+                .bind(r.experiment.clone())
+                .bind(r.variant.clone())
+                .bind(r.outcome().as_str().to_string())
+                .bind(i64::from(r.status))
+                .bind(r.error_code.clone())
+                .bind(i64::from(r.retries))
+                .bind(i64::from(r.upstream_calls))
+                .bind(r.fallback.map(|f| f.as_str().to_string()))
+                .bind(r.cache_status.clone())
+                .bind(i64::from(r.prompt_tokens))
+                .bind(i64::from(r.completion_tokens))
+                .bind(i64::from(r.tokens_estimated))
+                .bind(r.cost_micros)
+                .bind(r.latency_ms)
+                .bind(r.ttft_ms)
+                .bind(r.upstream_ms)
+                .bind(r.overhead_ms)
+                .bind(r.input_hash.clone())
+                .bind(r.regeneration_of.clone())
+                .bind(r.request_body.clone())
+                .bind(r.response_body.clone())
+                .bind(r.guard_changes.clone())
+                .bind(r.guard_flags.clone())
+                .bind(r.output_check.clone())
+                .bind(r.owner.clone())
+                .bind(r.limited_by.clone())
+                .bind(r.cost_nanos)
+                .bind(r.cost_saved_nanos)
+                .bind(i64::from(r.cached_prompt_tokens))
+                .bind(r.output_checks.clone())
+                .bind(r.routed_by.clone())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     }
@@ -316,99 +346,16 @@ impl Store {
 }
 
 /// `INSERT INTO requests (...) VALUES ($1, ..., $N) ON CONFLICT DO NOTHING`, built once.
-/// Rows per statement for the next chunk of a batch of `left` rows.
-fn insert_chunk(left: usize) -> usize {
-    if left >= INSERT_CHUNKS[0] {
-        INSERT_CHUNKS[0]
-    } else {
-        // The largest power of two not above `left`.
-        1 << (usize::BITS - 1 - left.leading_zeros())
-    }
-}
-
-/// The multi-row statement sizes (45 columns x 32 rows stays far below both backends'
-/// bind-parameter limits).
-const INSERT_CHUNKS: [usize; 6] = [32, 16, 8, 4, 2, 1];
-
-fn insert_sql(rows: usize) -> &'static str {
-    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-        INSERT_CHUNKS
-            .iter()
-            .map(|&rows| {
-                let values: Vec<String> = (0..rows)
-                    .map(|row| {
-                        let params: Vec<String> = (1..=COLUMNS.len())
-                            .map(|i| format!("${}", row * COLUMNS.len() + i))
-                            .collect();
-                        format!("({})", params.join(", "))
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO requests ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
-                    COLUMNS.join(", "),
-                    values.join(", ")
-                )
-            })
-            .collect()
+fn insert_sql() -> &'static str {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let params: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
+        format!(
+            "INSERT INTO requests ({}) VALUES ({}) ON CONFLICT (request_id) DO NOTHING",
+            COLUMNS.join(", "),
+            params.join(", ")
+        )
     });
-    let i = INSERT_CHUNKS
-        .iter()
-        .position(|&n| n == rows)
-        .unwrap_or(INSERT_CHUNKS.len() - 1);
-    &SQL[i]
-}
-
-/// One record's values, in [`COLUMNS`] order.
-fn bind_record<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
-    r: &RequestRecord,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    query
-        .bind(r.request_id.clone())
-        .bind(to_i64(r.started_at_ms))
-        .bind(r.endpoint.as_str().to_string())
-        .bind(i64::from(r.stream))
-        .bind(r.key_id.clone())
-        .bind(r.user.clone())
-        .bind(r.tier.clone())
-        .bind(r.feature.clone())
-        .bind(r.model_requested.clone())
-        .bind(r.model.clone())
-        .bind(r.provider.clone())
-        .bind(r.prompt_id.clone())
-        .bind(r.prompt_version.clone())
-        .bind(r.prompt_hash.clone())
-        .bind(r.experiment.clone())
-        .bind(r.variant.clone())
-        .bind(r.outcome().as_str().to_string())
-        .bind(i64::from(r.status))
-        .bind(r.error_code.clone())
-        .bind(i64::from(r.retries))
-        .bind(i64::from(r.upstream_calls))
-        .bind(r.fallback.map(|f| f.as_str().to_string()))
-        .bind(r.cache_status.clone())
-        .bind(i64::from(r.prompt_tokens))
-        .bind(i64::from(r.completion_tokens))
-        .bind(i64::from(r.tokens_estimated))
-        .bind(r.cost_micros)
-        .bind(r.latency_ms)
-        .bind(r.ttft_ms)
-        .bind(r.upstream_ms)
-        .bind(r.overhead_ms)
-        .bind(r.input_hash.clone())
-        .bind(r.regeneration_of.clone())
-        .bind(r.request_body.clone())
-        .bind(r.response_body.clone())
-        .bind(r.guard_changes.clone())
-        .bind(r.guard_flags.clone())
-        .bind(r.output_check.clone())
-        .bind(r.owner.clone())
-        .bind(r.limited_by.clone())
-        .bind(r.cost_nanos)
-        .bind(r.cost_saved_nanos)
-        .bind(i64::from(r.cached_prompt_tokens))
-        .bind(r.output_checks.clone())
-        .bind(r.routed_by.clone())
+    &SQL
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -497,28 +444,5 @@ impl RecordSink for StoreSink {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_split_into_the_fixed_statement_sizes() {
-        for len in 1..200 {
-            let (mut left, mut statements) = (len, 0);
-            while left > 0 {
-                let n = insert_chunk(left);
-                assert!(INSERT_CHUNKS.contains(&n) && n <= left, "{len}: chunk {n}");
-                assert!(insert_sql(n).matches("), (").count() == n - 1);
-                left -= n;
-                statements += 1;
-            }
-            assert!(statements <= len / 32 + 5, "{len} rows took {statements}");
-        }
-        assert_eq!(insert_chunk(50), 32);
-        assert_eq!(insert_chunk(18), 16);
-        assert_eq!(insert_chunk(2), 2);
     }
 }
