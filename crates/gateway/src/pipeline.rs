@@ -4,8 +4,9 @@
 //! 2. **parse + check** — typed OpenAI request; malformed input gets a precise 4xx.
 //!    `x-sluice-prompt` is copied into the request's `sluice.prompt` here (the body's
 //!    wins).
-//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default).
-//!    Embeddings also check here whether the key and tier may use the model (403).
+//! 3. **identify** — end user, tier (asserted by the key, the key's, or the default),
+//!    whether the key and tier may use a model the request names outright (403; the
+//!    routing alias and prompt requests are checked after resolve).
 //! 4. **assign** (chat) — the experiment variant (sticky per end user; a model, or a
 //!    prompt version set on `sluice.prompt`), then, for the routing alias, the model the
 //!    routing rules choose and where a failed output check escalates to.
@@ -588,8 +589,12 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     record.update(|r| r.stream = request.is_stream());
-    // 3. identity: tier (model access once the model is final: after resolve)
-    let tier = match identify(&gw, &mut record, &principal, &headers, None) {
+    // 3. identity: tier, and model access for a model named outright; for the routing
+    //    alias or a prompt request the model is only final after resolve, checked there
+    let open_model = gw.config.routing.handles(&request.model)
+        || request.sluice.as_ref().is_some_and(|s| s.prompt.is_some());
+    let named = (!open_model).then_some(request.model.as_str());
+    let tier = match identify(&gw, &mut record, &principal, &headers, named) {
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };

@@ -575,3 +575,35 @@ async fn the_admin_api_serves_the_report_contract() {
     let (status, _) = get(&h, "/admin/experiments", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+/// A model the tier may not use is refused before any experiment runs: a variant that
+/// swaps it for an allowed one does not turn a 403 into a 200 for some users.
+#[tokio::test]
+async fn a_refused_model_is_refused_whatever_the_variant() {
+    let text = format!(
+        "{MODELS}\n{}",
+        r#"
+[limits]
+default_tier = "free"
+[[tiers]]
+name = "free"
+models = ["cheap"]
+[[experiments]]
+name = "strong-or-cheap"
+target = "model"
+match = { model = "strong" }
+variants = [
+  { name = "a", weight = 50, model = "strong" },
+  { name = "b", weight = 50, model = "cheap" },
+]
+"#
+    );
+    let mut h = harness(&text).await;
+    for i in 0..20 {
+        let mut body = ask(Some(&format!("user-{i}")));
+        body["model"] = json!("strong");
+        let r = h.send("/v1/chat/completions", body, &[]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN.as_u16(), "{}", r.text);
+        assert_eq!(r.record.variant, None);
+    }
+}
