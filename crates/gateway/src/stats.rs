@@ -376,13 +376,7 @@ pub fn stats_json(since_ms: i64, by: GroupBy, groups: Vec<GroupStats>) -> serde_
     })
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::usage::now_ms;
 
 /// The start of a window `since` long that ends at `now_ms`.
 pub fn since_ms(now_ms: i64, since: std::time::Duration) -> i64 {

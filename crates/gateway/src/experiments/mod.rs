@@ -16,13 +16,7 @@ pub use report::{Report, render_table};
 
 use crate::store::Store;
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::usage::now_ms;
 
 /// The report of `experiment` over the last `since` (default: since its start, or all
 /// the log), read from `store`.

@@ -29,7 +29,9 @@ pub fn record_cost(record: &mut RequestRecord, cost: Option<Cost>, saved: Option
     record.cost_saved_nanos = saved.map(|c| c.nanos);
 }
 
-pub(crate) fn now_ms() -> i64 {
+/// Milliseconds since the Unix epoch, now: the one clock for budgets, stats, reports and
+/// dashboard sessions.
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
