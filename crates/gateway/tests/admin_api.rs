@@ -345,6 +345,9 @@ async fn stats_overview_and_records_read_the_request_log() {
         ("broken", "search", "bob"),
     ] {
         ids.push(chat(&mut h, model, feature, user).await);
+        // "Newest first" orders by start millisecond, then by the id's random tail;
+        // a step between requests keeps the expected order from being a coin toss.
+        tokio::time::sleep(Duration::from_millis(3)).await;
     }
     wait_for_rows(&h, 5).await;
 

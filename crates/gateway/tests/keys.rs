@@ -354,10 +354,20 @@ async fn only_hashes_are_stored_on_both_backends() {
         }
         let listed = store.list_keys().await.unwrap();
         assert_eq!(listed.len(), 3);
-        assert!(listed[2].revoked_at_ms.is_some());
-        assert!(listed[2].updated_at_ms >= listed[2].created_at_ms);
+        // Keys made in the same millisecond sort by their (random) id, so find the
+        // revoked one by id rather than by position.
+        let revoked = listed
+            .iter()
+            .find(|r| r.id == keys[2].0.id)
+            .expect("the revoked key is listed");
+        assert!(revoked.revoked_at_ms.is_some(), "{name}");
+        assert!(
+            listed.iter().filter(|r| r.revoked_at_ms.is_some()).count() == 1,
+            "{name}: only the revoked key is marked"
+        );
+        assert!(revoked.updated_at_ms >= revoked.created_at_ms);
         let changed = store
-            .keys_changed_since(listed[2].updated_at_ms)
+            .keys_changed_since(revoked.updated_at_ms)
             .await
             .unwrap();
         assert!(changed.iter().any(|r| r.id == keys[2].0.id), "{name}");
