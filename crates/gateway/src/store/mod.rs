@@ -8,6 +8,7 @@ mod keys;
 mod records;
 mod redact;
 mod spend;
+mod stats;
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -25,6 +26,7 @@ pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, k
 pub use records::{Cursor, RecordFilter};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
+pub use stats::{CellQuery, StatCell};
 
 use crate::telemetry::{RecordSink, RequestRecord};
 
@@ -90,6 +92,31 @@ pub struct Feedback {
     pub score: f64,
     pub comment: Option<String>,
     pub created_at_ms: i64,
+}
+
+/// An optional double to bind. sqlx 0.8.6's `Any` driver sends a `None::<f64>` to
+/// PostgreSQL typed as `real` (float4; its table maps `Double` nulls to `f32` and back),
+/// and PostgreSQL then keeps that type for the prepared statement: a connection whose
+/// first row had no TTFT refused every later row that had one ("incorrect binary data
+/// format in bind parameter"). `None::<f32>` is the null that arrives as float8.
+struct NullableF64(Option<f64>);
+
+impl sqlx::Type<sqlx::Any> for NullableF64 {
+    fn type_info() -> sqlx::any::AnyTypeInfo {
+        <f64 as sqlx::Type<sqlx::Any>>::type_info()
+    }
+}
+
+impl<'q> sqlx::Encode<'q, sqlx::Any> for NullableF64 {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <sqlx::Any as sqlx::Database>::ArgumentBuffer<'q>,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        match self.0 {
+            Some(v) => <f64 as sqlx::Encode<sqlx::Any>>::encode_by_ref(&v, buf),
+            None => <Option<f32> as sqlx::Encode<sqlx::Any>>::encode_by_ref(&None, buf),
+        }
+    }
 }
 
 const COLUMNS: [&str; 45] = [
@@ -225,9 +252,9 @@ impl Store {
                 .bind(i64::from(r.tokens_estimated))
                 .bind(r.cost_micros)
                 .bind(r.latency_ms)
-                .bind(r.ttft_ms)
-                .bind(r.upstream_ms)
-                .bind(r.overhead_ms)
+                .bind(NullableF64(r.ttft_ms))
+                .bind(NullableF64(r.upstream_ms))
+                .bind(NullableF64(r.overhead_ms))
                 .bind(r.input_hash.clone())
                 .bind(r.regeneration_of.clone())
                 .bind(r.request_body.clone())
