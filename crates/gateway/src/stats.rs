@@ -1,14 +1,16 @@
-//! `sluice stats`: latency percentiles, tokens, cost and the cost cache hits saved, error
-//! rates by outcome class, cache hit rate, feedback and regeneration rate, computed
-//! exactly from the request log (nearest-rank percentiles over the stored latencies, not
-//! histogram buckets; costs summed as integer nano-dollars, turned into dollars last).
+//! `sluice stats`, `/admin/stats` and the dashboard's overview: latency percentiles,
+//! tokens, cost and the cost cache hits saved, error rates by outcome class, cache hit
+//! rate, feedback and regeneration rate, computed exactly from the request log
+//! (nearest-rank percentiles over the stored latencies, not histogram buckets; costs
+//! summed as integer nano-dollars, turned into dollars last). The store aggregates in
+//! SQL into [`StatCell`]s; this module merges cells into groups ([`groups`]) and ranks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{Feedback, StatRow};
+use crate::store::{CellQuery, Feedback, StatCell, StatRow, Store};
 use crate::telemetry::Outcome;
 
 /// How to group requests.
@@ -60,102 +62,201 @@ pub struct GroupStats {
 /// Nearest-rank percentile of sorted values: the smallest value with at least `p`% of
 /// the values at or below it.
 pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
+    (!sorted.is_empty()).then(|| sorted[rank(sorted.len(), p)])
+}
+
+/// The index of the nearest-rank `p`th percentile among `len` sorted values (`len` > 0).
+fn rank(len: usize, p: f64) -> usize {
+    (((p / 100.0) * len as f64).ceil() as usize).clamp(1, len) - 1
+}
+
+/// p50, p95 and p99 by selection rather than a full sort: each pick leaves the smaller
+/// values before it, so the next pick searches only those (the dashboard ranks the same
+/// 100k latencies for five breakdowns).
+fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
+    if values.is_empty() {
         return None;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+    let len = values.len();
+    let mut pick = |end: usize, p: f64| {
+        let i = rank(len, p);
+        *values[..end].select_nth_unstable_by(i, f64::total_cmp).1
+    };
+    let p99 = pick(len, 99.0);
+    let p95 = pick(rank(len, 99.0) + 1, 95.0);
+    let p50 = pick(rank(len, 95.0) + 1, 50.0);
+    Some(Percentiles { p50, p95, p99 })
 }
 
-fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
-    values.sort_by(f64::total_cmp);
-    Some(Percentiles {
-        p50: percentile(&values, 50.0)?,
-        p95: percentile(&values, 95.0)?,
-        p99: percentile(&values, 99.0)?,
-    })
-}
-
-fn group_key(row: &StatRow, by: GroupBy) -> String {
-    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
-    match by {
-        GroupBy::None => "all".into(),
-        GroupBy::Model => or_none(&row.model),
-        GroupBy::Feature => or_none(&row.feature),
-        GroupBy::User => or_none(&row.user),
-        GroupBy::Hour => format!("{:02}:00", (row.started_at_ms / 3_600_000).rem_euclid(24)),
+/// The cell query behind a grouping: by `by` and outcome, since `since_ms`.
+pub fn query_for(by: GroupBy, since_ms: i64) -> CellQuery {
+    CellQuery {
+        since_ms,
+        hour: by == GroupBy::Hour,
+        model: by == GroupBy::Model,
+        feature: by == GroupBy::Feature,
+        user: by == GroupBy::User,
+        ..CellQuery::default()
     }
+}
+
+/// What [`Store::stat_cells`] answers for `q`, computed from rows instead (in no
+/// particular order): what `compute` runs on, and the reference the SQL is tested
+/// against.
+pub fn cells_of(rows: &[StatRow], feedback: &[Feedback], q: &CellQuery) -> Vec<StatCell> {
+    let mut scores: HashMap<&str, (i64, f64)> = HashMap::new();
+    for f in feedback {
+        let s = scores.entry(f.request_id.as_str()).or_default();
+        s.0 += 1;
+        s.1 += f.score;
+    }
+    type Key = (
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+    );
+    let mut cells: HashMap<Key, StatCell> = HashMap::new();
+    for r in rows.iter().filter(|r| r.started_at_ms >= q.since_ms) {
+        if let Some(users) = &q.users
+            && !r.user.as_ref().is_some_and(|u| users.contains(u))
+        {
+            continue;
+        }
+        let key: Key = (
+            q.bucket_ms
+                .map(|step| (r.started_at_ms - q.since_ms) / step.max(1)),
+            q.hour.then_some((r.started_at_ms / 3_600_000) % 24),
+            q.model.then(|| r.model.clone()).flatten(),
+            q.feature.then(|| r.feature.clone()).flatten(),
+            q.user.then(|| r.user.clone()).flatten(),
+            r.outcome.clone(),
+        );
+        let c = cells.entry(key.clone()).or_insert_with(|| StatCell {
+            bucket: key.0,
+            hour: key.1,
+            model: key.2,
+            feature: key.3,
+            user: key.4,
+            outcome: key.5,
+            ..StatCell::default()
+        });
+        c.requests += 1;
+        c.prompt_tokens += r.prompt_tokens;
+        c.completion_tokens += r.completion_tokens;
+        c.cached_prompt_tokens += r.cached_prompt_tokens;
+        c.cost_nanos += r.cost_nanos.unwrap_or(0);
+        c.cost_saved_nanos += r.cost_saved_nanos.unwrap_or(0);
+        c.cache_hits += i64::from(r.cache_status.as_deref() == Some("hit"));
+        c.cache_lookups += i64::from(r.cache_status.is_some());
+        c.regenerations += i64::from(r.regeneration_of.is_some());
+        if let Some((n, total)) = scores.get(r.request_id.as_str()) {
+            c.feedback_count += n;
+            c.feedback_sum += total;
+        }
+        c.latencies_ms.push(r.latency_ms);
+        c.ttfts_ms.extend(r.ttft_ms);
+    }
+    cells.into_values().collect()
 }
 
 /// Aggregate rows (and the feedback on them) into one entry per group, sorted by group.
 pub fn compute(rows: &[StatRow], feedback: &[Feedback], by: GroupBy) -> Vec<GroupStats> {
-    let scores = scores_by_request(feedback);
-    let mut groups: BTreeMap<String, Vec<&StatRow>> = BTreeMap::new();
-    for row in rows {
-        groups.entry(group_key(row, by)).or_default().push(row);
+    groups(&cells_of(rows, feedback, &query_for(by, i64::MIN)), by)
+}
+
+/// The group a cell belongs to.
+fn group_key(cell: &StatCell, by: GroupBy) -> String {
+    let or_none = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+    match by {
+        GroupBy::None => "all".into(),
+        GroupBy::Model => or_none(&cell.model),
+        GroupBy::Feature => or_none(&cell.feature),
+        GroupBy::User => or_none(&cell.user),
+        GroupBy::Hour => format!("{:02}:00", cell.hour.unwrap_or(0).rem_euclid(24)),
+    }
+}
+
+/// Cells merged into one entry per group, sorted by group.
+pub fn groups(cells: &[StatCell], by: GroupBy) -> Vec<GroupStats> {
+    let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
+    for c in cells {
+        groups.entry(group_key(c, by)).or_default().add(c);
     }
     groups
         .into_iter()
-        .map(|(group, rows)| group_stats(group, &rows, &scores))
+        .map(|(group, totals)| totals.finish(group))
         .collect()
 }
 
-/// Feedback scores by request id.
-fn scores_by_request(feedback: &[Feedback]) -> HashMap<&str, Vec<f64>> {
-    let mut scores: HashMap<&str, Vec<f64>> = HashMap::new();
-    for f in feedback {
-        scores
-            .entry(f.request_id.as_str())
-            .or_default()
-            .push(f.score);
-    }
-    scores
+/// Cells being merged into one group.
+#[derive(Default)]
+struct Totals {
+    requests: u64,
+    outcomes: BTreeMap<&'static str, u64>,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cached_prompt_tokens: i64,
+    cost_nanos: i128,
+    cost_saved_nanos: i128,
+    cache_hits: u64,
+    cache_lookups: u64,
+    regenerations: u64,
+    feedback_count: u64,
+    feedback_sum: f64,
+    latencies_ms: Vec<f64>,
+    ttfts_ms: Vec<f64>,
 }
 
-/// The figures for one group of rows (rates are 0 for an empty group).
-fn group_stats(group: String, rows: &[&StatRow], scores: &HashMap<&str, Vec<f64>>) -> GroupStats {
-    let n = rows.len() as u64;
-    let share = |count: u64| if n == 0 { 0.0 } else { count as f64 / n as f64 };
-    let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
-    for r in rows {
-        let o = Outcome::parse(&r.outcome).unwrap_or(Outcome::ApiError);
-        *outcomes.entry(o.as_str()).or_default() += 1;
+impl Totals {
+    fn add(&mut self, c: &StatCell) {
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        let o = Outcome::parse(&c.outcome).unwrap_or(Outcome::ApiError);
+        *self.outcomes.entry(o.as_str()).or_default() += count(c.requests);
+        self.requests += count(c.requests);
+        self.prompt_tokens += c.prompt_tokens;
+        self.completion_tokens += c.completion_tokens;
+        self.cached_prompt_tokens += c.cached_prompt_tokens;
+        self.cost_nanos += i128::from(c.cost_nanos);
+        self.cost_saved_nanos += i128::from(c.cost_saved_nanos);
+        self.cache_hits += count(c.cache_hits);
+        self.cache_lookups += count(c.cache_lookups);
+        self.regenerations += count(c.regenerations);
+        self.feedback_count += count(c.feedback_count);
+        self.feedback_sum += c.feedback_sum;
+        self.latencies_ms.extend_from_slice(&c.latencies_ms);
+        self.ttfts_ms.extend_from_slice(&c.ttfts_ms);
     }
-    let rate = |o: Outcome| share(outcomes.get(o.as_str()).copied().unwrap_or(0));
-    let hits = rows
-        .iter()
-        .filter(|r| r.cache_status.as_deref() == Some("hit"))
-        .count() as u64;
-    let lookups = rows.iter().filter(|r| r.cache_status.is_some()).count() as u64;
-    let group_scores: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| scores.get(r.request_id.as_str()))
-        .flatten()
-        .copied()
-        .collect();
-    let regenerations = rows.iter().filter(|r| r.regeneration_of.is_some()).count() as u64;
-    GroupStats {
-        requests: n,
-        api_error_rate: rate(Outcome::ApiError),
-        bad_output_rate: rate(Outcome::BadOutput),
-        latency_ms: percentiles(rows.iter().map(|r| r.latency_ms).collect()),
-        ttft_ms: percentiles(rows.iter().filter_map(|r| r.ttft_ms).collect()),
-        prompt_tokens: rows.iter().map(|r| r.prompt_tokens.max(0) as u64).sum(),
-        completion_tokens: rows.iter().map(|r| r.completion_tokens.max(0) as u64).sum(),
-        cached_prompt_tokens: rows
-            .iter()
-            .map(|r| r.cached_prompt_tokens.max(0) as u64)
-            .sum(),
-        cost_usd: usd(rows.iter().filter_map(|r| r.cost_nanos)),
-        cost_saved_usd: usd(rows.iter().filter_map(|r| r.cost_saved_nanos)),
-        cache_hit_rate: (lookups > 0).then(|| hits as f64 / lookups as f64),
-        feedback_count: group_scores.len() as u64,
-        feedback_mean: (!group_scores.is_empty())
-            .then(|| group_scores.iter().sum::<f64>() / group_scores.len() as f64),
-        regenerations,
-        regeneration_rate: share(regenerations),
-        outcomes,
-        group,
+
+    /// The figures (rates are 0 for an empty group).
+    fn finish(self, group: String) -> GroupStats {
+        let n = self.requests;
+        let share = |count: u64| if n == 0 { 0.0 } else { count as f64 / n as f64 };
+        let rate = |o: Outcome| share(self.outcomes.get(o.as_str()).copied().unwrap_or(0));
+        let tokens = |v: i64| u64::try_from(v).unwrap_or(0);
+        GroupStats {
+            requests: n,
+            api_error_rate: rate(Outcome::ApiError),
+            bad_output_rate: rate(Outcome::BadOutput),
+            latency_ms: percentiles(self.latencies_ms),
+            ttft_ms: percentiles(self.ttfts_ms),
+            prompt_tokens: tokens(self.prompt_tokens),
+            completion_tokens: tokens(self.completion_tokens),
+            cached_prompt_tokens: tokens(self.cached_prompt_tokens),
+            cost_usd: usd(self.cost_nanos),
+            cost_saved_usd: usd(self.cost_saved_nanos),
+            cache_hit_rate: (self.cache_lookups > 0)
+                .then(|| self.cache_hits as f64 / self.cache_lookups as f64),
+            feedback_count: self.feedback_count,
+            feedback_mean: (self.feedback_count > 0)
+                .then(|| self.feedback_sum / self.feedback_count as f64),
+            regenerations: self.regenerations,
+            regeneration_rate: share(self.regenerations),
+            outcomes: self.outcomes,
+            group,
+        }
     }
 }
 
@@ -168,9 +269,8 @@ pub struct SeriesPoint {
     pub stats: GroupStats,
 }
 
-/// Everything the dashboard draws from the request log, from one read of it: totals,
-/// a time series, breakdowns by model, feature and hour of day, and the top users by
-/// cost.
+/// Everything the dashboard draws from the request log: totals, a time series,
+/// breakdowns by model, feature and hour of day, and the top users by cost.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Overview {
     pub since_ms: i64,
@@ -196,32 +296,53 @@ pub fn step_for(since_ms: i64, until_ms: i64) -> i64 {
     ((step + 59_999) / 60_000).max(1) * 60_000
 }
 
-/// The dashboard's figures for the rows of `[since_ms, until_ms]`.
-pub fn overview(rows: &[StatRow], feedback: &[Feedback], since_ms: i64, until_ms: i64) -> Overview {
-    let scores = scores_by_request(feedback);
-    let all: Vec<&StatRow> = rows.iter().collect();
+/// The cell query the overview reads everything but the top users from.
+pub fn overview_query(since_ms: i64, until_ms: i64) -> CellQuery {
+    CellQuery {
+        since_ms,
+        bucket_ms: Some(step_for(since_ms, until_ms)),
+        hour: true,
+        model: true,
+        feature: true,
+        ..CellQuery::default()
+    }
+}
+
+/// The dashboard's figures for `[since_ms, until_ms]` from the cells of
+/// [`overview_query`] and the cells of the users to rank (grouped by user; the top
+/// [`TOP_USERS`] of them are kept).
+pub fn overview(
+    cells: &[StatCell],
+    user_cells: &[StatCell],
+    since_ms: i64,
+    until_ms: i64,
+) -> Overview {
     let step_ms = step_for(since_ms, until_ms);
     let buckets = usize::try_from((until_ms - since_ms).max(0) / step_ms + 1).unwrap_or(1);
-    let mut by_bucket: Vec<Vec<&StatRow>> = vec![Vec::new(); buckets];
-    for r in rows {
-        if let Ok(i) = usize::try_from((r.started_at_ms - since_ms) / step_ms)
-            && let Some(bucket) = by_bucket.get_mut(i)
+    let mut by_bucket: Vec<Totals> = std::iter::repeat_with(Totals::default)
+        .take(buckets)
+        .collect();
+    for c in cells {
+        if let Some(bucket) = c
+            .bucket
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(|i| by_bucket.get_mut(i))
         {
-            bucket.push(r);
+            bucket.add(c);
         }
     }
     let series = by_bucket
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, rows)| {
+        .map(|(i, totals)| {
             let start_ms = since_ms + i as i64 * step_ms;
             SeriesPoint {
                 start_ms,
-                stats: group_stats(start_ms.to_string(), rows, &scores),
+                stats: totals.finish(start_ms.to_string()),
             }
         })
         .collect();
-    let mut top_users = compute(rows, feedback, GroupBy::User);
+    let mut top_users = groups(user_cells, GroupBy::User);
     top_users.retain(|g| g.group != "(none)");
     top_users.sort_by(|a, b| {
         b.cost_usd
@@ -233,18 +354,20 @@ pub fn overview(rows: &[StatRow], feedback: &[Feedback], since_ms: i64, until_ms
         since_ms,
         until_ms,
         step_ms,
-        total: group_stats("all".into(), &all, &scores),
+        total: groups(cells, GroupBy::None)
+            .pop()
+            .unwrap_or_else(|| Totals::default().finish("all".into())),
         series,
-        by_model: compute(rows, feedback, GroupBy::Model),
-        by_feature: compute(rows, feedback, GroupBy::Feature),
-        by_hour: compute(rows, feedback, GroupBy::Hour),
+        by_model: groups(cells, GroupBy::Model),
+        by_feature: groups(cells, GroupBy::Feature),
+        by_hour: groups(cells, GroupBy::Hour),
         top_users,
     }
 }
 
-/// Integer nano-dollars summed exactly (in 128 bits), then dollars.
-fn usd(nanos: impl Iterator<Item = i64>) -> f64 {
-    nanos.map(i128::from).sum::<i128>() as f64 / 1e9
+/// Integer nano-dollars, summed exactly, in dollars.
+fn usd(nanos: i128) -> f64 {
+    nanos as f64 / 1e9
 }
 
 /// A plain table for a terminal.
@@ -343,10 +466,9 @@ pub async fn report(
 ) -> anyhow::Result<String> {
     let store = crate::store::Store::open(&config.storage.target).await?;
     let since_ms = since_ms(now_ms(), since);
-    let read = read(&store, since_ms).await;
+    let read = read(&store, since_ms, by).await;
     store.close().await;
-    let (rows, feedback) = read?;
-    let groups = compute(&rows, &feedback, by);
+    let groups = read?;
     if json {
         Ok(serde_json::to_string_pretty(&stats_json(
             since_ms, by, groups,
@@ -356,15 +478,38 @@ pub async fn report(
     }
 }
 
-/// The requests started at or after `since_ms`, and the feedback on them.
+/// The figures by `by` for the requests started at or after `since_ms`, aggregated by
+/// the store.
 pub async fn read(
-    store: &crate::store::Store,
+    store: &Store,
     since_ms: i64,
-) -> Result<(Vec<StatRow>, Vec<Feedback>), sqlx::Error> {
-    Ok((
-        store.stat_rows(since_ms).await?,
-        store.feedback_since(since_ms).await?,
+    by: GroupBy,
+) -> Result<Vec<GroupStats>, sqlx::Error> {
+    Ok(groups(
+        &store.stat_cells(&query_for(by, since_ms)).await?,
+        by,
     ))
+}
+
+/// The dashboard's overview of `[since_ms, until_ms]`: the cells, and beside them (on
+/// another connection) who the top users are and their cells.
+pub async fn read_overview(
+    store: &Store,
+    since_ms: i64,
+    until_ms: i64,
+) -> Result<Overview, sqlx::Error> {
+    let users = async {
+        let top = store.top_users(since_ms, TOP_USERS).await?;
+        store
+            .stat_cells(&CellQuery {
+                users: Some(top),
+                ..query_for(GroupBy::User, since_ms)
+            })
+            .await
+    };
+    let query = overview_query(since_ms, until_ms);
+    let (cells, user_cells) = tokio::try_join!(store.stat_cells(&query), users)?;
+    Ok(overview(&cells, &user_cells, since_ms, until_ms))
 }
 
 /// What `sluice stats --json` prints, and `GET /admin/stats` answers.
@@ -464,6 +609,23 @@ mod tests {
         );
         let table = render_table(&compute(&rows, &[], GroupBy::Model), GroupBy::Model);
         assert!(table.contains("saved $"), "{table}");
+    }
+
+    #[test]
+    fn selected_percentiles_equal_the_sorted_ones() {
+        // A deterministic spread with ties and a tail, at sizes around the rank edges.
+        for len in [1usize, 2, 3, 19, 20, 21, 99, 100, 101, 1000, 4567] {
+            let values: Vec<f64> = (0..len)
+                .map(|i| ((i * 7919) % 251) as f64 / 3.0 + if i % 97 == 0 { 1e4 } else { 0.0 })
+                .collect();
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let got = percentiles(values).unwrap();
+            assert_eq!(got.p50, percentile(&sorted, 50.0).unwrap(), "{len}");
+            assert_eq!(got.p95, percentile(&sorted, 95.0).unwrap(), "{len}");
+            assert_eq!(got.p99, percentile(&sorted, 99.0).unwrap(), "{len}");
+        }
+        assert_eq!(percentiles(Vec::new()), None);
     }
 
     #[test]

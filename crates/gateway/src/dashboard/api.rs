@@ -77,12 +77,11 @@ pub async fn stats(
         }
     }
     let since_ms = stats::since_ms(stats::now_ms(), since);
-    let (rows, feedback) = stats::read(&gw.store, since_ms).await?;
-    let groups = stats::compute(&rows, &feedback, by);
+    let groups = stats::read(&gw.store, since_ms, by).await?;
     Ok(axum::Json(stats::stats_json(since_ms, by, groups)).into_response())
 }
 
-/// `GET /admin/overview`: everything the dashboard's charts show, from one read.
+/// `GET /admin/overview`: everything the dashboard's charts show, aggregated by the store.
 pub async fn overview(
     State(gw): State<Arc<Gateway>>,
     Query(pairs): Pairs,
@@ -96,8 +95,7 @@ pub async fn overview(
     }
     let now = stats::now_ms();
     let since_ms = stats::since_ms(now, since);
-    let (rows, feedback) = stats::read(&gw.store, since_ms).await?;
-    Ok(axum::Json(stats::overview(&rows, &feedback, since_ms, now)).into_response())
+    Ok(axum::Json(stats::read_overview(&gw.store, since_ms, now).await?).into_response())
 }
 
 /// `GET /admin/records`: a page of the request log, newest first.
