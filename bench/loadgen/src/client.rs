@@ -4,23 +4,70 @@
 //! number of connections is exactly what the run asks for, and nothing (pool look-ups,
 //! DNS, redirects) sits between the clock and the socket.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
-use hyper::{Request, Uri};
+use hyper::{Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-/// What every request carries: where to send it and the (shared, immutable) body.
+/// Stands for the request number in a `--unique-prompt` body; replaced before sending.
+pub const NUMBER_MARK: &str = "@@LOADGEN_N@@";
+
+/// The request body: the same bytes every time, or numbered so that no two are equal.
+pub enum Body {
+    Fixed(Bytes),
+    /// The serialized body split around [`NUMBER_MARK`]; each request puts the next
+    /// number there (a copy of under 200 bytes, the same cost on every target).
+    Numbered {
+        head: Bytes,
+        tail: Bytes,
+        next: AtomicU64,
+    },
+}
+
+impl Body {
+    /// Split a serialized body that contains [`NUMBER_MARK`] once.
+    pub fn numbered(serialized: &Bytes) -> anyhow::Result<Self> {
+        let mark = NUMBER_MARK.as_bytes();
+        let at = serialized
+            .windows(mark.len())
+            .position(|w| w == mark)
+            .context("the body has no number mark")?;
+        Ok(Self::Numbered {
+            head: serialized.slice(..at),
+            tail: serialized.slice(at + mark.len()..),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn next(&self) -> Bytes {
+        match self {
+            Self::Fixed(bytes) => bytes.clone(),
+            Self::Numbered { head, tail, next } => {
+                let n = next.fetch_add(1, Ordering::Relaxed).to_string();
+                let mut out = Vec::with_capacity(head.len() + n.len() + tail.len());
+                out.extend_from_slice(head);
+                out.extend_from_slice(n.as_bytes());
+                out.extend_from_slice(tail);
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+/// What every request carries: where to send it and the (shared) body.
 pub struct Target {
     /// `host:port`, connected to and sent as the Host header.
     pub authority: String,
     pub path: String,
-    pub body: Bytes,
+    pub body: Body,
     pub authorization: Option<HeaderValue>,
     pub timeout: Duration,
 }
@@ -28,7 +75,7 @@ pub struct Target {
 impl Target {
     pub fn new(
         url: &str,
-        body: Bytes,
+        body: Body,
         api_key: Option<&str>,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
@@ -64,7 +111,7 @@ impl Target {
         if let Some(auth) = &self.authorization {
             builder = builder.header(AUTHORIZATION, auth.clone());
         }
-        Ok(builder.body(Full::new(self.body.clone()))?)
+        Ok(builder.body(Full::new(self.body.next()))?)
     }
 }
 
@@ -86,6 +133,12 @@ impl Conn {
             let _ = connection.await;
         });
         Ok(Self { sender })
+    }
+
+    /// Send the target's next request; the response body is left to the caller.
+    pub async fn send(&mut self, target: &Target) -> anyhow::Result<Response<Incoming>> {
+        self.sender.ready().await?;
+        Ok(self.sender.send_request(target.request()?).await?)
     }
 
     /// False once the server closed the connection or a request on it failed.
@@ -118,8 +171,7 @@ pub async fn call(conn: &mut Conn, target: &Target, origin: Instant) -> Outcome 
 }
 
 async fn exchange(conn: &mut Conn, target: &Target, origin: Instant) -> anyhow::Result<Outcome> {
-    conn.sender.ready().await?;
-    let response = conn.sender.send_request(target.request()?).await?;
+    let response = conn.send(target).await?;
     let status = response.status();
     let mut body = response.into_body();
     let mut first_byte = None;

@@ -70,6 +70,7 @@ pub async fn closed_loop(
                     }
                 }
                 let outcome = call(&mut conn, &target, sent).await;
+                stats.count_call();
                 if sent >= window_start {
                     stats.record(outcome);
                 }
@@ -214,6 +215,7 @@ async fn one(pool: Arc<Pool>, target: Arc<Target>, stats: Arc<Stats>, at: Instan
         stats.record_lag(at.elapsed());
     }
     let outcome = call(&mut conn, &target, at).await;
+    stats.count_call();
     if !matches!(outcome, Outcome::Failed(_)) && conn.is_usable() {
         pool.put(conn);
     }

@@ -31,13 +31,15 @@ struct Inner {
     failures: u64,
     sample_errors: Vec<String>,
     last_done: Option<Instant>,
+    /// Calls finished in any way, warm-up included: what the server did work for.
+    calls: u64,
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub fn histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, MAX_US, 3)?)
 }
 
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
@@ -53,6 +55,7 @@ impl Stats {
                 failures: 0,
                 sample_errors: Vec::new(),
                 last_done: None,
+                calls: 0,
             }),
         })
     }
@@ -84,6 +87,11 @@ impl Stats {
         s.last_done = Some(Instant::now());
     }
 
+    /// Count a finished call, recorded or not (warm-up), for per-request costs.
+    pub fn count_call(&self) {
+        self.lock().calls += 1;
+    }
+
     pub fn record_lag(&self, lag: Duration) {
         self.lock().lag.saturating_record(micros(lag));
     }
@@ -104,6 +112,7 @@ impl Stats {
         Summary {
             meta,
             elapsed,
+            calls: s.calls,
             ok: s.ok,
             errors,
             statuses: s.statuses.clone(),
@@ -145,7 +154,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         Self {
             count: h.len(),
             p50: h.value_at_quantile(0.50),
@@ -157,7 +166,7 @@ impl Percentiles {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub fn json(&self) -> serde_json::Value {
         json!({
             "count": self.count, "p50_us": self.p50, "p90_us": self.p90, "p99_us": self.p99,
             "p999_us": self.p999, "max_us": self.max, "mean_us": self.mean.round(),
@@ -168,6 +177,7 @@ impl Percentiles {
 pub struct Summary {
     pub meta: Meta,
     pub elapsed: Duration,
+    pub calls: u64,
     pub ok: u64,
     pub errors: u64,
     pub statuses: BTreeMap<u16, u64>,
@@ -196,6 +206,7 @@ impl Summary {
             "stream": m.stream,
             "elapsed_s": self.elapsed.as_secs_f64(),
             "requests": self.ok,
+            "requests_total": self.calls,
             "errors": self.errors,
             "error_rate": self.error_rate,
             "rps": (self.rps() * 10.0).round() / 10.0,
@@ -290,5 +301,15 @@ pub fn emit(summary: &Summary, as_json: bool) -> std::io::Result<()> {
         writeln!(out, "{}", summary.to_json())
     } else {
         summary.print(&mut out)
+    }
+}
+
+/// The same for the other modes' reports: one JSON line, or the text.
+pub fn emit_line(json: &serde_json::Value, as_json: bool, text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        writeln!(out, "{json}")
+    } else {
+        write!(out, "{text}")
     }
 }

@@ -291,3 +291,247 @@ fn cache_hit_through_the_gateway(bencher: divan::Bencher) {
         );
     });
 }
+
+/// The text of the typical request's messages, joined: what a token count reads.
+fn typical_text() -> String {
+    let req: ChatRequest = parse_body(&typical_body()).unwrap_or_else(|e| panic!("{e}"));
+    req.messages
+        .iter()
+        .map(|m| m.text())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Exact input tokens (tiktoken o200k) of the 1 KB request, as the input guard counts
+/// them for an OpenAI-family model.
+#[divan::bench]
+fn token_count_tiktoken_1kb(bencher: divan::Bencher) {
+    let text = typical_text();
+    // The encoder is built on first use; keep that out of the measurement.
+    black_box(sluice_gateway::guard::tokens::count("gpt-4o-mini", &text));
+    bencher.bench_local(|| {
+        sluice_gateway::guard::tokens::count(black_box("gpt-4o-mini"), black_box(&text))
+    });
+}
+
+/// The estimate (ceil(chars / 4)) used for models without a public tokenizer and for
+/// upstreams that report no usage.
+#[divan::bench]
+fn token_estimate_1kb(bencher: divan::Bencher) {
+    let text = typical_text();
+    bencher.bench_local(|| sluice_gateway::guard::tokens::estimate(black_box(&text)));
+}
+
+/// An upstream OpenAI stream as it comes off the wire: a role chunk, `words` content
+/// chunks, a finish chunk, a usage chunk and `[DONE]`, cut into TCP-sized pieces that
+/// do not line up with the events.
+fn upstream_sse(words: usize) -> Vec<bytes::Bytes> {
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        serde_json::json!({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+    };
+    let mut body = String::new();
+    let mut push = |v: serde_json::Value| body.push_str(&format!("data: {v}\n\n"));
+    push(chunk(
+        serde_json::json!({"role": "assistant", "content": ""}),
+        None,
+    ));
+    for i in 0..words {
+        push(chunk(
+            serde_json::json!({"content": format!(" word{i}")}),
+            None,
+        ));
+    }
+    push(chunk(serde_json::json!({}), Some("stop")));
+    push(serde_json::json!({
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+        "model": "gpt-4o-mini", "choices": [],
+        "usage": {"prompt_tokens": 240, "completion_tokens": words, "total_tokens": 240 + words},
+    }));
+    body.push_str("data: [DONE]\n\n");
+    let bytes = bytes::Bytes::from(body);
+    (0..bytes.len())
+        .step_by(700)
+        .map(|at| bytes.slice(at..(at + 700).min(bytes.len())))
+        .collect()
+}
+
+/// The upstream half of the stream path, per streamed answer of 20 words (23 events):
+/// SSE parsing (sse-stream, as `providers::http::sse_events` does) and
+/// `StreamChunk::peek` of every `data:` payload (as `providers::openai::openai_chunks`
+/// does). Both gateway functions are `pub(crate)`, so this drives the same crate calls.
+#[divan::bench]
+fn sse_parse_and_peek_20_chunks(bencher: divan::Bencher) {
+    use futures::StreamExt as _;
+    let pieces = upstream_sse(20);
+    bencher
+        .with_inputs(|| pieces.clone())
+        .bench_local_values(|pieces| {
+            let stream = futures::stream::iter(pieces.into_iter().map(Ok::<_, std::io::Error>));
+            let mut events = sse_stream::SseByteStream::new(stream);
+            let mut chunks = 0;
+            futures::executor::block_on(async {
+                while let Some(event) = events.next().await {
+                    let Some(data) = event.unwrap_or_else(|e| panic!("{e}")).data else {
+                        continue;
+                    };
+                    if data.trim() == "[DONE]" {
+                        break;
+                    }
+                    if StreamChunk::peek(data).is_ok() {
+                        chunks += 1;
+                    }
+                }
+            });
+            black_box(chunks)
+        });
+}
+
+/// What the pipeline's stream task does per chunk on top of the peek when the answer
+/// is collected (a cache store or an output rule applies): the chunk parsed again, in
+/// full, into a `serde_json::Value` for its delta text (`pipeline.rs`, stream task;
+/// private, so the expression is repeated here).
+#[divan::bench]
+fn stream_chunk_answer_parse(bencher: divan::Bencher) {
+    let data = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":" canal"},"finish_reason":null}]}"#;
+    let mut answer = String::new();
+    bencher.bench_local(|| {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(black_box(data))
+            && let Some(text) = v["choices"][0]["delta"]["content"].as_str()
+        {
+            answer.clear();
+            answer.push_str(text);
+        }
+        black_box(answer.len())
+    });
+}
+
+/// A streamed answer through the whole gateway, in process (no socket): the zero-config
+/// gateway and its simulator; the body read to `[DONE]`. Per answer, so divide by its
+/// chunks (12 to 40 words, about 30) for a per-chunk figure.
+#[divan::bench]
+fn stream_through_the_gateway(bencher: divan::Bencher) {
+    use tower::ServiceExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (app, _tasks) = runtime.block_on(async {
+        let config = Config::embedded_default(&[("UNUSED", "")]).unwrap_or_else(|e| panic!("{e}"));
+        let store =
+            sluice_gateway::store::Store::open(&sluice_gateway::store::StorageTarget::Memory)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        let tasks = tokio_util::task::TaskTracker::new();
+        let gw = sluice_gateway::pipeline::Gateway::start(
+            std::sync::Arc::new(config),
+            store,
+            Vec::new(),
+            tasks.clone(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        (sluice_gateway::server::app(gw), tasks)
+    });
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "user": "user-1234",
+        "messages": [{"role": "user", "content": "Is there a hardback edition of the canal book?"}],
+    })
+    .to_string();
+    bencher.bench_local(|| {
+        let request = axum::http::Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let app = app.clone();
+        runtime.block_on(async move {
+            let response = app.oneshot(request).await.unwrap_or_else(|e| match e {});
+            assert!(response.status().is_success(), "{}", response.status());
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(bytes.ends_with(b"data: [DONE]\n\n"));
+            black_box(bytes.len())
+        })
+    });
+}
+
+/// A finished request's record, as the full-feature gateway fills it in.
+fn typical_record(id: u64) -> sluice_gateway::telemetry::RequestRecord {
+    use sluice_gateway::telemetry::{Endpoint, Outcome, RequestRecord};
+    RequestRecord {
+        request_id: format!("req_{id:016x}"),
+        started_at_ms: 1_764_000_000_000 + id,
+        endpoint: Endpoint::ChatCompletions,
+        stream: false,
+        key_id: Some("key_0123456789abcdef".into()),
+        owner: Some("search-team".into()),
+        user: Some("user-1234".into()),
+        tier: Some("paid".into()),
+        model_requested: Some("gpt-4o-mini".into()),
+        model: Some("gpt-4o-mini".into()),
+        provider: Some("openai".into()),
+        outcome: Outcome::Ok,
+        status: 200,
+        upstream_calls: 1,
+        cache_status: Some("miss".into()),
+        prompt_tokens: 240,
+        completion_tokens: 18,
+        cost_micros: Some(47),
+        cost_nanos: Some(46_800),
+        latency_ms: 412.5,
+        ttft_ms: Some(180.2),
+        upstream_ms: Some(412.3),
+        overhead_ms: Some(0.2),
+        input_hash: Some("9f86d081884c7d65".into()),
+        guard_flags: Some("pii_email".into()),
+        output_check: Some("pass".into()),
+        ..RequestRecord::default()
+    }
+}
+
+/// A record to JSON (what the admin API and a JSON sink write per request).
+#[divan::bench]
+fn record_to_json(bencher: divan::Bencher) {
+    let record = typical_record(1);
+    bencher.bench_local(|| serde_json::to_vec(black_box(&record)).map(|v| v.len()).ok());
+}
+
+/// Records into the SQLite request log (a file in WAL mode, as `[storage] path`), 64 to
+/// a transaction as the writer batches them under load; the figure is per batch, the
+/// counter gives it per row. Each batch has fresh request ids, so every row is written.
+#[divan::bench]
+fn record_insert_sqlite_64(bencher: divan::Bencher) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir().join(format!("sluice-bench-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let target = sluice_gateway::store::StorageTarget::Sqlite(dir.join("sluice.db"));
+    let store = runtime
+        .block_on(sluice_gateway::store::Store::open(&target))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let next = std::cell::Cell::new(0u64);
+    bencher
+        .counter(divan::counter::ItemsCount::new(64usize))
+        .with_inputs(|| {
+            (0..64)
+                .map(|_| {
+                    next.set(next.get() + 1);
+                    typical_record(next.get())
+                })
+                .collect::<Vec<_>>()
+        })
+        .bench_local_values(|batch| {
+            runtime
+                .block_on(store.insert(black_box(&batch)))
+                .unwrap_or_else(|e| panic!("{e}"))
+        });
+    runtime.block_on(store.close());
+    let _ = std::fs::remove_dir_all(&dir);
+}
