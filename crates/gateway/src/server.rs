@@ -257,7 +257,7 @@ pub async fn start(
         let stop = admin_stop.clone();
         let admin = admin_app(gateway.clone());
         tokio::spawn(async move {
-            let served = axum::serve(l, admin)
+            let served = axum::serve(sluice_sim::server::nodelay(l), admin)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
             if let Err(e) = served {
@@ -268,7 +268,9 @@ pub async fn start(
     let done = tokio::spawn(async move {
         let (begin, begun) = tokio::sync::oneshot::channel::<()>();
         let mut serving = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
+            // Without TCP_NODELAY a stream's first chunk, written after the response
+            // head, waited for the client's delayed ACK: +40 ms to every first token.
+            let served = axum::serve(sluice_sim::server::nodelay(listener), router)
                 .with_graceful_shutdown(async move {
                     let _ = rx.await;
                     admin_stop.cancel();

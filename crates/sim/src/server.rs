@@ -132,7 +132,8 @@ impl Drop for MockServer {
 
 /// Streams send many small writes; without TCP_NODELAY, Nagle's algorithm and delayed
 /// ACKs hold chunks back by tens of milliseconds and distort every latency measured.
-fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+/// The gateway's listeners use it too.
+pub fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
     listener.tap_io(|tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::trace!(%error, "could not set TCP_NODELAY");
