@@ -17,7 +17,9 @@ use sluice_gateway::telemetry::init_logging;
 
 // mimalloc over glibc malloc: the request path allocates many small, short-lived
 // buffers (headers, JSON, records); glibc's malloc/free were ~7% of the gateway's CPU
-// in a profile at one connection (bench/RESULTS.md, Run 6).
+// in a profile at one connection (bench/RESULTS.md, Run 6). Built with `no_thp`: with
+// transparent huge pages mimalloc committed a 20 MiB huge-page arena at start, most of
+// the idle RSS (38 MiB with, 21 MiB without; bench/RESULTS.md, Run 7).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
