@@ -36,6 +36,11 @@ const REDIS_NAMESPACE: &str = "cache:v1:";
 const WARN_EVERY_MS: i64 = 60_000;
 /// What an entry costs beyond its payload (key, bookkeeping), for the byte bound.
 const ENTRY_OVERHEAD: usize = 96;
+/// Memory a payload takes per byte of its JSON: entries are kept parsed (strings,
+/// vectors, maps, each allocation with its own header), and the benchmark measured
+/// about four times the JSON size (a 16 MiB bound held ~62 MiB; bench/RESULTS.md,
+/// Run 7). Weighing by this keeps `memory_bytes` a bound on real memory.
+const PARSED_PER_JSON_BYTE: usize = 4;
 
 /// A whole chat answer as cached: a streamed answer is stored reassembled (text, finish
 /// reason, usage) and replayed as SSE frames.
@@ -389,7 +394,12 @@ fn entry(payload: Payload, ttl: Duration, payload_bytes: usize) -> Entry {
     Entry {
         payload,
         ttl,
-        weight: u32::try_from(payload_bytes.saturating_add(ENTRY_OVERHEAD)).unwrap_or(u32::MAX),
+        weight: u32::try_from(
+            payload_bytes
+                .saturating_mul(PARSED_PER_JSON_BYTE)
+                .saturating_add(ENTRY_OVERHEAD),
+        )
+        .unwrap_or(u32::MAX),
     }
 }
 
