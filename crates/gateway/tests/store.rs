@@ -291,3 +291,26 @@ async fn aggregates_in_sql_equal_the_row_by_row_figures_on_both_backends() {
 fn sql_groups_have(groups: &[stats::GroupStats], name: &str) -> bool {
     groups.iter().any(|g| g.group == name)
 }
+
+#[tokio::test]
+async fn a_batch_repeating_an_id_keeps_one_row_on_both_backends() {
+    for (name, target) in support::backends() {
+        let store = support::open(name, &target).await;
+        // A retried write can carry a request id twice; the first row stays.
+        let mut batch: Vec<RequestRecord> = (0..40).map(awkward).collect();
+        batch[12].request_id = batch[3].request_id.clone();
+        batch[35].request_id = batch[20].request_id.clone();
+        store.insert(&batch).await.unwrap();
+        assert_eq!(store.count().await.unwrap(), 38, "{name}");
+        let rows = store.stat_rows(0).await.unwrap();
+        let first = rows
+            .iter()
+            .find(|r| r.request_id == batch[3].request_id)
+            .unwrap();
+        assert_eq!(
+            first.started_at_ms, batch[3].started_at_ms as i64,
+            "{name}: the first one stays"
+        );
+        store.close().await;
+    }
+}
