@@ -318,6 +318,41 @@ pub fn overview(
     until_ms: i64,
 ) -> Overview {
     let step_ms = step_for(since_ms, until_ms);
+    // The breakdowns each rank the window's every latency again: half of them on a
+    // second thread.
+    let ((total, by_model), (series, by_feature, by_hour, top_users)) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let total = groups(cells, GroupBy::None)
+                .pop()
+                .unwrap_or_else(|| Totals::default().finish("all".into()));
+            (total, groups(cells, GroupBy::Model))
+        });
+        let here = (
+            series(cells, since_ms, until_ms, step_ms),
+            groups(cells, GroupBy::Feature),
+            groups(cells, GroupBy::Hour),
+            top_users(user_cells),
+        );
+        let other = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (other, here)
+    });
+    Overview {
+        since_ms,
+        until_ms,
+        step_ms,
+        total,
+        series,
+        by_model,
+        by_feature,
+        by_hour,
+        top_users,
+    }
+}
+
+/// The time series: one point per `step_ms` bucket of the window, empty ones included.
+fn series(cells: &[StatCell], since_ms: i64, until_ms: i64, step_ms: i64) -> Vec<SeriesPoint> {
     let buckets = usize::try_from((until_ms - since_ms).max(0) / step_ms + 1).unwrap_or(1);
     let mut by_bucket: Vec<Totals> = std::iter::repeat_with(Totals::default)
         .take(buckets)
@@ -331,7 +366,7 @@ pub fn overview(
             bucket.add(c);
         }
     }
-    let series = by_bucket
+    by_bucket
         .into_iter()
         .enumerate()
         .map(|(i, totals)| {
@@ -341,28 +376,20 @@ pub fn overview(
                 stats: totals.finish(start_ms.to_string()),
             }
         })
-        .collect();
-    let mut top_users = groups(user_cells, GroupBy::User);
-    top_users.retain(|g| g.group != "(none)");
-    top_users.sort_by(|a, b| {
+        .collect()
+}
+
+/// The [`TOP_USERS`] users who cost most (then made most requests), most first.
+fn top_users(user_cells: &[StatCell]) -> Vec<GroupStats> {
+    let mut top = groups(user_cells, GroupBy::User);
+    top.retain(|g| g.group != "(none)");
+    top.sort_by(|a, b| {
         b.cost_usd
             .total_cmp(&a.cost_usd)
             .then(b.requests.cmp(&a.requests))
     });
-    top_users.truncate(TOP_USERS);
-    Overview {
-        since_ms,
-        until_ms,
-        step_ms,
-        total: groups(cells, GroupBy::None)
-            .pop()
-            .unwrap_or_else(|| Totals::default().finish("all".into())),
-        series,
-        by_model: groups(cells, GroupBy::Model),
-        by_feature: groups(cells, GroupBy::Feature),
-        by_hour: groups(cells, GroupBy::Hour),
-        top_users,
-    }
+    top.truncate(TOP_USERS);
+    top
 }
 
 /// Integer nano-dollars, summed exactly, in dollars.
@@ -509,7 +536,16 @@ pub async fn read_overview(
     };
     let query = overview_query(since_ms, until_ms);
     let (cells, user_cells) = tokio::try_join!(store.stat_cells(&query), users)?;
-    Ok(overview(&cells, &user_cells, since_ms, until_ms))
+    // Ranking 100k latencies for every breakdown is CPU work: not on a request thread.
+    let merged =
+        tokio::task::spawn_blocking(move || overview(&cells, &user_cells, since_ms, until_ms))
+            .await;
+    match merged {
+        Ok(overview) => Ok(overview),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(sqlx::Error::WorkerCrashed),
+    }
 }
 
 /// What `sluice stats --json` prints, and `GET /admin/stats` answers.
