@@ -18,6 +18,14 @@ fn main() {
 }
 
 /// About 1 KB: a system prompt, a short history, and a user question.
+/// A single-threaded runtime with I/O and time, for the benches that await.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn typical_body() -> Vec<u8> {
     serde_json::json!({
         "model": "gpt-4o-mini",
@@ -171,10 +179,7 @@ fn bench_limiter(bencher: divan::Bencher, runtime: &tokio::runtime::Runtime, con
 /// The limiter on the in-process store: 6 bucket charges, all or nothing.
 #[divan::bench]
 fn limiter_admit_memory(bencher: divan::Bencher) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = runtime();
     bench_limiter(bencher, &runtime, &limited_config(None));
 }
 
@@ -184,10 +189,7 @@ fn limiter_admit_memory(bencher: divan::Bencher) {
 fn limiter_admit_redis(bencher: divan::Bencher) {
     let url =
         std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = runtime();
     bench_limiter(bencher, &runtime, &limited_config(Some(&url)));
 }
 
@@ -240,10 +242,7 @@ fn cache_memory_hit(bencher: divan::Bencher) {
 #[divan::bench]
 fn cache_hit_through_the_gateway(bencher: divan::Bencher) {
     use tower::ServiceExt;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = runtime();
     let (app, _tasks) = runtime.block_on(async {
         // The zero-config gateway: the simulator answers gpt-4o-mini.
         let config = Config::embedded_default(&[("UNUSED", "")]).unwrap_or_else(|e| panic!("{e}"));
@@ -415,10 +414,7 @@ fn stream_chunk_answer_parse(bencher: divan::Bencher) {
 #[divan::bench]
 fn stream_through_the_gateway(bencher: divan::Bencher) {
     use tower::ServiceExt;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = runtime();
     let (app, _tasks) = runtime.block_on(async {
         let config = Config::embedded_default(&[("UNUSED", "")]).unwrap_or_else(|e| panic!("{e}"));
         let store =
@@ -506,10 +502,7 @@ fn record_to_json(bencher: divan::Bencher) {
 /// counter gives it per row. Each batch has fresh request ids, so every row is written.
 #[divan::bench]
 fn record_insert_sqlite_64(bencher: divan::Bencher) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = runtime();
     let dir = std::env::temp_dir().join(format!("sluice-bench-store-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     let target = sluice_gateway::store::StorageTarget::Sqlite(dir.join("sluice.db"));
