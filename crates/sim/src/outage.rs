@@ -1,11 +1,14 @@
 //! A TCP proxy that can be cut and restored: puts a real dependency (Redis, an
 //! upstream) behind a port a test can take down mid-run, dropping every open
-//! connection, and bring back on the same port.
+//! connection, and bring back on the same port. It also counts round trips (a client
+//! sending, then the server answering), so a test can prove how many a call costs.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, watch};
 
@@ -16,6 +19,7 @@ pub struct OutageProxy {
     /// `true` while up; flipping to `false` closes the listener and every connection.
     up: watch::Sender<bool>,
     running: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl OutageProxy {
@@ -28,14 +32,25 @@ impl OutageProxy {
             target,
             up,
             running: Mutex::new(None),
+            round_trips: Arc::new(AtomicU64::new(0)),
         });
-        *proxy.running.lock().await =
-            Some(tokio::spawn(serve(listener, target, proxy.up.subscribe())));
+        *proxy.running.lock().await = Some(tokio::spawn(serve(
+            listener,
+            target,
+            proxy.up.subscribe(),
+            proxy.round_trips.clone(),
+        )));
         Ok(proxy)
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Round trips so far, over every connection: each time a server answers after
+    /// its client sent something (a pipeline of commands written at once is one).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::SeqCst)
     }
 
     /// Stop accepting and cut every open connection.
@@ -58,12 +73,18 @@ impl OutageProxy {
             listener,
             self.target,
             self.up.subscribe(),
+            self.round_trips.clone(),
         )));
         Ok(())
     }
 }
 
-async fn serve(listener: TcpListener, target: SocketAddr, up: watch::Receiver<bool>) {
+async fn serve(
+    listener: TcpListener,
+    target: SocketAddr,
+    up: watch::Receiver<bool>,
+    round_trips: Arc<AtomicU64>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     let mut down = up.clone();
     loop {
@@ -71,7 +92,7 @@ async fn serve(listener: TcpListener, target: SocketAddr, up: watch::Receiver<bo
             _ = down.wait_for(|u| !*u) => break,
             accepted = listener.accept() => {
                 let Ok((client, _)) = accepted else { continue };
-                connections.spawn(pipe(client, target, up.clone()));
+                connections.spawn(pipe(client, target, up.clone(), round_trips.clone()));
             }
         }
     }
@@ -79,20 +100,51 @@ async fn serve(listener: TcpListener, target: SocketAddr, up: watch::Receiver<bo
     connections.shutdown().await;
 }
 
-async fn pipe(mut client: TcpStream, target: SocketAddr, mut up: watch::Receiver<bool>) {
-    let Ok(mut server) = TcpStream::connect(target).await else {
+async fn pipe(
+    client: TcpStream,
+    target: SocketAddr,
+    mut up: watch::Receiver<bool>,
+    round_trips: Arc<AtomicU64>,
+) {
+    let Ok(server) = TcpStream::connect(target).await else {
         return;
+    };
+    // Not `copy_bidirectional`: the copy towards the client counts a round trip on the
+    // first bytes after the client spoke.
+    let client_spoke = AtomicBool::new(false);
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+            client_spoke.store(true, Ordering::SeqCst);
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let answers = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+            if client_spoke.swap(false, Ordering::SeqCst) {
+                round_trips.fetch_add(1, Ordering::SeqCst);
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = client_write.shutdown().await;
     };
     tokio::select! {
         _ = up.wait_for(|u| !*u) => {}
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = async { tokio::join!(requests, answers) } => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn cut_drops_connections_and_restore_serves_again() -> io::Result<()> {
@@ -117,6 +169,7 @@ mod tests {
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await?;
         assert_eq!(&buf, b"ping");
+        assert_eq!(proxy.round_trips(), 1);
         proxy.cut().await;
         // The open connection is closed, and new ones are refused.
         let mut rest = Vec::new();
@@ -127,6 +180,11 @@ mod tests {
         c.write_all(b"pong").await?;
         c.read_exact(&mut buf).await?;
         assert_eq!(&buf, b"pong");
+        assert_eq!(
+            proxy.round_trips(),
+            2,
+            "counted across connections and restarts"
+        );
         Ok(())
     }
 }
