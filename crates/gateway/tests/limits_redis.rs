@@ -1,6 +1,7 @@
 //! The Redis limit store against a real Redis: exact under concurrency from several
 //! instances, the same answers as the memory store, expiry of leases and penalties, a
-//! TTL on every key, and surviving Redis going away and coming back.
+//! TTL on every key, surviving Redis going away and coming back, and one round trip
+//! per admission check and per settlement.
 //!
 //! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); a test
 //! fails with a clear message when it is not reachable. Each test writes under a prefix
@@ -610,4 +611,73 @@ async fn survives_redis_going_away_and_coming_back() {
     assert!(matches!(b.check(&check).await, Ok(Verdict::Allowed { .. })));
     assert!(b.ping().await.is_ok());
     proxy.cut().await;
+}
+
+#[tokio::test]
+async fn a_check_and_a_settlement_cost_one_round_trip_each() {
+    support::redis_raw().await;
+    let proxy = OutageProxy::start(redis_addr())
+        .await
+        .unwrap_or_else(|e| panic!("proxy: {e}"));
+    let b = RedisBackend::new(&config(
+        format!("redis://127.0.0.1:{}", proxy.addr().port()),
+        &support::unique_redis_prefix(),
+        TIMEOUT,
+    ))
+    .unwrap_or_else(|e| panic!("new: {e}"));
+    // As a request with per-key, per-user and tier token limits and a concurrency cap.
+    let buckets = ["k:tpd", "u:tpd", "t:tpd"];
+    let check = |id: &str| Check {
+        penalty_key: Some("p:owner:user".into()),
+        charges: buckets.iter().map(|k| charge(k, 1000, DAY, 100)).collect(),
+        leases: vec![lease("u:conc", 1, id, MINUTE)],
+    };
+    // Connecting and loading the script cost their own round trips: not counted.
+    let warm = ok(b.check(&check("warm")).await);
+    assert!(matches!(warm, Verdict::Allowed { .. }), "{warm:?}");
+    let warm_buckets: Vec<Bucket> = check("warm")
+        .charges
+        .into_iter()
+        .map(|c| c.bucket)
+        .collect();
+    ok(b.settle(&warm_buckets, 0, &check("warm").leases).await);
+
+    let before = proxy.round_trips();
+    let first = ok(b.check(&check("a")).await);
+    assert_eq!(proxy.round_trips() - before, 1, "the admission check");
+    assert_eq!(remaining(&first), [800, 800, 800]);
+    // The slot is taken.
+    assert!(matches!(
+        ok(b.check(&check("b")).await),
+        Verdict::Refused { .. }
+    ));
+
+    // The request used 40 tokens of the 100 charged: 60 back on three buckets, and
+    // its slot released, in one round trip.
+    let before = proxy.round_trips();
+    ok(b.settle(&warm_buckets, -60, &check("a").leases).await);
+    assert_eq!(proxy.round_trips() - before, 1, "the settlement");
+    let after = ok(b.check(&check("c")).await);
+    assert!(
+        matches!(after, Verdict::Allowed { .. }),
+        "the slot was released: {after:?}"
+    );
+    assert_eq!(
+        remaining(&after),
+        [760, 760, 760],
+        "the refund reached every bucket"
+    );
+
+    // Redis forgot the script (a restart, SCRIPT FLUSH): the pipeline names it by hash
+    // and fails, and the settlement goes call by call, which loads it again.
+    let mut raw = support::redis_raw().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("SCRIPT FLUSH: {e}"));
+    ok(b.settle(&warm_buckets, -10, &check("c").leases).await);
+    let last = ok(b.check(&check("d")).await);
+    assert!(matches!(last, Verdict::Allowed { .. }), "{last:?}");
+    assert_eq!(remaining(&last), [670, 670, 670]);
 }

@@ -123,6 +123,28 @@ pub trait Backend: Send + Sync + 'static {
     /// Add (`delta > 0`) or refund (`delta < 0`) units on a bucket after the fact.
     async fn adjust(&self, bucket: &Bucket, delta: i64) -> Result<(), BackendError>;
     async fn release(&self, lease: &Lease) -> Result<(), BackendError>;
+    /// A finished request's whole settlement: `delta` on every bucket (0: none) and
+    /// every lease released. One after the other by default; a networked store sends
+    /// them in one round trip. Every part is tried; the first error is returned.
+    async fn settle(
+        &self,
+        buckets: &[Bucket],
+        delta: i64,
+        leases: &[Lease],
+    ) -> Result<(), BackendError> {
+        let mut first = Ok(());
+        if delta != 0 {
+            for bucket in buckets {
+                let done = self.adjust(bucket, delta).await;
+                first = first.and(done);
+            }
+        }
+        for lease in leases {
+            let done = self.release(lease).await;
+            first = first.and(done);
+        }
+        first
+    }
     /// Count a signal; `true` when this signal started the penalty.
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError>;
     async fn penalties(&self) -> Result<Vec<ActivePenalty>, BackendError>;

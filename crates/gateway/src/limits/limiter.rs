@@ -155,17 +155,11 @@ impl Admission {
             return;
         };
         runtime.spawn(async move {
-            if delta != 0 {
-                for bucket in &self.token_buckets {
-                    if let Err(e) = backend.adjust(bucket, delta).await {
-                        tracing::warn!(error = %e, "could not reconcile a token estimate");
-                    }
-                }
-            }
-            for lease in &self.leases {
-                if let Err(e) = backend.release(lease).await {
-                    tracing::warn!(error = %e, "could not release a concurrency slot");
-                }
+            if let Err(e) = backend
+                .settle(&self.token_buckets, delta, &self.leases)
+                .await
+            {
+                tracing::warn!(error = %e, "could not reconcile a token estimate or release a concurrency slot");
             }
         });
     }

@@ -131,6 +131,24 @@ impl RedisBackend {
         key
     }
 
+    /// The script call that moves `bucket` by `delta` units (`delta` != 0).
+    fn adjust_call(&self, bucket: &Bucket, delta: i64) -> redis::ScriptInvocation<'_> {
+        let period = span_us(bucket.period);
+        let inc = gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US);
+        let mut call = self.script.prepare_invoke();
+        call.arg("adjust")
+            .arg(if delta > 0 { "+" } else { "-" })
+            .arg(inc)
+            .key(self.key(Kind::Bucket, &bucket.key));
+        call
+    }
+
+    fn release_cmd(&self, lease: &Lease) -> redis::Cmd {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
+        cmd
+    }
+
     /// Run one round trip within the timeout; every failure is `Unavailable`.
     async fn within<T>(
         &self,
@@ -273,24 +291,65 @@ impl Backend for RedisBackend {
         if delta == 0 {
             return Ok(());
         }
-        let period = span_us(bucket.period);
-        let inc = gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US);
-        let mut call = self.script.prepare_invoke();
-        call.arg("adjust")
-            .arg(if delta > 0 { "+" } else { "-" })
-            .arg(inc)
-            .key(self.key(Kind::Bucket, &bucket.key));
         let mut con = self.conn.handle();
-        self.within("adjust", call.invoke_async::<()>(&mut con))
-            .await
+        self.within(
+            "adjust",
+            self.adjust_call(bucket, delta).invoke_async::<()>(&mut con),
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
         let mut con = self.conn.handle();
-        self.within("release", cmd.query_async::<()>(&mut con))
-            .await
+        self.within(
+            "release",
+            self.release_cmd(lease).query_async::<()>(&mut con),
+        )
+        .await
+    }
+
+    /// Every adjustment and release in one pipeline: one round trip per finished
+    /// request. The pipeline names the script by its hash; when Redis has lost it (a
+    /// restart, `SCRIPT FLUSH`), the calls go one by one, which load it again.
+    async fn settle(
+        &self,
+        buckets: &[Bucket],
+        delta: i64,
+        leases: &[Lease],
+    ) -> Result<(), BackendError> {
+        let buckets = if delta == 0 { &[][..] } else { buckets };
+        if buckets.len() + leases.len() <= 1 {
+            return match (buckets.first(), leases.first()) {
+                (Some(bucket), _) => self.adjust(bucket, delta).await,
+                (None, Some(lease)) => self.release(lease).await,
+                (None, None) => Ok(()),
+            };
+        }
+        let calls: Vec<_> = buckets.iter().map(|b| self.adjust_call(b, delta)).collect();
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.invoke_script(call).ignore();
+        }
+        for lease in leases {
+            pipe.add_command(self.release_cmd(lease)).ignore();
+        }
+        let mut con = self.conn.handle();
+        let sent = self
+            .within("settle", pipe.query_async::<()>(&mut con))
+            .await;
+        if sent.is_ok() {
+            return sent;
+        }
+        let mut first = Ok(());
+        for bucket in buckets {
+            let done = self.adjust(bucket, delta).await;
+            first = first.and(done);
+        }
+        for lease in leases {
+            let done = self.release(lease).await;
+            first = first.and(done);
+        }
+        first
     }
 
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
