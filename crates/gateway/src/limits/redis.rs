@@ -38,6 +38,7 @@ use redis::{RedisResult, Script, Value};
 
 use super::backend::{
     ActivePenalty, Backend, BackendError, Bucket, BucketState, Check, Lease, Signal, Verdict,
+    settle_one_by_one,
 };
 use super::config::RedisConfig;
 use super::gcra;
@@ -319,11 +320,7 @@ impl Backend for RedisBackend {
     ) -> Result<(), BackendError> {
         let buckets = if delta == 0 { &[][..] } else { buckets };
         if buckets.len() + leases.len() <= 1 {
-            return match (buckets.first(), leases.first()) {
-                (Some(bucket), _) => self.adjust(bucket, delta).await,
-                (None, Some(lease)) => self.release(lease).await,
-                (None, None) => Ok(()),
-            };
+            return settle_one_by_one(self, buckets, delta, leases).await;
         }
         let calls: Vec<_> = buckets.iter().map(|b| self.adjust_call(b, delta)).collect();
         let mut pipe = redis::pipe();
@@ -340,16 +337,7 @@ impl Backend for RedisBackend {
         if sent.is_ok() {
             return sent;
         }
-        let mut first = Ok(());
-        for bucket in buckets {
-            let done = self.adjust(bucket, delta).await;
-            first = first.and(done);
-        }
-        for lease in leases {
-            let done = self.release(lease).await;
-            first = first.and(done);
-        }
-        first
+        settle_one_by_one(self, buckets, delta, leases).await
     }
 
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
