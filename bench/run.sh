@@ -227,11 +227,13 @@ base_url = "http://127.0.0.1:$SLOW_PORT/v1"
 EOF
 }
 
-default_config() { # port dir
+# What every gateway here has: its address, log level, request log and the providers.
+common_config() { # port dir [extra [server] line]
   cat <<EOF
 [server]
 listen = "127.0.0.1:$1"
-shutdown_grace = "2s"
+${3:+$3
+}shutdown_grace = "2s"
 
 [telemetry]
 log_level = "$LOG_LEVEL"
@@ -240,6 +242,12 @@ log_level = "$LOG_LEVEL"
 path = "$2/sluice.db"
 
 $(providers)
+EOF
+}
+
+default_config() { # port dir
+  cat <<EOF
+$(common_config "$1" "$2")
 
 [[models]]
 name = "gpt-4o-mini"
@@ -261,18 +269,7 @@ BIG=1000000000
 full_config() { # port dir [redis]
   local price='prices = { input = 0.15, output = 0.60, cached_input = 0.075 }'
   cat <<EOF
-[server]
-listen = "127.0.0.1:$1"
-master_key = "$MASTER_KEY"
-shutdown_grace = "2s"
-
-[telemetry]
-log_level = "$LOG_LEVEL"
-
-[storage]
-path = "$2/sluice.db"
-
-$(providers)
+$(common_config "$1" "$2" "master_key = \"$MASTER_KEY\"")
 
 [[models]]
 name = "gpt-4o-mini"
