@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{CellQuery, Feedback, StatCell, StatRow, Store};
+use crate::store::{CellQuery, Feedback, StatCell, StatRow, Store, bucket_origin};
 use crate::telemetry::Outcome;
 
 /// How to group requests.
@@ -78,14 +78,65 @@ fn percentiles(mut values: Vec<f64>) -> Option<Percentiles> {
         return None;
     }
     let len = values.len();
-    let mut pick = |end: usize, p: f64| {
-        let i = rank(len, p);
-        *values[..end].select_nth_unstable_by(i, f64::total_cmp).1
-    };
+    let mut pick = |end: usize, p: f64| select_nth(&mut values[..end], rank(len, p));
     let p99 = pick(len, 99.0);
     let p95 = pick(rank(len, 99.0) + 1, 95.0);
     let p50 = pick(rank(len, 95.0) + 1, 50.0);
     Some(Percentiles { p50, p95, p99 })
+}
+
+/// The `k`th smallest of `v` (0-based; `k < v.len()`), leaving the smaller values
+/// before it: Hoare's quickselect, pivot the median of three. Written by hand although
+/// std has `select_nth_unstable_by`: std's, instantiated in this crate, runs its
+/// unchecked-pointer internals with their debug checks in unoptimized builds, where it
+/// made the dashboard's overview (100k latencies ranked for five breakdowns; the
+/// browser test measures a debug build) almost twice as costly. Optimized, the two are
+/// alike. Latencies are never NaN.
+fn select_nth(v: &mut [f64], k: usize) -> f64 {
+    let (mut lo, mut hi) = (0, v.len() - 1);
+    while lo < hi {
+        // The median of v[lo], v[mid], v[hi] moved to v[lo], as the pivot: then the
+        // partition below always splits [lo, hi] into two non-empty parts.
+        let mid = lo + (hi - lo) / 2;
+        if v[mid] < v[lo] {
+            v.swap(mid, lo);
+        }
+        if v[hi] < v[lo] {
+            v.swap(hi, lo);
+        }
+        if v[hi] < v[mid] {
+            v.swap(hi, mid);
+        }
+        v.swap(lo, mid);
+        let pivot = v[lo];
+        // Hoare: afterwards v[lo..=j] <= pivot <= v[j + 1..=hi], lo <= j < hi.
+        let (mut i, mut j) = (lo, hi + 1);
+        let mut first = true;
+        loop {
+            if first {
+                first = false;
+            } else {
+                i += 1;
+            }
+            while v[i] < pivot {
+                i += 1;
+            }
+            j -= 1;
+            while v[j] > pivot {
+                j -= 1;
+            }
+            if i >= j {
+                break;
+            }
+            v.swap(i, j);
+        }
+        if k <= j {
+            hi = j;
+        } else {
+            lo = j + 1;
+        }
+    }
+    v[k]
 }
 
 /// The cell query behind a grouping: by `by` and outcome, since `since_ms`.
@@ -127,7 +178,7 @@ pub fn cells_of(rows: &[StatRow], feedback: &[Feedback], q: &CellQuery) -> Vec<S
         }
         let key: Key = (
             q.bucket_ms
-                .map(|step| (r.started_at_ms - q.since_ms) / step.max(1)),
+                .map(|step| (r.started_at_ms - bucket_origin(q.since_ms)) / step.max(1)),
             q.hour.then_some((r.started_at_ms / 3_600_000) % 24),
             q.model.then(|| r.model.clone()).flatten(),
             q.feature.then(|| r.feature.clone()).flatten(),
@@ -353,7 +404,8 @@ pub fn overview(
 
 /// The time series: one point per `step_ms` bucket of the window, empty ones included.
 fn series(cells: &[StatCell], since_ms: i64, until_ms: i64, step_ms: i64) -> Vec<SeriesPoint> {
-    let buckets = usize::try_from((until_ms - since_ms).max(0) / step_ms + 1).unwrap_or(1);
+    let origin = bucket_origin(since_ms);
+    let buckets = usize::try_from((until_ms - origin).max(0) / step_ms + 1).unwrap_or(1);
     let mut by_bucket: Vec<Totals> = std::iter::repeat_with(Totals::default)
         .take(buckets)
         .collect();
@@ -370,7 +422,7 @@ fn series(cells: &[StatCell], since_ms: i64, until_ms: i64, step_ms: i64) -> Vec
         .into_iter()
         .enumerate()
         .map(|(i, totals)| {
-            let start_ms = since_ms + i as i64 * step_ms;
+            let start_ms = origin + i as i64 * step_ms;
             SeriesPoint {
                 start_ms,
                 stats: totals.finish(start_ms.to_string()),
@@ -381,15 +433,25 @@ fn series(cells: &[StatCell], since_ms: i64, until_ms: i64, step_ms: i64) -> Vec
 
 /// The [`TOP_USERS`] users who cost most (then made most requests), most first.
 fn top_users(user_cells: &[StatCell]) -> Vec<GroupStats> {
-    let mut top = groups(user_cells, GroupBy::User);
-    top.retain(|g| g.group != "(none)");
-    top.sort_by(|a, b| {
-        b.cost_usd
-            .total_cmp(&a.cost_usd)
+    let mut users: BTreeMap<&str, Totals> = BTreeMap::new();
+    for c in user_cells {
+        if let Some(user) = &c.user {
+            users.entry(user).or_default().add(c);
+        }
+    }
+    // Ranked before finishing: only the kept users' latencies are ranked. By name,
+    // then stably by cost and requests.
+    let mut ranked: Vec<(&str, Totals)> = users.into_iter().collect();
+    ranked.sort_by(|(_, a), (_, b)| {
+        b.cost_nanos
+            .cmp(&a.cost_nanos)
             .then(b.requests.cmp(&a.requests))
     });
-    top.truncate(TOP_USERS);
-    top
+    ranked.truncate(TOP_USERS);
+    ranked
+        .into_iter()
+        .map(|(user, totals)| totals.finish(user.to_string()))
+        .collect()
 }
 
 /// Integer nano-dollars, summed exactly, in dollars.
@@ -567,6 +629,47 @@ pub fn since_ms(now_ms: i64, since: std::time::Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_finds_what_sorting_finds() {
+        // Deterministic pseudo-random inputs: wide and narrow value ranges (many
+        // duplicates), sorted, reversed and constant runs, lengths 1 to 300.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..600 {
+            let len = 1 + (next() % 300) as usize;
+            let spread = [3, 50, 1_000_000][case % 3];
+            let mut v: Vec<f64> = (0..len).map(|_| (next() % spread) as f64 / 8.0).collect();
+            match case % 5 {
+                0 => v.sort_by(f64::total_cmp),
+                1 => v.sort_by(|a, b| b.total_cmp(a)),
+                2 => v.iter_mut().for_each(|x| *x = 4.5),
+                _ => {}
+            }
+            let mut sorted = v.clone();
+            sorted.sort_by(f64::total_cmp);
+            let k = (next() % len as u64) as usize;
+            let mut w = v.clone();
+            assert_eq!(select_nth(&mut w, k), sorted[k], "case {case}: {v:?} k={k}");
+            assert!(
+                w[..k].iter().all(|x| *x <= w[k]),
+                "case {case}: smaller first"
+            );
+            assert!(
+                w[k + 1..].iter().all(|x| *x >= w[k]),
+                "case {case}: larger after"
+            );
+            let p = percentiles(v.clone()).unwrap();
+            assert_eq!(p.p50, percentile(&sorted, 50.0).unwrap(), "case {case}");
+            assert_eq!(p.p95, percentile(&sorted, 95.0).unwrap(), "case {case}");
+            assert_eq!(p.p99, percentile(&sorted, 99.0).unwrap(), "case {case}");
+        }
+    }
 
     fn row(id: &str, model: &str, outcome: &str, latency: f64, hour: i64) -> StatRow {
         StatRow {

@@ -225,6 +225,17 @@ async fn aggregates_in_sql_equal_the_row_by_row_figures_on_both_backends() {
         let rows = store.stat_rows(since).await.unwrap();
         let feedback = store.feedback_since(since).await.unwrap();
         assert_eq!(rows.len(), 670, "{name}");
+        // Durations are stored to the microsecond (what lets SQLite's 15-digit text of a
+        // double read back exactly).
+        let stored = rows.iter().find(|r| r.request_id == "req_0031").unwrap();
+        assert_eq!(
+            stored.latency_ms, 10.633,
+            "{name}: 31 % 89 / 3 + 0.3 to the µs"
+        );
+        assert_ne!(
+            batch[31].latency_ms, 10.633,
+            "{name}: the input had more digits"
+        );
         for by in [
             GroupBy::None,
             GroupBy::Model,
@@ -237,7 +248,7 @@ async fn aggregates_in_sql_equal_the_row_by_row_figures_on_both_backends() {
             assert!(!sql.is_empty(), "{name} {by:?}");
             assert_eq!(sql, reference, "{name} {by:?}");
         }
-        // The three-decimal latencies came back exactly (not rounded to 15 digits).
+        // The microsecond latencies came back exactly (SQLite writes 15 digits).
         let all = &stats::read(&store, since, GroupBy::None).await.unwrap()[0];
         let exact = |p: f64| {
             let mut v: Vec<f64> = rows.iter().map(|r| r.latency_ms).collect();

@@ -26,7 +26,7 @@ pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, k
 pub use records::{Cursor, RecordFilter};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
-pub use stats::{CellQuery, StatCell};
+pub use stats::{CellQuery, StatCell, bucket_origin};
 
 use crate::telemetry::{RecordSink, RequestRecord};
 
@@ -92,6 +92,13 @@ pub struct Feedback {
     pub score: f64,
     pub comment: Option<String>,
     pub created_at_ms: i64,
+}
+
+/// Milliseconds kept to the microsecond, as durations are stored: finer digits are
+/// noise, and a value of at most 15 significant digits reads back exactly from the text
+/// SQLite writes a double as (the stats aggregate latencies as text).
+fn to_micros(ms: f64) -> f64 {
+    (ms * 1000.0).round() / 1000.0
 }
 
 /// An optional double to bind. sqlx 0.8.6's `Any` driver sends a `None::<f64>` to
@@ -251,10 +258,10 @@ impl Store {
                 .bind(i64::from(r.completion_tokens))
                 .bind(i64::from(r.tokens_estimated))
                 .bind(r.cost_micros)
-                .bind(r.latency_ms)
-                .bind(NullableF64(r.ttft_ms))
-                .bind(NullableF64(r.upstream_ms))
-                .bind(NullableF64(r.overhead_ms))
+                .bind(to_micros(r.latency_ms))
+                .bind(NullableF64(r.ttft_ms.map(to_micros)))
+                .bind(NullableF64(r.upstream_ms.map(to_micros)))
+                .bind(NullableF64(r.overhead_ms.map(to_micros)))
                 .bind(r.input_hash.clone())
                 .bind(r.regeneration_of.clone())
                 .bind(r.request_body.clone())

@@ -3,8 +3,9 @@
 //! cells (one per combination of the asked dimensions and outcome) instead of every row:
 //! moving 100k rows out of sqlx's `Any` driver costs seconds, a GROUP BY tens of
 //! milliseconds. Sums are exact (integers); percentiles stay exact because every cell
-//! carries its latencies as text (SQLite prints them with 17 significant digits,
-//! PostgreSQL's shortest exact form), and [`crate::stats`] merges cells and ranks them.
+//! carries its latencies as text (stored to the microsecond, they read back exactly from
+//! SQLite's 15 digits and PostgreSQL's shortest exact form), and [`crate::stats`] merges
+//! cells and ranks them.
 
 use sqlx::Row;
 
@@ -14,7 +15,8 @@ use super::{Backend, Store};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CellQuery {
     pub since_ms: i64,
-    /// Time buckets this many milliseconds wide, counted from `since_ms`.
+    /// Time buckets this many milliseconds wide (whole minutes), counted from
+    /// [`bucket_origin`]`(since_ms)`.
     pub bucket_ms: Option<i64>,
     /// Hour of day, UTC.
     pub hour: bool,
@@ -55,95 +57,95 @@ pub struct StatCell {
 /// The exact cost of a row, in nano-dollars (as in `spend.rs`).
 const COST_NANOS: &str = "COALESCE(r.cost_nanos, r.cost_micros * 1000)";
 
+/// The minute a request started in: the grain the cells are first aggregated at. On
+/// SQLite an index on this expression and the dimensions after it
+/// (`migrations/sqlite/0008_stats_minute.sql`) hands rows over already in group order,
+/// so the first aggregation needs no sort: sorting every row of the window was most of
+/// the query's time.
+const MINUTE: &str = "r.started_at_ms / 60000";
+
+/// Where time buckets are counted from for a window starting at `since_ms`: its minute,
+/// so every bucket is whole minutes (bucket widths are) and minute cells fall in one.
+pub fn bucket_origin(since_ms: i64) -> i64 {
+    since_ms.div_euclid(60_000).saturating_mul(60_000)
+}
+
 impl Store {
     /// The cells of `q`, in no particular order.
     pub async fn stat_cells(&self, q: &CellQuery) -> Result<Vec<StatCell>, sqlx::Error> {
         let values = |column: &str| match self.backend {
-            // `%!.17g`: 17 significant digits read back as the same double; SQLite's
-            // plain text conversion keeps 15.
-            Backend::Sqlite => format!(
-                "group_concat(CASE WHEN {column} IS NOT NULL THEN printf('%!.17g', {column}) END, ',')"
-            ),
+            // SQLite writes a double with 15 significant digits: exact for latencies,
+            // which are stored to the microsecond (see `Store::insert`).
+            Backend::Sqlite => format!("group_concat({column}, ',')"),
             // PostgreSQL 12+ prints a double in the shortest form that reads back exactly.
             Backend::Postgres => format!("string_agg(CAST({column} AS TEXT), ',')"),
         };
-        let sum = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
-        let mut keys = Vec::new();
-        // Each key's position in the SELECT list below.
-        let mut key = |position: usize, on: bool, expr: String, null: &str| {
-            if on {
-                keys.push(position);
-                expr
-            } else {
-                format!("CAST(NULL AS {null})")
-            }
+        let joined = |column: &str| match self.backend {
+            Backend::Sqlite => format!("group_concat({column}, ',')"),
+            Backend::Postgres => format!("string_agg({column}, ',')"),
         };
-        let bucket = key(
-            1,
-            q.bucket_ms.is_some(),
-            format!(
-                "(r.started_at_ms - $1) / {}",
-                q.bucket_ms.unwrap_or(1).max(1)
-            ),
-            "BIGINT",
+        let sum = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
+        let rows = |n: &str| format!("CAST(COUNT(*) AS BIGINT) AS {n}");
+        let cells = cell_sql(
+            q,
+            "FROM requests r",
+            "",
+            &[
+                rows("requests"),
+                format!("{} AS prompt_tokens", sum("r.prompt_tokens")),
+                format!("{} AS completion_tokens", sum("r.completion_tokens")),
+                format!("{} AS cached_prompt_tokens", sum("r.cached_prompt_tokens")),
+                format!("{} AS cost_nanos", sum(COST_NANOS)),
+                format!("{} AS cost_saved_nanos", sum("r.cost_saved_nanos")),
+                format!(
+                    "{} AS cache_hits",
+                    sum("CASE WHEN r.cache_status = 'hit' THEN 1 ELSE 0 END")
+                ),
+                "CAST(COUNT(r.cache_status) AS BIGINT) AS cache_lookups".into(),
+                "CAST(COUNT(r.regeneration_of) AS BIGINT) AS regenerations".into(),
+                format!("{} AS latencies", values("r.latency_ms")),
+                format!("{} AS ttfts", values("r.ttft_ms")),
+            ],
+            &[
+                format!("{} AS requests", sum("c.requests")),
+                format!("{} AS prompt_tokens", sum("c.prompt_tokens")),
+                format!("{} AS completion_tokens", sum("c.completion_tokens")),
+                format!("{} AS cached_prompt_tokens", sum("c.cached_prompt_tokens")),
+                format!("{} AS cost_nanos", sum("c.cost_nanos")),
+                format!("{} AS cost_saved_nanos", sum("c.cost_saved_nanos")),
+                format!("{} AS cache_hits", sum("c.cache_hits")),
+                format!("{} AS cache_lookups", sum("c.cache_lookups")),
+                format!("{} AS regenerations", sum("c.regenerations")),
+                format!("{} AS latencies", joined("c.latencies")),
+                format!("{} AS ttfts", joined("c.ttfts")),
+            ],
         );
-        let hour = key(
-            2,
-            q.hour,
-            "(r.started_at_ms / 3600000) % 24".into(),
-            "BIGINT",
+        // Feedback is sparse: found from its own side (CROSS JOIN keeps SQLite's join
+        // order: each feedback row looks up its request, not each request its
+        // feedback), and added to the cells by key.
+        let feedback = cell_sql(
+            q,
+            "FROM feedback f CROSS JOIN requests r",
+            " AND r.request_id = f.request_id",
+            &[rows("n"), "SUM(f.score) AS total".into()],
+            &[
+                format!("{} AS n", sum("c.n")),
+                "CAST(COALESCE(SUM(c.total), 0) AS DOUBLE PRECISION) AS total".into(),
+            ],
         );
-        let model = key(
-            3,
-            q.model,
-            "COALESCE(r.model, r.model_requested)".into(),
-            "TEXT",
-        );
-        let feature = key(4, q.feature, "r.feature".into(), "TEXT");
-        let user = key(5, q.user, "r.user_id".into(), "TEXT");
-        keys.push(6);
-        let mut users_sql = String::new();
-        if let Some(users) = &q.users {
-            let list: Vec<String> = (0..users.len()).map(|i| format!("${}", i + 2)).collect();
-            users_sql = if list.is_empty() {
-                " AND 1 = 0".into()
-            } else {
-                format!(" AND r.user_id IN ({})", list.join(", "))
-            };
-        }
-        // Positional GROUP BY: an alias named like a column would group by the column
-        // on PostgreSQL.
-        let group_by: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
-        let sql = format!(
-            "SELECT {bucket} AS g_bucket, {hour} AS g_hour, {model} AS g_model, \
-             {feature} AS g_feature, {user} AS g_user, r.outcome AS g_outcome, \
-             COUNT(*) AS requests, {prompt} AS prompt_tokens, {completion} AS completion_tokens, \
-             {cached} AS cached_prompt_tokens, {cost} AS cost_nanos, {saved} AS cost_saved_nanos, \
-             {hits} AS cache_hits, COUNT(r.cache_status) AS cache_lookups, \
-             COUNT(r.regeneration_of) AS regenerations, {fb_count} AS feedback_count, \
-             CAST(COALESCE(SUM(f.total), 0) AS DOUBLE PRECISION) AS feedback_sum, \
-             {latencies} AS latencies, {ttfts} AS ttfts \
-             FROM requests r LEFT JOIN \
-             (SELECT request_id, COUNT(*) AS n, SUM(score) AS total FROM feedback GROUP BY request_id) f \
-             ON f.request_id = r.request_id \
-             WHERE r.started_at_ms >= $1{users_sql} GROUP BY {group_by}",
-            prompt = sum("r.prompt_tokens"),
-            completion = sum("r.completion_tokens"),
-            cached = sum("r.cached_prompt_tokens"),
-            cost = sum(COST_NANOS),
-            saved = sum("r.cost_saved_nanos"),
-            hits = sum("CASE WHEN r.cache_status = 'hit' THEN 1 ELSE 0 END"),
-            fb_count = sum("f.n"),
-            latencies = values("r.latency_ms"),
-            ttfts = values("r.ttft_ms"),
-            group_by = group_by.join(", "),
-        );
-        let mut query = sqlx::query(&sql).bind(q.since_ms);
-        for u in q.users.iter().flatten() {
-            query = query.bind(u.clone());
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter()
+        let bind = |sql| {
+            let mut query = sqlx::query(sql).bind(q.since_ms);
+            for u in q.users.iter().flatten() {
+                query = query.bind(u.clone());
+            }
+            query
+        };
+        let (cells, feedback) = tokio::try_join!(
+            bind(&cells).fetch_all(&self.pool),
+            bind(&feedback).fetch_all(&self.pool)
+        )?;
+        let mut cells = cells
+            .iter()
             .map(|r| {
                 Ok(StatCell {
                     bucket: r.try_get("g_bucket")?,
@@ -161,13 +163,62 @@ impl Store {
                     cache_hits: r.try_get("cache_hits")?,
                     cache_lookups: r.try_get("cache_lookups")?,
                     regenerations: r.try_get("regenerations")?,
-                    feedback_count: r.try_get("feedback_count")?,
-                    feedback_sum: r.try_get("feedback_sum")?,
+                    feedback_count: 0,
+                    feedback_sum: 0.0,
                     latencies_ms: floats(r.try_get("latencies")?, "latencies")?,
                     ttfts_ms: floats(r.try_get("ttfts")?, "ttfts")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        if !feedback.is_empty() {
+            type Key = (
+                Option<i64>,
+                Option<i64>,
+                Option<String>,
+                Option<String>,
+                Option<String>,
+                String,
+            );
+            let key = |c: &StatCell| -> Key {
+                (
+                    c.bucket,
+                    c.hour,
+                    c.model.clone(),
+                    c.feature.clone(),
+                    c.user.clone(),
+                    c.outcome.clone(),
+                )
+            };
+            let mut index: std::collections::HashMap<Key, usize> =
+                cells.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+            for r in &feedback {
+                let k: Key = (
+                    r.try_get("g_bucket")?,
+                    r.try_get("g_hour")?,
+                    r.try_get("g_model")?,
+                    r.try_get("g_feature")?,
+                    r.try_get("g_user")?,
+                    r.try_get("g_outcome")?,
+                );
+                // A rated request's cell exists, unless the request was written between
+                // the two queries.
+                let i = *index.entry(k).or_insert_with_key(|k| {
+                    cells.push(StatCell {
+                        bucket: k.0,
+                        hour: k.1,
+                        model: k.2.clone(),
+                        feature: k.3.clone(),
+                        user: k.4.clone(),
+                        outcome: k.5.clone(),
+                        ..StatCell::default()
+                    });
+                    cells.len() - 1
+                });
+                cells[i].feedback_count += r.try_get::<i64, _>("n")?;
+                cells[i].feedback_sum += r.try_get::<f64, _>("total")?;
+            }
+        }
+        Ok(cells)
     }
 
     /// The `limit` end users whose requests started at or after `since_ms` cost most,
@@ -175,8 +226,10 @@ impl Store {
     pub async fn top_users(&self, since_ms: i64, limit: usize) -> Result<Vec<String>, sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT r.user_id AS g_user FROM requests r \
-             WHERE r.started_at_ms >= $1 AND r.user_id IS NOT NULL GROUP BY r.user_id \
-             ORDER BY COALESCE(SUM({COST_NANOS}), 0) DESC, COUNT(*) DESC, r.user_id LIMIT $2"
+             WHERE {MINUTE} >= {since_minute} AND r.started_at_ms >= $1 AND r.user_id IS NOT NULL \
+             GROUP BY r.user_id \
+             ORDER BY COALESCE(SUM({COST_NANOS}), 0) DESC, COUNT(*) DESC, r.user_id LIMIT $2",
+            since_minute = since_ms.div_euclid(60_000),
         ))
         .bind(since_ms)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
@@ -184,6 +237,83 @@ impl Store {
         .await?;
         rows.iter().map(|r| r.try_get("g_user")).collect()
     }
+}
+
+/// The SQL of `q`'s cells over the rows of `from` (which names the requests `r`; `also`
+/// adds to the WHERE clause): `inner` aggregates them per minute and combination of
+/// dimensions, in the order of the minute index, and `outer` (over those, named `c`)
+/// into `q`'s cells. Both get their key columns added; `$1` is `q.since_ms`, then come
+/// the users of `q.users`.
+fn cell_sql(q: &CellQuery, from: &str, also: &str, inner: &[String], outer: &[String]) -> String {
+    let origin = bucket_origin(q.since_ms);
+    // The outer key columns; each position is where it stands in the SELECT list.
+    let mut keys = Vec::new();
+    let mut key = |position: usize, on: bool, expr: String, null: &str| {
+        if on {
+            keys.push(position);
+            expr
+        } else {
+            format!("CAST(NULL AS {null})")
+        }
+    };
+    let bucket = key(
+        1,
+        q.bucket_ms.is_some(),
+        format!(
+            "(c.minute * 60000 - {origin}) / {}",
+            q.bucket_ms.unwrap_or(60_000).max(1)
+        ),
+        "BIGINT",
+    );
+    let hour = key(2, q.hour, "(c.minute / 60) % 24".into(), "BIGINT");
+    let model = key(3, q.model, "c.model".into(), "TEXT");
+    let feature = key(4, q.feature, "c.feature".into(), "TEXT");
+    let user = key(5, q.user, "c.user_id".into(), "TEXT");
+    keys.push(6);
+    let mut users_sql = String::new();
+    if let Some(users) = &q.users {
+        let list: Vec<String> = (0..users.len()).map(|i| format!("${}", i + 2)).collect();
+        users_sql = if list.is_empty() {
+            " AND 1 = 0".into()
+        } else {
+            format!(" AND r.user_id IN ({})", list.join(", "))
+        };
+    }
+    // The inner grouping takes the minute index's columns, in its order, so SQLite
+    // streams it. Grouping by user needs a sort anyway: then the minute is left out
+    // unless asked for (a cell per user and minute would be nearly a cell per row).
+    let by_minute = !q.user || q.bucket_ms.is_some() || q.hour;
+    let minute = if by_minute {
+        MINUTE
+    } else {
+        "CAST(NULL AS BIGINT)"
+    };
+    let inner_user = if q.user {
+        "r.user_id"
+    } else {
+        "CAST(NULL AS TEXT)"
+    };
+    let inner_groups = match (by_minute, q.user) {
+        (true, true) => "1, 2, 3, 4, 5",
+        (true, false) => "1, 2, 3, 4",
+        (false, true) => "2, 3, 4, 5",
+        (false, false) => "2, 3, 4",
+    };
+    // Positional GROUP BY: an alias named like a column would group by the column
+    // on PostgreSQL.
+    let group_by: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    format!(
+        "SELECT {bucket} AS g_bucket, {hour} AS g_hour, {model} AS g_model, \
+         {feature} AS g_feature, {user} AS g_user, c.outcome AS g_outcome, {outer} \
+         FROM (SELECT {minute} AS minute, COALESCE(r.model, r.model_requested) AS model, \
+         r.feature AS feature, r.outcome AS outcome, {inner_user} AS user_id, {inner} \
+         {from} WHERE {MINUTE} >= {since_minute} AND r.started_at_ms >= $1{users_sql}{also} \
+         GROUP BY {inner_groups}) c GROUP BY {group_by}",
+        outer = outer.join(", "),
+        inner = inner.join(", "),
+        since_minute = q.since_ms.div_euclid(60_000),
+        group_by = group_by.join(", "),
+    )
 }
 
 /// The numbers of a comma-joined list (`None`: the cell had none).
