@@ -2,8 +2,10 @@
 //! same thing again soon, a sign the first answer was not good enough) and the input
 //! hash they are detected by. Feedback itself is stored by the `/v1/feedback` handler.
 
+use std::collections::HashMap;
 use std::hash::Hasher as _;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
@@ -16,17 +18,44 @@ use crate::store::{Feedback, redact_secrets};
 /// Recent inputs by caller, to spot regenerations. In process: with several instances
 /// behind a load balancer, a regeneration is only seen by the instance that saw the
 /// original (a shared store for this belongs with the Redis work).
+///
+/// Written by hand rather than on a general cache: an entry is a 64-bit hash of (key,
+/// user, input), the request id and a time, roughly 100 bytes with the map's share (a
+/// cache crate's per-entry bookkeeping cost several times that, and its admission
+/// policy can refuse new keys once full, which is every key here). Two generations of
+/// one window each: a lookup sees both and checks the time, so the window is exact;
+/// the older generation is dropped whole when the newer one is a window old, or holds
+/// [`Regenerations::GENERATION_CAP`] inputs (above that rate the window shortens, and
+/// memory stays bounded).
 pub struct Regenerations {
-    seen: moka::sync::Cache<(Option<String>, Option<String>, u64), String>,
+    window: Duration,
+    generations: Mutex<Generations>,
+}
+
+struct Generations {
+    /// When `current` began.
+    started: Instant,
+    current: HashMap<u64, Seen>,
+    previous: HashMap<u64, Seen>,
+}
+
+struct Seen {
+    at: Instant,
+    request_id: Box<str>,
 }
 
 impl Regenerations {
+    /// The most inputs one generation holds.
+    pub const GENERATION_CAP: usize = 100_000;
+
     pub fn new(window: Duration) -> Self {
         Self {
-            seen: moka::sync::Cache::builder()
-                .max_capacity(200_000)
-                .time_to_live(window.max(Duration::from_millis(1)))
-                .build(),
+            window,
+            generations: Mutex::new(Generations {
+                started: Instant::now(),
+                current: HashMap::new(),
+                previous: HashMap::new(),
+            }),
         }
     }
 
@@ -39,14 +68,53 @@ impl Regenerations {
         input_hash: u64,
         request_id: &str,
     ) -> Option<String> {
-        let k = (
-            key.map(str::to_string),
-            user.map(str::to_string),
-            input_hash,
-        );
-        let earlier = self.seen.get(&k);
-        self.seen.insert(k, request_id.to_string());
+        let mut h = Xxh3::new();
+        for part in [key, user] {
+            // A tag byte keeps `None` apart from `Some("")`, and the length each part
+            // from the next.
+            match part {
+                None => h.write_u8(0),
+                Some(p) => {
+                    h.write_u8(1);
+                    h.write_usize(p.len());
+                    h.write(p.as_bytes());
+                }
+            }
+        }
+        h.write_u64(input_hash);
+        let k = h.finish();
+        let now = Instant::now();
+        let seen = Seen {
+            at: now,
+            request_id: request_id.into(),
+        };
+        // A panic elsewhere while holding the lock leaves the maps whole: keep going.
+        let mut g = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if now.duration_since(g.started) >= self.window || g.current.len() >= Self::GENERATION_CAP {
+            g.previous = std::mem::take(&mut g.current);
+            g.started = now;
+        }
+        let earlier = match g.current.insert(k, seen) {
+            Some(e) => Some(e),
+            None => g.previous.remove(&k),
+        };
+        drop(g);
         earlier
+            .filter(|e| now.duration_since(e.at) <= self.window)
+            .map(|e| e.request_id.into())
+    }
+
+    /// Inputs held (both generations).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        let g = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        g.current.len() + g.previous.len()
     }
 }
 
@@ -171,6 +239,28 @@ mod tests {
         );
         assert_ne!(input_hash(&["a", "b"]), input_hash(&["ab"]));
         assert_eq!(input_hash(&["a"]), input_hash(&vec!["a".to_string()]));
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_recent_inputs_stay_seen() {
+        let r = Regenerations::new(Duration::from_secs(600));
+        let cap = Regenerations::GENERATION_CAP as u64;
+        for i in 0..cap * 3 {
+            r.observe(None, Some("u"), i, &format!("r{i}"));
+        }
+        assert!(r.len() <= 2 * Regenerations::GENERATION_CAP, "{}", r.len());
+        // The last generation's inputs are still known; the first ones were dropped.
+        let last = cap * 3 - 1;
+        assert_eq!(
+            r.observe(None, Some("u"), last, "again").as_deref(),
+            Some(format!("r{last}").as_str())
+        );
+        assert_eq!(r.observe(None, Some("u"), 0, "again"), None);
+        // Key and user are told apart from each other and from their absence.
+        assert_eq!(r.observe(Some("x"), None, 7, "a"), None);
+        assert_eq!(r.observe(None, Some("x"), 7, "b"), None);
+        assert_eq!(r.observe(Some(""), None, 7, "c"), None);
+        assert_eq!(r.observe(Some("x"), None, 7, "d").as_deref(), Some("a"));
     }
 
     #[tokio::test]

@@ -237,7 +237,8 @@ struct RecorderInner {
     /// Unix second of the last "dropped" log line.
     last_drop_log: AtomicU64,
     /// Request id -> key id of recent requests, so feedback can check ownership before
-    /// the batch reaches the store.
+    /// the batch reaches the store. Only the records not yet written need to be here
+    /// (feedback asks the store otherwise): bounded by twice the queue, for a minute.
     recent: moka::sync::Cache<String, Option<String>>,
 }
 
@@ -281,8 +282,8 @@ impl Recorder {
                 dropped: AtomicU64::new(0),
                 last_drop_log: AtomicU64::new(0),
                 recent: moka::sync::Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(Duration::from_secs(600))
+                    .max_capacity(config.queue.max(512) as u64 * 2)
+                    .time_to_live(Duration::from_secs(60))
                     .build(),
             }),
         }
