@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::store::{CellQuery, Feedback, StatCell, StatRow, Store, bucket_origin};
+use crate::store::{CellKey, CellQuery, Feedback, StatCell, StatRow, Store, bucket_origin};
 use crate::telemetry::Outcome;
 
 /// How to group requests.
@@ -161,22 +161,14 @@ pub fn cells_of(rows: &[StatRow], feedback: &[Feedback], q: &CellQuery) -> Vec<S
         s.0 += 1;
         s.1 += f.score;
     }
-    type Key = (
-        Option<i64>,
-        Option<i64>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-    );
-    let mut cells: HashMap<Key, StatCell> = HashMap::new();
+    let mut cells: HashMap<CellKey, StatCell> = HashMap::new();
     for r in rows.iter().filter(|r| r.started_at_ms >= q.since_ms) {
         if let Some(users) = &q.users
             && !r.user.as_ref().is_some_and(|u| users.contains(u))
         {
             continue;
         }
-        let key: Key = (
+        let key: CellKey = (
             q.bucket_ms
                 .map(|step| (r.started_at_ms - bucket_origin(q.since_ms)) / step.max(1)),
             q.hour.then_some((r.started_at_ms / 3_600_000) % 24),
@@ -185,15 +177,9 @@ pub fn cells_of(rows: &[StatRow], feedback: &[Feedback], q: &CellQuery) -> Vec<S
             q.user.then(|| r.user.clone()).flatten(),
             r.outcome.clone(),
         );
-        let c = cells.entry(key.clone()).or_insert_with(|| StatCell {
-            bucket: key.0,
-            hour: key.1,
-            model: key.2,
-            feature: key.3,
-            user: key.4,
-            outcome: key.5,
-            ..StatCell::default()
-        });
+        let c = cells
+            .entry(key)
+            .or_insert_with_key(|k| StatCell::empty(k.clone()));
         c.requests += 1;
         c.prompt_tokens += r.prompt_tokens;
         c.completion_tokens += r.completion_tokens;

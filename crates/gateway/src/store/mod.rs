@@ -26,7 +26,7 @@ pub use keys::{KEY_PREFIX, KeyRow, NewKey, generate_key, hash_key, key_digest, k
 pub use records::{Cursor, RecordFilter};
 pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
-pub use stats::{CellQuery, StatCell, bucket_origin};
+pub use stats::{CellKey, CellQuery, StatCell, bucket_origin};
 
 use crate::telemetry::{RecordSink, RequestRecord};
 

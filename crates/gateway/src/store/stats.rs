@@ -54,6 +54,43 @@ pub struct StatCell {
     pub ttfts_ms: Vec<f64>,
 }
 
+/// What tells cells apart: bucket, hour, model, feature, user, outcome.
+pub type CellKey = (
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+);
+
+impl StatCell {
+    pub fn key(&self) -> CellKey {
+        (
+            self.bucket,
+            self.hour,
+            self.model.clone(),
+            self.feature.clone(),
+            self.user.clone(),
+            self.outcome.clone(),
+        )
+    }
+
+    /// A cell with this key and nothing in it yet.
+    pub fn empty(key: CellKey) -> StatCell {
+        let (bucket, hour, model, feature, user, outcome) = key;
+        StatCell {
+            bucket,
+            hour,
+            model,
+            feature,
+            user,
+            outcome,
+            ..StatCell::default()
+        }
+    }
+}
+
 /// The exact cost of a row, in nano-dollars (as in `spend.rs`).
 const COST_NANOS: &str = "COALESCE(r.cost_nanos, r.cost_micros * 1000)";
 
@@ -73,16 +110,17 @@ pub fn bucket_origin(since_ms: i64) -> i64 {
 impl Store {
     /// The cells of `q`, in no particular order.
     pub async fn stat_cells(&self, q: &CellQuery) -> Result<Vec<StatCell>, sqlx::Error> {
+        // Texts comma-joined (nulls left out).
+        let joined = |text: &str| match self.backend {
+            Backend::Sqlite => format!("group_concat({text}, ',')"),
+            Backend::Postgres => format!("string_agg({text}, ',')"),
+        };
         let values = |column: &str| match self.backend {
             // SQLite writes a double with 15 significant digits: exact for latencies,
             // which are stored to the microsecond (see `Store::insert`).
-            Backend::Sqlite => format!("group_concat({column}, ',')"),
+            Backend::Sqlite => joined(column),
             // PostgreSQL 12+ prints a double in the shortest form that reads back exactly.
-            Backend::Postgres => format!("string_agg(CAST({column} AS TEXT), ',')"),
-        };
-        let joined = |column: &str| match self.backend {
-            Backend::Sqlite => format!("group_concat({column}, ',')"),
-            Backend::Postgres => format!("string_agg({column}, ',')"),
+            Backend::Postgres => joined(&format!("CAST({column} AS TEXT)")),
         };
         let sum = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
         let rows = |n: &str| format!("CAST(COUNT(*) AS BIGINT) AS {n}");
@@ -107,18 +145,20 @@ impl Store {
                 format!("{} AS ttfts", values("r.ttft_ms")),
             ],
             &[
-                format!("{} AS requests", sum("c.requests")),
-                format!("{} AS prompt_tokens", sum("c.prompt_tokens")),
-                format!("{} AS completion_tokens", sum("c.completion_tokens")),
-                format!("{} AS cached_prompt_tokens", sum("c.cached_prompt_tokens")),
-                format!("{} AS cost_nanos", sum("c.cost_nanos")),
-                format!("{} AS cost_saved_nanos", sum("c.cost_saved_nanos")),
-                format!("{} AS cache_hits", sum("c.cache_hits")),
-                format!("{} AS cache_lookups", sum("c.cache_lookups")),
-                format!("{} AS regenerations", sum("c.regenerations")),
-                format!("{} AS latencies", joined("c.latencies")),
-                format!("{} AS ttfts", joined("c.ttfts")),
-            ],
+                "requests",
+                "prompt_tokens",
+                "completion_tokens",
+                "cached_prompt_tokens",
+                "cost_nanos",
+                "cost_saved_nanos",
+                "cache_hits",
+                "cache_lookups",
+                "regenerations",
+            ]
+            .map(|n| format!("{} AS {n}", sum(&format!("c.{n}"))))
+            .into_iter()
+            .chain(["latencies", "ttfts"].map(|n| format!("{} AS {n}", joined(&format!("c.{n}")))))
+            .collect::<Vec<_>>(),
         );
         // Feedback is sparse: found from its own side (CROSS JOIN keeps SQLite's join
         // order: each feedback row looks up its request, not each request its
@@ -171,28 +211,13 @@ impl Store {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
         if !feedback.is_empty() {
-            type Key = (
-                Option<i64>,
-                Option<i64>,
-                Option<String>,
-                Option<String>,
-                Option<String>,
-                String,
-            );
-            let key = |c: &StatCell| -> Key {
-                (
-                    c.bucket,
-                    c.hour,
-                    c.model.clone(),
-                    c.feature.clone(),
-                    c.user.clone(),
-                    c.outcome.clone(),
-                )
-            };
-            let mut index: std::collections::HashMap<Key, usize> =
-                cells.iter().enumerate().map(|(i, c)| (key(c), i)).collect();
+            let mut index: std::collections::HashMap<CellKey, usize> = cells
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.key(), i))
+                .collect();
             for r in &feedback {
-                let k: Key = (
+                let k: CellKey = (
                     r.try_get("g_bucket")?,
                     r.try_get("g_hour")?,
                     r.try_get("g_model")?,
@@ -203,15 +228,7 @@ impl Store {
                 // A rated request's cell exists, unless the request was written between
                 // the two queries.
                 let i = *index.entry(k).or_insert_with_key(|k| {
-                    cells.push(StatCell {
-                        bucket: k.0,
-                        hour: k.1,
-                        model: k.2.clone(),
-                        feature: k.3.clone(),
-                        user: k.4.clone(),
-                        outcome: k.5.clone(),
-                        ..StatCell::default()
-                    });
+                    cells.push(StatCell::empty(k.clone()));
                     cells.len() - 1
                 });
                 cells[i].feedback_count += r.try_get::<i64, _>("n")?;
