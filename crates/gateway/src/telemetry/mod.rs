@@ -5,8 +5,9 @@
 mod logging;
 mod metrics;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -236,10 +237,19 @@ struct RecorderInner {
     dropped: AtomicU64,
     /// Unix second of the last "dropped" log line.
     last_drop_log: AtomicU64,
-    /// Request id -> key id of recent requests, so feedback can check ownership before
-    /// the batch reaches the store. Only the records not yet written need to be here
-    /// (feedback asks the store otherwise): bounded by twice the queue, for a minute.
-    recent: moka::sync::Cache<String, Option<String>>,
+    /// Request id -> key id of the records queued and not yet written, so feedback can
+    /// check ownership before the batch reaches the store (it asks the store after).
+    /// Removed once written (or dropped), so it holds at most the queue and a batch.
+    unwritten: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl RecorderInner {
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        // A panic elsewhere while holding the lock leaves the map whole: keep going.
+        self.unwritten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Recorder {
@@ -257,6 +267,12 @@ impl Recorder {
         let (tx, mut rx) = mpsc::channel::<RequestRecord>(config.queue.max(1));
         let max_batch = config.batch.max(1);
         let interval = config.flush_interval;
+        let inner = Arc::new(RecorderInner {
+            dropped: AtomicU64::new(0),
+            last_drop_log: AtomicU64::new(0),
+            unwritten: Mutex::new(HashMap::new()),
+        });
+        let writer = inner.clone();
         tasks.spawn(async move {
             let mut batch = Vec::with_capacity(max_batch);
             while rx.recv_many(&mut batch, max_batch).await > 0 {
@@ -273,27 +289,27 @@ impl Recorder {
                 for sink in sinks.iter_mut() {
                     sink.write(&batch).await;
                 }
+                let mut unwritten = writer.unwritten();
+                for r in &batch {
+                    unwritten.remove(&r.request_id);
+                }
+                drop(unwritten);
                 batch.clear();
             }
         });
-        Recorder {
-            tx,
-            inner: Arc::new(RecorderInner {
-                dropped: AtomicU64::new(0),
-                last_drop_log: AtomicU64::new(0),
-                recent: moka::sync::Cache::builder()
-                    .max_capacity(config.queue.max(512) as u64 * 2)
-                    .time_to_live(Duration::from_secs(60))
-                    .build(),
-            }),
-        }
+        Recorder { tx, inner }
     }
 
     pub fn emit(&self, record: RequestRecord) {
+        // In the map before the queue: the writer removes it after writing.
         self.inner
-            .recent
+            .unwritten()
             .insert(record.request_id.clone(), record.key_id.clone());
         if let Err(e) = self.tx.try_send(record) {
+            let r = match &e {
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+            };
+            self.inner.unwritten().remove(&r.request_id);
             let n = self.inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             // Logged at most once a second: under overload a line per drop would add to
             // the load that caused it. The metric counts every one.
@@ -318,9 +334,10 @@ impl Recorder {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// The key that made a recent request: `None` if unknown here, `Some(None)` keyless.
+    /// The key that made a request whose record is not written yet: `None` if there is
+    /// none such, `Some(None)` keyless.
     pub fn recent_owner(&self, request_id: &str) -> Option<Option<String>> {
-        self.inner.recent.get(request_id)
+        self.inner.unwritten().get(request_id).cloned()
     }
 }
 
@@ -473,8 +490,8 @@ mod tests {
             Instant::now(),
         );
         finished.finish(Outcome::Ok, 200, None);
-        assert_eq!(recorder.recent_owner("r2"), Some(None));
         assert_eq!(recorder.recent_owner("r3"), None);
+        let inner = recorder.inner.clone();
         drop(recorder);
         let a = rx.recv().await.unwrap();
         assert_eq!(
@@ -489,6 +506,10 @@ mod tests {
         tasks.close();
         tasks.wait().await;
         assert!(rx.recv().await.is_none(), "exactly one record per guard");
+        assert!(
+            inner.unwritten().is_empty(),
+            "written records are forgotten"
+        );
     }
 
     /// A sink that never finishes, so the queue fills.
@@ -529,5 +550,12 @@ mod tests {
         // One record is held by the stuck sink, four wait in the queue; the rest dropped.
         assert_eq!(recorder.depth(), 4);
         assert_eq!(recorder.dropped(), 15);
+        // Feedback can find the owner of every record not yet written, and of no
+        // dropped one.
+        for i in 0..5 {
+            assert_eq!(recorder.recent_owner(&format!("r{i}")), Some(None), "r{i}");
+        }
+        assert_eq!(recorder.recent_owner("r5"), None, "dropped");
+        assert_eq!(recorder.inner.unwritten().len(), 5);
     }
 }
