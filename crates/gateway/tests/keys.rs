@@ -296,14 +296,7 @@ async fn dump_keys_table(url: &str) -> Vec<Vec<String>> {
 
 #[tokio::test]
 async fn only_hashes_are_stored_on_both_backends() {
-    let sqlite = std::env::temp_dir().join(format!(
-        "sluice-keys-{}-{}.db",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
+    let sqlite = std::env::temp_dir().join(format!("sluice-keys-{}.db", support::uuid_like()));
     let pg = support::postgres_target();
     let StorageTarget::Postgres {
         schema: Some(schema),

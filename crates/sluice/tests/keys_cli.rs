@@ -23,21 +23,10 @@ fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-fn unique() -> String {
-    format!(
-        "{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
-}
-
 /// A config on `storage`, with two tiers and the simulated provider.
 fn config(name: &str, storage: &str) -> PathBuf {
     common::write_temp(
-        &format!("keys-{name}-{}.toml", unique()),
+        &format!("keys-{name}-{}.toml", common::unique()),
         &format!(
             r#"
 {storage}
@@ -324,7 +313,7 @@ fn a_revoked_key_is_refused_by_two_gateways_within_5s() {
     let storage = format!(
         "[storage]\nurl = \"{}\"\nschema = \"sluice_keys_{}\"\n",
         database_url(),
-        unique()
+        common::unique()
     );
     // The default key_refresh (2 s): what a user gets.
     let config = config("postgres", &storage);

@@ -44,14 +44,7 @@ fn redis_addr() -> SocketAddr {
 }
 
 fn unique_prefix() -> String {
-    format!(
-        "sluice_test_{}_{}:",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    )
+    format!("sluice_test_{}:", common::unique())
 }
 
 const SIM: &str = r#"
@@ -226,15 +219,25 @@ async fn redis_outage_fails_open_and_recovers_exact_limits() {
             ask(user),
         );
         async move {
-            client
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            let r = client.post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
         }
+    };
+    // Only 200 and 429 are expected here; anything else fails with the answer and the
+    // gateway's log, which say why.
+    let st = |(status, body): (u16, String)| {
+        if status != 200 && status != 429 {
+            let log: Vec<String> = procs[0].log.try_iter().collect();
+            panic!(
+                "unexpected {status}: {body}\ngateway log:\n{}",
+                log.join("\n")
+            );
+        }
+        status
+    };
+    let send = |user: &'static str| {
+        let send = send(user);
+        async move { st(send.await) }
     };
     // Use up carol's five on Redis.
     for _ in 0..5 {

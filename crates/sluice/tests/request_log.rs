@@ -26,14 +26,7 @@ fn database_url() -> String {
 
 /// `[storage]` for a fresh SQLite file or a fresh PostgreSQL schema, and a URL to read it.
 fn storage(backend: &str) -> (String, String) {
-    let unique = format!(
-        "{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let unique = common::unique();
     match backend {
         "sqlite" => {
             let path = common::fresh_dir().join("log.db");

@@ -20,7 +20,8 @@ pub fn postgres_target() -> StorageTarget {
     }
 }
 
-fn uuid_like() -> String {
+/// A name unique across tests and processes: time, process id and a counter.
+pub fn uuid_like() -> String {
     use std::time::{SystemTime, UNIX_EPOCH};
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let t = SystemTime::now()

@@ -95,6 +95,17 @@ pub fn temp_dir() -> std::path::PathBuf {
     dir
 }
 
+/// A name no other test in any process shares: the process id, the time, and a
+/// counter (two tests starting in the same nanosecond once shared a config file).
+pub fn unique() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}_{nanos}_{n}", std::process::id())
+}
+
 /// A new empty directory for one child process.
 pub fn fresh_dir() -> std::path::PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
