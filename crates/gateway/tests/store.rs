@@ -101,6 +101,35 @@ async fn records_round_trip_on_both_backends() {
 
         let rows = store.stat_rows(0).await.unwrap();
         assert_eq!(rows.len(), 300);
+        // Batches go in as multi-row statements (64, 16, 4, 1 rows): every row, whichever
+        // statement and position wrote it, holds its own values.
+        for r in &rows {
+            let want = record(r.request_id[4..].parse().unwrap());
+            assert_eq!(
+                (
+                    r.started_at_ms,
+                    r.user.as_deref(),
+                    r.key_id.as_deref(),
+                    r.latency_ms,
+                    r.ttft_ms,
+                    r.prompt_tokens,
+                    r.cache_status.as_deref(),
+                    r.regeneration_of.as_deref(),
+                ),
+                (
+                    want.started_at_ms as i64,
+                    want.user.as_deref(),
+                    want.key_id.as_deref(),
+                    want.latency_ms,
+                    want.ttft_ms,
+                    i64::from(want.prompt_tokens),
+                    want.cache_status.as_deref(),
+                    want.regeneration_of.as_deref(),
+                ),
+                "{name}: {}",
+                r.request_id
+            );
+        }
         let r = rows.iter().find(|r| r.request_id == "req_0012").unwrap();
         assert_eq!(r.regeneration_of.as_deref(), Some("req_0011"), "{name}");
         assert_eq!(r.ttft_ms, Some(12.5), "{name}");

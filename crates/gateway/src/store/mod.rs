@@ -1,7 +1,7 @@
 //! Storage: the request log, feedback and virtual keys, in SQLite (default, one file,
 //! WAL) or PostgreSQL. One set of queries serves both through sqlx's `Any` driver;
-//! placeholders are written `$N`, which both backends read. Migrations are versioned per
-//! backend.
+//! placeholders are written `$N`, which both backends read (the hot insert alone is
+//! written per backend, see [`insert_sql`]). Migrations are versioned per backend.
 
 mod experiments;
 mod keys;
@@ -227,57 +227,20 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let sql = insert_sql();
+        // A few multi-row statements instead of one per row: each statement is a round
+        // trip to SQLite's worker thread (a thread wake-up each way), which cost more
+        // than the rows themselves.
         let mut tx = self.pool.begin().await?;
-        for r in batch {
-            sqlx::query(sql)
-                .bind(r.request_id.clone())
-                .bind(to_i64(r.started_at_ms))
-                .bind(r.endpoint.as_str().to_string())
-                .bind(i64::from(r.stream))
-                .bind(r.key_id.clone())
-                .bind(r.user.clone())
-                .bind(r.tier.clone())
-                .bind(r.feature.clone())
-                .bind(r.model_requested.clone())
-                .bind(r.model.clone())
-                .bind(r.provider.clone())
-                .bind(r.prompt_id.clone())
-                .bind(r.prompt_version.clone())
-                .bind(r.prompt_hash.clone())
-                .bind(r.experiment.clone())
-                .bind(r.variant.clone())
-                .bind(r.outcome().as_str().to_string())
-                .bind(i64::from(r.status))
-                .bind(r.error_code.clone())
-                .bind(i64::from(r.retries))
-                .bind(i64::from(r.upstream_calls))
-                .bind(r.fallback.map(|f| f.as_str().to_string()))
-                .bind(r.cache_status.clone())
-                .bind(i64::from(r.prompt_tokens))
-                .bind(i64::from(r.completion_tokens))
-                .bind(i64::from(r.tokens_estimated))
-                .bind(r.cost_micros)
-                .bind(to_micros(r.latency_ms))
-                .bind(NullableF64(r.ttft_ms.map(to_micros)))
-                .bind(NullableF64(r.upstream_ms.map(to_micros)))
-                .bind(NullableF64(r.overhead_ms.map(to_micros)))
-                .bind(r.input_hash.clone())
-                .bind(r.regeneration_of.clone())
-                .bind(r.request_body.clone())
-                .bind(r.response_body.clone())
-                .bind(r.guard_changes.clone())
-                .bind(r.guard_flags.clone())
-                .bind(r.output_check.clone())
-                .bind(r.owner.clone())
-                .bind(r.limited_by.clone())
-                .bind(r.cost_nanos)
-                .bind(r.cost_saved_nanos)
-                .bind(i64::from(r.cached_prompt_tokens))
-                .bind(r.output_checks.clone())
-                .bind(r.routed_by.clone())
-                .execute(&mut *tx)
-                .await?;
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let (sql, rows) = insert_sql(self.backend, rest.len());
+            let (chunk, tail) = rest.split_at(rows);
+            let mut query = sqlx::query(sql);
+            for r in chunk {
+                query = bind_record(query, r);
+            }
+            query.execute(&mut *tx).await?;
+            rest = tail;
         }
         tx.commit().await
     }
@@ -379,17 +342,100 @@ impl Store {
     }
 }
 
-/// `INSERT INTO requests (...) VALUES ($1, ..., $N) ON CONFLICT DO NOTHING`, built once.
-fn insert_sql() -> &'static str {
-    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-        let params: Vec<String> = (1..=COLUMNS.len()).map(|i| format!("${i}")).collect();
-        format!(
-            "INSERT INTO requests ({}) VALUES ({}) ON CONFLICT (request_id) DO NOTHING",
-            COLUMNS.join(", "),
-            params.join(", ")
-        )
+/// Rows per INSERT statement, largest first. A batch is written as statements of these
+/// sizes (at most 9 for any batch below 64 rows), so only these few are ever prepared.
+const INSERT_ROWS: [usize; 4] = [64, 16, 4, 1];
+
+/// The largest `INSERT INTO requests (...) VALUES (...), ... ON CONFLICT DO NOTHING`
+/// that fits in `rows` remaining rows, and how many rows it takes. Built once per
+/// backend and size. SQLite gets anonymous `?` placeholders: for `$N` ones sqlx asks
+/// SQLite each parameter's name, a linear search per parameter.
+fn insert_sql(backend: Backend, rows: usize) -> (&'static str, usize) {
+    static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let mut all = Vec::new();
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            for rows in INSERT_ROWS {
+                let tuples: Vec<String> = (0..rows)
+                    .map(|row| {
+                        let params: Vec<String> = (1..=COLUMNS.len())
+                            .map(|i| match backend {
+                                Backend::Sqlite => "?".to_string(),
+                                Backend::Postgres => format!("${}", row * COLUMNS.len() + i),
+                            })
+                            .collect();
+                        format!("({})", params.join(", "))
+                    })
+                    .collect();
+                all.push(format!(
+                    "INSERT INTO requests ({}) VALUES {} ON CONFLICT (request_id) DO NOTHING",
+                    COLUMNS.join(", "),
+                    tuples.join(", ")
+                ));
+            }
+        }
+        all
     });
-    &SQL
+    let i = INSERT_ROWS
+        .iter()
+        .position(|&n| n <= rows)
+        .unwrap_or(INSERT_ROWS.len() - 1);
+    let offset = match backend {
+        Backend::Sqlite => 0,
+        Backend::Postgres => INSERT_ROWS.len(),
+    };
+    (&SQL[offset + i], INSERT_ROWS[i])
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Bind one record's values, in `COLUMNS` order.
+fn bind_record<'q>(query: AnyQuery<'q>, r: &RequestRecord) -> AnyQuery<'q> {
+    query
+        .bind(r.request_id.clone())
+        .bind(to_i64(r.started_at_ms))
+        .bind(r.endpoint.as_str().to_string())
+        .bind(i64::from(r.stream))
+        .bind(r.key_id.clone())
+        .bind(r.user.clone())
+        .bind(r.tier.clone())
+        .bind(r.feature.clone())
+        .bind(r.model_requested.clone())
+        .bind(r.model.clone())
+        .bind(r.provider.clone())
+        .bind(r.prompt_id.clone())
+        .bind(r.prompt_version.clone())
+        .bind(r.prompt_hash.clone())
+        .bind(r.experiment.clone())
+        .bind(r.variant.clone())
+        .bind(r.outcome().as_str().to_string())
+        .bind(i64::from(r.status))
+        .bind(r.error_code.clone())
+        .bind(i64::from(r.retries))
+        .bind(i64::from(r.upstream_calls))
+        .bind(r.fallback.map(|f| f.as_str().to_string()))
+        .bind(r.cache_status.clone())
+        .bind(i64::from(r.prompt_tokens))
+        .bind(i64::from(r.completion_tokens))
+        .bind(i64::from(r.tokens_estimated))
+        .bind(r.cost_micros)
+        .bind(to_micros(r.latency_ms))
+        .bind(NullableF64(r.ttft_ms.map(to_micros)))
+        .bind(NullableF64(r.upstream_ms.map(to_micros)))
+        .bind(NullableF64(r.overhead_ms.map(to_micros)))
+        .bind(r.input_hash.clone())
+        .bind(r.regeneration_of.clone())
+        .bind(r.request_body.clone())
+        .bind(r.response_body.clone())
+        .bind(r.guard_changes.clone())
+        .bind(r.guard_flags.clone())
+        .bind(r.output_check.clone())
+        .bind(r.owner.clone())
+        .bind(r.limited_by.clone())
+        .bind(r.cost_nanos)
+        .bind(r.cost_saved_nanos)
+        .bind(i64::from(r.cached_prompt_tokens))
+        .bind(r.output_checks.clone())
+        .bind(r.routed_by.clone())
 }
 
 fn to_i64(v: u64) -> i64 {
