@@ -20,15 +20,18 @@ use crate::store::{Feedback, redact_secrets};
 /// original (a shared store for this belongs with the Redis work).
 ///
 /// Written by hand rather than on a general cache: an entry is a 64-bit hash of (key,
-/// user, input), the request id and a time, roughly 100 bytes with the map's share (a
-/// cache crate's per-entry bookkeeping cost several times that, and its admission
-/// policy can refuse new keys once full, which is every key here). Two generations of
+/// user, input), the request id as its 16 bytes and a time, 32 bytes in the table and
+/// none beside it, about 45 with the table's spare room (a cache crate's per-entry
+/// bookkeeping cost several times that, and its admission policy can refuse new keys
+/// once full, which is every key here). Two generations of
 /// one window each: a lookup sees both and checks the time, so the window is exact;
 /// the older generation is dropped whole when the newer one is a window old, or holds
 /// [`Regenerations::GENERATION_CAP`] inputs (above that rate the window shortens, and
 /// memory stays bounded).
 pub struct Regenerations {
     window: Duration,
+    /// What `Seen::at_ms` counts from.
+    origin: Instant,
     generations: Mutex<Generations>,
 }
 
@@ -39,9 +42,27 @@ struct Generations {
     previous: HashMap<u64, Seen>,
 }
 
+/// One input's last sighting: the request (its UUID's two halves, not one `u128`,
+/// whose 16-byte alignment would pad every entry) and when, in milliseconds since
+/// the tracker started.
+#[derive(Clone, Copy)]
 struct Seen {
-    at: Instant,
-    request_id: Box<str>,
+    id: [u64; 2],
+    at_ms: u64,
+}
+
+/// Request ids are `req_` and 32 hex digits (see `pipeline::new_request_id`).
+fn pack_id(request_id: &str) -> Option<[u64; 2]> {
+    let hex = request_id.strip_prefix("req_")?;
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let n = u128::from_str_radix(hex, 16).ok()?;
+    Some([(n >> 64) as u64, n as u64])
+}
+
+fn unpack_id([hi, lo]: [u64; 2]) -> String {
+    format!("req_{hi:016x}{lo:016x}")
 }
 
 impl Regenerations {
@@ -51,6 +72,7 @@ impl Regenerations {
     pub fn new(window: Duration) -> Self {
         Self {
             window,
+            origin: Instant::now(),
             generations: Mutex::new(Generations {
                 started: Instant::now(),
                 current: HashMap::new(),
@@ -61,6 +83,7 @@ impl Regenerations {
 
     /// Note this request; returns the earlier request it regenerates, if any. Each
     /// regeneration points at the one before it, so a chain of retries reads in order.
+    /// An id not of the gateway's own form is neither noted nor found.
     pub fn observe(
         &self,
         key: Option<&str>,
@@ -68,6 +91,7 @@ impl Regenerations {
         input_hash: u64,
         request_id: &str,
     ) -> Option<String> {
+        let id = pack_id(request_id)?;
         let mut h = Xxh3::new();
         for part in [key, user] {
             // A tag byte keeps `None` apart from `Some("")`, and the length each part
@@ -84,10 +108,9 @@ impl Regenerations {
         h.write_u64(input_hash);
         let k = h.finish();
         let now = Instant::now();
-        let seen = Seen {
-            at: now,
-            request_id: request_id.into(),
-        };
+        let at_ms = u64::try_from(now.duration_since(self.origin).as_millis()).unwrap_or(u64::MAX);
+        let seen = Seen { id, at_ms };
+        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         // A panic elsewhere while holding the lock leaves the maps whole: keep going.
         let mut g = self
             .generations
@@ -103,8 +126,8 @@ impl Regenerations {
         };
         drop(g);
         earlier
-            .filter(|e| now.duration_since(e.at) <= self.window)
-            .map(|e| e.request_id.into())
+            .filter(|e| at_ms.saturating_sub(e.at_ms) <= window_ms)
+            .map(|e| unpack_id(e.id))
     }
 
     /// Inputs held (both generations).
@@ -214,26 +237,31 @@ pub async fn submit_feedback(
 mod tests {
     use super::*;
 
+    /// A request id of the gateway's form, numbered.
+    fn id(n: u64) -> String {
+        format!("req_{:032x}", u128::from(n) << 64 | 0xabc)
+    }
+
     #[test]
     fn same_caller_same_input_within_the_window_is_a_regeneration() {
         let r = Regenerations::new(Duration::from_secs(60));
         let h = input_hash(&["hello"]);
-        assert_eq!(r.observe(Some("k"), Some("u"), h, "r1"), None);
+        assert_eq!(r.observe(Some("k"), Some("u"), h, &id(1)), None);
         assert_eq!(
-            r.observe(Some("k"), Some("u"), h, "r2").as_deref(),
-            Some("r1")
+            r.observe(Some("k"), Some("u"), h, &id(2)).as_deref(),
+            Some(id(1).as_str())
         );
         assert_eq!(
-            r.observe(Some("k"), Some("u"), h, "r3").as_deref(),
-            Some("r2")
+            r.observe(Some("k"), Some("u"), h, &id(3)).as_deref(),
+            Some(id(2).as_str())
         );
         assert_eq!(
-            r.observe(Some("k"), Some("other"), h, "r4"),
+            r.observe(Some("k"), Some("other"), h, &id(4)),
             None,
             "another user"
         );
         assert_eq!(
-            r.observe(Some("k"), Some("u"), input_hash(&["bye"]), "r5"),
+            r.observe(Some("k"), Some("u"), input_hash(&["bye"]), &id(5)),
             None,
             "another input"
         );
@@ -246,28 +274,54 @@ mod tests {
         let r = Regenerations::new(Duration::from_secs(600));
         let cap = Regenerations::GENERATION_CAP as u64;
         for i in 0..cap * 3 {
-            r.observe(None, Some("u"), i, &format!("r{i}"));
+            r.observe(None, Some("u"), i, &id(i));
         }
         assert!(r.len() <= 2 * Regenerations::GENERATION_CAP, "{}", r.len());
         // The last generation's inputs are still known; the first ones were dropped.
         let last = cap * 3 - 1;
         assert_eq!(
-            r.observe(None, Some("u"), last, "again").as_deref(),
-            Some(format!("r{last}").as_str())
+            r.observe(None, Some("u"), last, &id(1_000_000_000)).as_deref(),
+            Some(id(last).as_str())
         );
-        assert_eq!(r.observe(None, Some("u"), 0, "again"), None);
+        assert_eq!(r.observe(None, Some("u"), 0, &id(1_000_000_000)), None);
         // Key and user are told apart from each other and from their absence.
-        assert_eq!(r.observe(Some("x"), None, 7, "a"), None);
-        assert_eq!(r.observe(None, Some("x"), 7, "b"), None);
-        assert_eq!(r.observe(Some(""), None, 7, "c"), None);
-        assert_eq!(r.observe(Some("x"), None, 7, "d").as_deref(), Some("a"));
+        assert_eq!(r.observe(Some("x"), None, 7, &id(11)), None);
+        assert_eq!(r.observe(None, Some("x"), 7, &id(12)), None);
+        assert_eq!(r.observe(Some(""), None, 7, &id(13)), None);
+        assert_eq!(
+            r.observe(Some("x"), None, 7, &id(14)).as_deref(),
+            Some(id(11).as_str())
+        );
+    }
+
+    #[test]
+    fn ids_pack_into_16_bytes_and_back() {
+        let real = "req_019a2b3c4d5e7f60a1b2c3d4e5f60718";
+        assert_eq!(pack_id(real).map(unpack_id).as_deref(), Some(real));
+        for bad in [
+            "r1",
+            "req_",
+            "req_019a2b3c4d5e7f60a1b2c3d4e5f6071",
+            "req_019a2b3c4d5e7f60a1b2c3d4e5f6071g",
+            "req_+19a2b3c4d5e7f60a1b2c3d4e5f6071",
+        ] {
+            assert_eq!(pack_id(bad), None, "{bad}");
+        }
+        // Such an id is not tracked, and does not disturb the ones that are.
+        let r = Regenerations::new(Duration::from_secs(60));
+        assert_eq!(r.observe(None, Some("u"), 5, &id(1)), None);
+        assert_eq!(r.observe(None, Some("u"), 5, "r2"), None);
+        assert_eq!(
+            r.observe(None, Some("u"), 5, &id(3)).as_deref(),
+            Some(id(1).as_str())
+        );
     }
 
     #[tokio::test]
     async fn outside_the_window_is_not() {
         let r = Regenerations::new(Duration::from_millis(20));
-        r.observe(None, None, 1, "r1");
+        r.observe(None, None, 1, &id(1));
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(r.observe(None, None, 1, "r2"), None);
+        assert_eq!(r.observe(None, None, 1, &id(2)), None);
     }
 }
