@@ -143,12 +143,18 @@ if ((STREAMS > 0)); then
 fi
 CLK_TCK=$(getconf CLK_TCK)
 
+# Listening ports come from below the kernel's ephemeral range: a port there may be the
+# local end of an open or TIME_WAIT connection (1000 held streams leave many), and a
+# listener cannot bind it.
 USED_PORTS=" "
+read -r EPHEMERAL_LOW _ </proc/sys/net/ipv4/ip_local_port_range
+PORT_LOW=10000
+PORT_SPAN=$((EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - PORT_LOW : 20000))
 free_port() {
   local port
   for _ in $(seq 50); do
-    port=$((20000 + RANDOM % 40000))
-    if [[ $USED_PORTS != *" $port "* ]] && ! ss -Htln "sport = :$port" | grep -q .; then
+    port=$((PORT_LOW + RANDOM % PORT_SPAN))
+    if [[ $USED_PORTS != *" $port "* ]] && ! ss -Htan "sport = :$port" | grep -q .; then
       USED_PORTS+="$port "
       echo "$port"
       return
