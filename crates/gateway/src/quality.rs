@@ -280,7 +280,8 @@ mod tests {
         // The last generation's inputs are still known; the first ones were dropped.
         let last = cap * 3 - 1;
         assert_eq!(
-            r.observe(None, Some("u"), last, &id(1_000_000_000)).as_deref(),
+            r.observe(None, Some("u"), last, &id(1_000_000_000))
+                .as_deref(),
             Some(id(last).as_str())
         );
         assert_eq!(r.observe(None, Some("u"), 0, &id(1_000_000_000)), None);

@@ -328,13 +328,15 @@ impl ResponseCache {
         }
     }
 
-    /// The unexpired in-process entry for `key`; an expired one is removed.
+    /// The unexpired in-process entry for `key`; an expired one is removed (unless a
+    /// fresh one took its place meanwhile).
     fn memory_get(&self, key: &CacheKey) -> Option<Payload> {
         let entry = self.memory.get(&key.0)?;
-        if entry.expires > Instant::now() {
+        let now = Instant::now();
+        if entry.expires > now {
             return Some(entry.payload);
         }
-        self.memory.remove(&key.0);
+        self.memory.remove_if(&key.0, |e| e.expires <= now);
         None
     }
 
