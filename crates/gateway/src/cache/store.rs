@@ -36,10 +36,12 @@ const WARN_EVERY_MS: i64 = 60_000;
 /// What an entry costs beyond its payload (key, bookkeeping), for the byte bound.
 const ENTRY_OVERHEAD: usize = 96;
 /// Memory a payload takes per byte of its JSON: entries are kept parsed (strings,
-/// vectors, maps, each allocation with its own header), and the benchmark measured
-/// about four times the JSON size (a 16 MiB bound held ~62 MiB; bench/RESULTS.md,
-/// Run 7). Weighing by this keeps `memory_bytes` a bound on real memory.
-const PARSED_PER_JSON_BYTE: usize = 4;
+/// vectors, maps, each allocation with its own header). Run 7 measured about four times
+/// the JSON size; with quick_cache, the full config at 500 req/s for 60 s measured
+/// 1.28 bytes of RSS per unit of weight at four (1, 16 and 32 MiB bounds: 29.1, 48.0
+/// and 68.6 MiB; bench/RESULTS.md, Run 11), so five. Weighing by this keeps
+/// `memory_bytes` a bound on real memory.
+const PARSED_PER_JSON_BYTE: usize = 5;
 
 /// A whole chat answer as cached: a streamed answer is stored reassembled (text, finish
 /// reason, usage) and replayed as SSE frames.
