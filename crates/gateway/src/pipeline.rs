@@ -153,7 +153,7 @@ impl Gateway {
         // Extra sinks first: they are cheap, and a slow store must not delay them.
         let mut sinks = extra_sinks;
         sinks.push(Box::new(LogSink));
-        sinks.push(Box::new(MetricsSink(metrics.clone())));
+        sinks.push(Box::new(MetricsSink::new(metrics.clone())));
         sinks.push(Box::new(StoreSink(store.clone())));
         let shutdown = CancellationToken::new();
         let limiter = Limiter::new(

@@ -4,6 +4,8 @@
 //! figures come from the store.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use metrics::{
@@ -12,6 +14,8 @@ use metrics::{
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+
+use tokio::time::Instant;
 
 use super::{Outcome, RecordSink, Recorder, RequestRecord};
 
@@ -29,6 +33,8 @@ const MAX_LABEL: usize = 64;
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// Upkeeps run (see [`Metrics::upkeep`]).
+    upkeeps: AtomicU64,
 }
 
 impl Metrics {
@@ -37,9 +43,19 @@ impl Metrics {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)?
             .build_recorder();
         let handle = recorder.handle();
-        let metrics = Self { recorder, handle };
+        let metrics = Self {
+            recorder,
+            handle,
+            upkeeps: AtomicU64::new(0),
+        };
         metrics.with(describe);
         Ok(Arc::new(metrics))
+    }
+
+    /// Drain histogram samples into their buckets (see [`UPKEEP_EVERY`]).
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+        self.upkeeps.fetch_add(1, Ordering::Relaxed);
     }
 
     fn with<T>(&self, f: impl FnOnce() -> T) -> T {
@@ -353,13 +369,73 @@ fn describe() {
 }
 
 /// Feeds records to [`Metrics`].
-pub struct MetricsSink(pub Arc<Metrics>);
+/// How often the recorder drains histogram samples into their buckets. The exporter
+/// keeps each sample (8 bytes) until drained, and drains on its own only when it also
+/// serves HTTP itself (`build`/`install`, not our `build_recorder`): without this, the
+/// samples of every request piled up until the next scrape of `/metrics`, and with no
+/// scraper for ever (the 10-minute soak's unexplained growth, bench/RESULTS.md Run 10).
+const UPKEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Feeds finished records into the metrics, and keeps the histograms drained.
+pub struct MetricsSink {
+    metrics: Arc<Metrics>,
+    last_upkeep: Instant,
+}
+
+impl MetricsSink {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            last_upkeep: Instant::now(),
+        }
+    }
+}
 
 #[async_trait]
 impl RecordSink for MetricsSink {
     async fn write(&mut self, batch: &[RequestRecord]) {
         for r in batch {
-            self.0.observe(r);
+            self.metrics.observe(r);
         }
+        if self.last_upkeep.elapsed() >= UPKEEP_EVERY {
+            self.last_upkeep = Instant::now();
+            self.metrics.upkeep();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> RequestRecord {
+        RequestRecord {
+            request_id: "req_1".into(),
+            model: Some("m".into()),
+            latency_ms: 12.0,
+            upstream_ms: Some(10.0),
+            overhead_ms: Some(2.0),
+            ..RequestRecord::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sink_drains_histograms_every_second_and_keeps_their_counts() {
+        let metrics = Metrics::new().unwrap();
+        let mut sink = MetricsSink::new(metrics.clone());
+        sink.write(&[record(), record()]).await;
+        assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 0, "not due yet");
+        tokio::time::advance(UPKEEP_EVERY).await;
+        sink.write(&[record()]).await;
+        assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 1);
+        sink.write(&[record()]).await;
+        assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 1, "once a second");
+        // Drained samples still count: four requests, in the buckets and the count.
+        let text = metrics.handle.render();
+        let count = text
+            .lines()
+            .find(|l| l.starts_with("sluice_request_duration_seconds_count"))
+            .unwrap();
+        assert!(count.ends_with(" 4"), "{count}");
     }
 }
