@@ -22,6 +22,10 @@
 #   SOAK_RATE=$RATE requests per second of the soak
 #   SAMPLE_EVERY=10 seconds between RSS samples in the soak
 #   READY_RUNS=5    starts of `sluice serve` timed to /readyz 200 (0 skips)
+#   ROUNDS=5        extra fixed-rate rounds at RATE, alternating direct and the default
+#                   gateway (DURATION each), for issue #2's added p50: the median of
+#                   the rounds' differences, steadier on a noisy machine than one pair
+#                   of runs (0 skips)
 #   CACHE_MB=16     [cache] memory_bytes of the full-feature gateway (its RSS bound)
 #   REDIS_URL=redis://127.0.0.1:6379   the full-feature gateway again with limits and
 #                   cache on Redis (a random key prefix, deleted on exit); REDIS_URL=
@@ -53,6 +57,7 @@ SOAK=${SOAK:-60s}
 SOAK_RATE=${SOAK_RATE:-$RATE}
 SAMPLE_EVERY=${SAMPLE_EVERY:-10}
 READY_RUNS=${READY_RUNS:-5}
+ROUNDS=${ROUNDS:-5}
 CACHE_MB=${CACHE_MB:-16}
 REDIS_URL=${REDIS_URL-redis://127.0.0.1:6379}
 PIN=${PIN:-1}
@@ -68,7 +73,7 @@ for tool in cargo curl jq ss awk; do
   command -v "$tool" >/dev/null || { echo "run.sh: needs $tool" >&2; exit 2; }
 done
 
-COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK PIN=$PIN LOG_LEVEL=$LOG_LEVEL bench/run.sh"
+COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS PIN=$PIN LOG_LEVEL=$LOG_LEVEL bench/run.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 KEEP=$WORK
@@ -480,6 +485,13 @@ run_gateway() { # target config-function [redis]
   local key=()
   if [[ -n $API_KEY ]]; then key=(--api-key "$API_KEY"); fi
   scenarios "$target" "$GW_URL/v1/chat/completions" "$GW_PID" "${key[@]}"
+  if [[ $target == default ]]; then
+    local round
+    for ((round = 1; round <= ROUNDS; round++)); do
+      load "rate-round-$round" direct "$DIRECT" "$MOCK_PID" --rate "$RATE" "${COMMON[@]}"
+      load "rate-round-$round" default "$GW_URL/v1/chat/completions" "$GW_PID" --rate "$RATE" "${COMMON[@]}"
+    done
+  fi
   if [[ $target != default ]]; then
     # The same request every time: after the first, every one is a cache hit.
     load hit "$target" "$GW_URL/v1/chat/completions" "$GW_PID" --connections 1 \
@@ -539,6 +551,22 @@ one() { # scenario target: that run's JSON, or null
 }
 mib() { # KiB (or null) -> MiB with one decimal
   jq -rn --argjson k "${1:-null}" 'if $k == null then "–" else ($k / 1024 * 10 | round / 10 | tostring) end'
+}
+
+# Added p50 at RATE over the alternating rounds (direct, then default, ROUNDS times).
+rounds_summary() {
+  jq -rs --arg rate "$RATE" '
+    [ map(select(.scenario | startswith("rate-round-")))
+      | group_by(.scenario | ltrimstr("rate-round-") | tonumber)[]
+      | (map(select(.target == "direct"))[0]) as $d
+      | (map(select(.target == "default"))[0]) as $g
+      | select($d != null and $g != null)
+      | $g.latency.p50_us - $d.latency.p50_us ] as $added
+    | if ($added | length) == 0 then empty else
+      ($added | sort) as $s
+      | (($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2) as $median
+      | "Added p50 at \($rate)/s, default config, \($added | length) alternating rounds (direct, then sluice): median **\($median) µs** (rounds: \($added | map(tostring) | join(", ")) µs); issue #2 asks ≤ 200 µs."
+      end' "$RESULTS"
 }
 
 lat_rows() { # scenario title [base-scenario]
@@ -678,6 +706,11 @@ BUSY_AFTER=$(cpu_busy)
   lat_rows c1 "closed loop, 1 conn"
   lat_rows cN "closed loop, $CONNS conns"
   lat_rows hit "cache hit, 1 conn" c1
+  rounds_line=$(rounds_summary)
+  if [[ -n $rounds_line ]]; then
+    echo
+    echo "$rounds_line"
+  fi
   if [[ $STREAM == 1 ]]; then
     echo
     echo "Streaming at $RATE/s (SSE): time to first byte, µs."
