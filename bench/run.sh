@@ -4,7 +4,7 @@
 # with CPU and memory per target, streams held open, start to ready, a soak, and the
 # issue's targets checked. See bench/README.md for what each figure means.
 #
-#   bench/run.sh                          # defaults: about 6 minutes after the build
+#   bench/run.sh                          # defaults: about 8 minutes after the build
 #   RATE=1000 DURATION=20s SOAK=10m bench/run.sh
 #
 # Knobs (environment):
