@@ -110,18 +110,11 @@ fn select_nth(v: &mut [f64], k: usize) -> f64 {
         v.swap(lo, mid);
         let pivot = v[lo];
         // Hoare: afterwards v[lo..=j] <= pivot <= v[j + 1..=hi], lo <= j < hi.
-        let (mut i, mut j) = (lo, hi + 1);
-        let mut first = true;
+        let (mut i, mut j) = (lo, hi);
         loop {
-            if first {
-                first = false;
-            } else {
-                i += 1;
-            }
             while v[i] < pivot {
                 i += 1;
             }
-            j -= 1;
             while v[j] > pivot {
                 j -= 1;
             }
@@ -129,6 +122,8 @@ fn select_nth(v: &mut [f64], k: usize) -> f64 {
                 break;
             }
             v.swap(i, j);
+            i += 1;
+            j -= 1;
         }
         if k <= j {
             hi = j;
