@@ -123,42 +123,45 @@ impl Store {
             Backend::Postgres => joined(&format!("CAST({column} AS TEXT)")),
         };
         let sum = |expr: &str| format!("CAST(COALESCE(SUM({expr}), 0) AS BIGINT)");
-        let rows = |n: &str| format!("CAST(COUNT(*) AS BIGINT) AS {n}");
+        let count = |expr: &str| format!("CAST(COUNT({expr}) AS BIGINT)");
+        // Per minute, then summed into the cells: name and per-minute expression.
+        let sums = [
+            ("requests", count("*")),
+            ("prompt_tokens", sum("r.prompt_tokens")),
+            ("completion_tokens", sum("r.completion_tokens")),
+            ("cached_prompt_tokens", sum("r.cached_prompt_tokens")),
+            ("cost_nanos", sum(COST_NANOS)),
+            ("cost_saved_nanos", sum("r.cost_saved_nanos")),
+            (
+                "cache_hits",
+                sum("CASE WHEN r.cache_status = 'hit' THEN 1 ELSE 0 END"),
+            ),
+            ("cache_lookups", count("r.cache_status")),
+            ("regenerations", count("r.regeneration_of")),
+        ];
+        // Per minute, then joined into the cells.
+        let lists = [
+            ("latencies", values("r.latency_ms")),
+            ("ttfts", values("r.ttft_ms")),
+        ];
         let cells = cell_sql(
             q,
             "FROM requests r",
             "",
-            &[
-                rows("requests"),
-                format!("{} AS prompt_tokens", sum("r.prompt_tokens")),
-                format!("{} AS completion_tokens", sum("r.completion_tokens")),
-                format!("{} AS cached_prompt_tokens", sum("r.cached_prompt_tokens")),
-                format!("{} AS cost_nanos", sum(COST_NANOS)),
-                format!("{} AS cost_saved_nanos", sum("r.cost_saved_nanos")),
-                format!(
-                    "{} AS cache_hits",
-                    sum("CASE WHEN r.cache_status = 'hit' THEN 1 ELSE 0 END")
-                ),
-                "CAST(COUNT(r.cache_status) AS BIGINT) AS cache_lookups".into(),
-                "CAST(COUNT(r.regeneration_of) AS BIGINT) AS regenerations".into(),
-                format!("{} AS latencies", values("r.latency_ms")),
-                format!("{} AS ttfts", values("r.ttft_ms")),
-            ],
-            &[
-                "requests",
-                "prompt_tokens",
-                "completion_tokens",
-                "cached_prompt_tokens",
-                "cost_nanos",
-                "cost_saved_nanos",
-                "cache_hits",
-                "cache_lookups",
-                "regenerations",
-            ]
-            .map(|n| format!("{} AS {n}", sum(&format!("c.{n}"))))
-            .into_iter()
-            .chain(["latencies", "ttfts"].map(|n| format!("{} AS {n}", joined(&format!("c.{n}")))))
-            .collect::<Vec<_>>(),
+            &sums
+                .iter()
+                .chain(&lists)
+                .map(|(name, expr)| format!("{expr} AS {name}"))
+                .collect::<Vec<_>>(),
+            &sums
+                .iter()
+                .map(|(name, _)| format!("{} AS {name}", sum(&format!("c.{name}"))))
+                .chain(
+                    lists
+                        .iter()
+                        .map(|(name, _)| format!("{} AS {name}", joined(&format!("c.{name}")))),
+                )
+                .collect::<Vec<_>>(),
         );
         // Feedback is sparse: found from its own side (CROSS JOIN keeps SQLite's join
         // order: each feedback row looks up its request, not each request its
@@ -167,7 +170,10 @@ impl Store {
             q,
             "FROM feedback f CROSS JOIN requests r",
             " AND r.request_id = f.request_id",
-            &[rows("n"), "SUM(f.score) AS total".into()],
+            &[
+                format!("{} AS n", count("*")),
+                "SUM(f.score) AS total".into(),
+            ],
             &[
                 format!("{} AS n", sum("c.n")),
                 "CAST(COALESCE(SUM(c.total), 0) AS DOUBLE PRECISION) AS total".into(),
@@ -310,12 +316,13 @@ fn cell_sql(q: &CellQuery, from: &str, also: &str, inner: &[String], outer: &[St
     } else {
         "CAST(NULL AS TEXT)"
     };
-    let inner_groups = match (by_minute, q.user) {
-        (true, true) => "1, 2, 3, 4, 5",
-        (true, false) => "1, 2, 3, 4",
-        (false, true) => "2, 3, 4, 5",
-        (false, false) => "2, 3, 4",
-    };
+    // Positions in the inner SELECT list: minute, model, feature, outcome, user.
+    let inner_groups = [(by_minute, "1"), (true, "2, 3, 4"), (q.user, "5")]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, positions)| *positions)
+        .collect::<Vec<_>>()
+        .join(", ");
     // Positional GROUP BY: an alias named like a column would group by the column
     // on PostgreSQL.
     let group_by: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
