@@ -612,10 +612,10 @@ pub async fn chat_completions(
     // 5. resolve: prompt -> messages, model, parameters; then model access
     let prompt = match resolve_prompt(&gw, &mut record, &mut request) {
         Ok(p) => p,
-        Err(e) => return fail(record, e),
+        Err(e) => return assigned.fail(record, e),
     };
     if let Err(e) = allow_model(&principal, tier.as_ref(), &request.model) {
-        return fail(record, e);
+        return assigned.fail(record, e);
     }
     // 6. route (an escalation target goes right after the chosen model)
     let chain = match gw
@@ -626,7 +626,7 @@ pub async fn chat_completions(
             None => Ok(c),
         }) {
         Ok(c) => c,
-        Err(e) => return fail(record, e),
+        Err(e) => return assigned.fail(record, e),
     };
     // 7. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
@@ -641,7 +641,7 @@ pub async fn chat_completions(
     );
     let report = match guarded {
         Ok(r) => r,
-        Err(e) => return fail(record, e),
+        Err(e) => return assigned.fail(record, e),
     };
     // 8. limits: requests, tokens (input estimate + output allowance), concurrency
     let input: u32 = request
@@ -662,7 +662,7 @@ pub async fn chat_completions(
     .await;
     let rate_headers = match limits {
         Ok(h) => h,
-        Err(e) => return fail(record, e),
+        Err(e) => return assigned.fail(record, e),
     };
     // 9. budgets: block, or answer with the cheaper model a spent budget names
     let mut chain = match check_budgets(&gw, &mut record).await {
@@ -673,9 +673,9 @@ pub async fn chat_completions(
                 request.model = to;
                 c
             }
-            Err(e) => return fail(record, e),
+            Err(e) => return assigned.fail(record, e),
         },
-        Err(e) => return fail(record, e),
+        Err(e) => return assigned.fail(record, e),
     };
     if let Some(p) = &prompt {
         chain.prompt_fallback = p.fallback.clone();
@@ -750,6 +750,14 @@ impl Assigned {
         if let Some(e) = &self.experiment {
             set_header(response, HEADER_EXPERIMENT, e);
         }
+    }
+
+    /// A request refused after assignment still says which variant it was in, as its
+    /// record does.
+    fn fail(&self, record: RecordGuard, error: ApiError) -> Response {
+        let mut response = fail(record, error);
+        self.echo(&mut response);
+        response
     }
 }
 

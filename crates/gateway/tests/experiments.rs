@@ -108,6 +108,22 @@ async fn a_user_gets_the_same_variant_on_two_instances_and_after_a_restart() {
     }
 }
 
+/// A request refused after assignment (here the input guard's 400 for an empty message)
+/// still tells the client its variant, as its record does.
+#[tokio::test]
+async fn a_refused_request_still_echoes_its_variant() {
+    let mut h = harness(&with_experiment(MODEL_AB)).await;
+    let mut body = ask(Some("user-7"));
+    body["messages"][0]["content"] = json!("   ");
+    let r = h.send("/v1/chat/completions", body, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let variant = r.record.variant.clone().unwrap();
+    assert_eq!(
+        r.headers["x-sluice-experiment"].to_str().unwrap(),
+        format!("model-ab={variant}")
+    );
+}
+
 #[test]
 fn ten_thousand_users_split_within_two_points_of_the_weights() {
     let c = config(&with_experiment(
@@ -331,6 +347,81 @@ async fn report_over(
         .unwrap();
     store.close().await;
     report
+}
+
+/// Every per-variant figure equals the one computed here, by hand, from the records and
+/// feedback the report read (nearest-rank percentiles over answered requests; cost over
+/// answered requests; rates over every request, pass rate over checked ones).
+#[tokio::test]
+async fn per_variant_figures_equal_those_computed_from_the_records() {
+    let data = simulate(5, &[("a", 400, 0.9), ("b", 300, 0.7)]);
+    let (records, feedback) = &data;
+    for (name, target) in support::backends() {
+        let report = report_over(name, &target, &data).await;
+        for v in &report.variants {
+            let mine: Vec<&RequestRecord> = records
+                .iter()
+                .filter(|r| r.variant.as_deref() == Some(v.name.as_str()))
+                .collect();
+            let n = mine.len() as f64;
+            let answered: Vec<&&RequestRecord> =
+                mine.iter().filter(|r| r.outcome == Outcome::Ok).collect();
+            // The log keeps latencies to the microsecond.
+            let mut latencies: Vec<f64> = answered
+                .iter()
+                .map(|r| (r.latency_ms * 1000.0).round() / 1000.0)
+                .collect();
+            latencies.sort_by(f64::total_cmp);
+            let nearest =
+                |p: f64| latencies[((p / 100.0 * latencies.len() as f64).ceil() as usize) - 1];
+            let cost = answered
+                .iter()
+                .map(|r| r.cost_nanos.unwrap() as f64 / 1e9)
+                .sum::<f64>()
+                / answered.len() as f64;
+            let passed = mine
+                .iter()
+                .filter(|r| r.output_check.as_deref() == Some("pass"))
+                .count() as f64;
+            let errors = mine
+                .iter()
+                .filter(|r| r.outcome == Outcome::ApiError)
+                .count() as f64;
+            let regenerated = mine.iter().filter(|r| r.regeneration_of.is_some()).count() as f64;
+            let ids: std::collections::HashSet<&str> =
+                mine.iter().map(|r| r.request_id.as_str()).collect();
+            let scores: Vec<f64> = feedback
+                .iter()
+                .filter(|f| ids.contains(f.request_id.as_str()))
+                .map(|f| f.score)
+                .collect();
+            let close = |a: Option<f64>, b: f64, what: &str| {
+                let a = a.unwrap_or_else(|| panic!("{name} {}: no {what}", v.name));
+                assert!((a - b).abs() < 1e-9, "{name} {}: {what} {a} != {b}", v.name);
+            };
+            assert_eq!(v.requests, mine.len() as u64, "{name}");
+            assert_eq!(v.users, mine.len() as u64, "{name}: one request per user");
+            close(v.latency_p50_ms, nearest(50.0), "p50");
+            close(v.latency_p95_ms, nearest(95.0), "p95");
+            close(v.cost_per_request_usd, cost, "cost per request");
+            close(v.pass_rate, passed / n, "pass rate");
+            close(v.error_rate, errors / n, "error rate");
+            close(v.regeneration_rate, regenerated / n, "regeneration rate");
+            close(
+                v.feedback_mean,
+                scores.iter().sum::<f64>() / scores.len() as f64,
+                "feedback mean",
+            );
+        }
+        assert_eq!(
+            report
+                .variants
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+    }
 }
 
 #[tokio::test]

@@ -91,3 +91,59 @@ fallbacks = ["ghost"]
         );
     }
 }
+
+#[test]
+fn check_prints_the_resolved_routing_table() {
+    let path = write_temp(
+        &format!("routing-{}.toml", common::unique()),
+        r#"
+[[providers]]
+name = "sim"
+kind = "sim"
+[[models]]
+name = "cheap"
+provider = "sim"
+upstream = "gpt-4o-mini"
+[[models]]
+name = "strong"
+provider = "sim"
+upstream = "gpt-4o"
+
+[routing]
+default = "cheap"
+defaults = [{ feature = "research", model = "strong" }]
+[[routing.rules]]
+name = "long-input"
+input_tokens_over = 200
+model = "strong"
+[[routing.rules]]
+name = "asked"
+quality = "high"
+model = "strong"
+"#,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rules = [
+        "routing: requests for model `auto`",
+        "1. long-input: input tokens > 200 -> strong",
+        "2. asked: x-sluice-quality: high -> strong",
+        "feature = research -> strong",
+        "otherwise -> cheap",
+    ];
+    let mut from = 0;
+    for line in rules {
+        let at = stdout[from..]
+            .find(line)
+            .unwrap_or_else(|| panic!("`{line}` missing (or out of order) in:\n{stdout}"));
+        from += at + line.len();
+    }
+}

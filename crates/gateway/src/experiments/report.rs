@@ -360,13 +360,14 @@ fn verdict(
         .filter_map(|c| {
             let d = c.difference?;
             let better = (d > 0.0) == higher_is_better(c.metric);
+            // Quote the p-value the verdict was judged on.
             Some(format!(
-                "{} is {} than {} on {} ({})",
+                "{} is {} than {} on {} (Holm-adjusted {})",
                 c.variant,
                 if better { "better" } else { "worse" },
                 experiment.control,
                 c.metric,
-                format_p(c.p_value?)
+                format_p(c.p_adjusted?)
             ))
         })
         .collect();
@@ -440,8 +441,16 @@ pub fn render_table(report: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<16} {:<22} {:>12} {:>12} {:>12} {:>26} {:>9} {:>5}",
-        "variant", "metric", "control", "value", "difference", "95% interval", "p", "sig"
+        "\n{:<16} {:<22} {:>12} {:>12} {:>12} {:>26} {:>9} {:>9} {:>5}",
+        "variant",
+        "metric",
+        "control",
+        "value",
+        "difference",
+        "95% interval",
+        "p",
+        "p (Holm)",
+        "sig"
     );
     for c in &report.comparisons {
         let digits = if c.metric == "cost_per_request_usd" {
@@ -455,7 +464,7 @@ pub fn render_table(report: &Report) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<16} {:<22} {:>12} {:>12} {:>12} {:>26} {:>9} {:>5}",
+            "{:<16} {:<22} {:>12} {:>12} {:>12} {:>26} {:>9} {:>9} {:>5}",
             c.variant,
             c.metric,
             f(c.control, digits),
@@ -463,6 +472,7 @@ pub fn render_table(report: &Report) -> String {
             f(c.difference, digits),
             interval,
             c.p_value.map(format_p).unwrap_or_else(|| "-".into()),
+            c.p_adjusted.map(format_p).unwrap_or_else(|| "-".into()),
             if c.significant { "yes" } else { "no" }
         );
     }
