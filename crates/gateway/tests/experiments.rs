@@ -124,6 +124,45 @@ async fn a_refused_request_still_echoes_its_variant() {
     );
 }
 
+/// Outside its `[start, stop)` window an experiment assigns nobody: requests are served
+/// as asked, with no header and nothing in the record.
+#[tokio::test]
+async fn an_experiment_outside_its_window_assigns_nobody() {
+    let windows = [
+        (
+            "ended",
+            "start = 2020-01-01T00:00:00Z\nstop = 2020-02-01T00:00:00Z",
+        ),
+        ("not started", "start = 2999-01-01T00:00:00Z"),
+        (
+            "running",
+            "start = 2020-01-01T00:00:00Z\nstop = 2999-01-01T00:00:00Z",
+        ),
+    ];
+    for (what, window) in windows {
+        let experiment = MODEL_AB.replace(
+            "target = \"model\"",
+            &format!("target = \"model\"\n{window}"),
+        );
+        let mut h = harness(&with_experiment(&experiment)).await;
+        for u in 0..8 {
+            let r = h
+                .send("/v1/chat/completions", ask(Some(&format!("user-{u}"))), &[])
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.text);
+            let header = r.headers.get("x-sluice-experiment");
+            if what == "running" {
+                assert!(header.is_some(), "{what}");
+                assert!(r.record.variant.is_some(), "{what}");
+            } else {
+                assert!(header.is_none(), "{what}: {header:?}");
+                assert_eq!(r.record.variant, None, "{what}");
+                assert_eq!(r.headers["x-sluice-model"], "cheap", "{what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn ten_thousand_users_split_within_two_points_of_the_weights() {
     let c = config(&with_experiment(
