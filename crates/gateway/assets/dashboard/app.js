@@ -80,10 +80,13 @@
   const range = () => $("range").value;
 
   // ---- charts ----
+  // What a chart plots is also on its box as `data-plot` ({labels, data}: uPlot's
+  // columns, x first), so a test or a person can read the figures behind the lines.
   function chart(id, opts, data) {
     if (charts[id]) charts[id].destroy();
     const box = $(id);
     box.replaceChildren();
+    box.dataset.plot = JSON.stringify({ labels: opts.series.map((s) => s.label || "x"), data });
     const width = Math.max(280, box.clientWidth || 480);
     charts[id] = new uPlot({ width, height: 200, ...opts }, data, box);
   }
