@@ -2,8 +2,9 @@
 //!
 //! Every `/admin` request passes one check first, [`require_admin`], layered on the whole
 //! router (its fallbacks included): only the master key gets through; with no master key
-//! configured, `/admin` answers 401 saying how to set one. A new admin route (penalties,
-//! budgets, ...) goes into [`router`] and is covered by that check without further code.
+//! configured, `/admin` answers 401 saying how to set one. A new admin route goes into
+//! [`ROUTES`] (which [`router`] is built from, and the OpenAPI document and the 401 test
+//! read) and [`handler`], and is covered by that check without further code.
 //!
 //! | route | does |
 //! | --- | --- |
@@ -26,13 +27,14 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::dashboard;
+use crate::dashboard::openapi::ROUTES;
 use crate::error::ApiError;
 use crate::limits::config::{LimitsConfig, Rates};
 use crate::pipeline::{Gateway, parse_body};
@@ -40,27 +42,53 @@ use crate::store::{KeyRow, NewKey, Store};
 use crate::usage::Budgets;
 
 /// The `/admin` routes, each behind the master key. Mount with `nest("/admin", ...)`.
+///
+/// Built from [`ROUTES`], the list the OpenAPI document and the 401 test read, so a
+/// route cannot be served without being listed: [`handler`] only says what answers each.
 pub fn router(gateway: Arc<Gateway>) -> Router<Arc<Gateway>> {
-    Router::new()
-        .route("/keys", get(list_keys).post(create_key))
-        .route("/keys/{id}", axum::routing::delete(revoke_key))
-        .route("/keys/{id}/revoke", post(revoke_key))
-        .route("/tiers", get(tiers))
-        .route("/budgets", get(budgets))
-        .route("/penalties", get(penalties))
-        .route("/penalties/{key}", axum::routing::delete(lift_penalty))
-        .route("/experiments", get(crate::experiments::admin::list))
-        .route("/experiments/{name}", get(crate::experiments::admin::get))
-        // What the dashboard draws from (crate::dashboard::api), and this API's document.
-        .route("/stats", get(dashboard::api::stats))
-        .route("/overview", get(dashboard::api::overview))
-        .route("/records", get(dashboard::api::records))
-        .route("/records/{request_id}", get(dashboard::api::record))
-        .route("/openapi.json", get(dashboard::openapi::openapi_json))
+    let mut router = Router::new();
+    for route in ROUTES {
+        let path = route.path.strip_prefix("/admin").unwrap_or(route.path);
+        match handler(route.method, route.path) {
+            // The same path twice (GET and POST /admin/keys) merges the two methods.
+            Some(h) => router = router.route(path, h),
+            // Caught by `every_listed_route_has_a_handler`; never at run time.
+            None => tracing::error!(
+                method = route.method,
+                path = route.path,
+                "admin route without a handler"
+            ),
+        }
+    }
+    router
         .fallback(crate::server::not_found)
         .method_not_allowed_fallback(crate::server::method_not_allowed)
         // Last, so it wraps every route and both fallbacks.
         .layer(middleware::from_fn_with_state(gateway, require_admin))
+}
+
+/// What answers one route of [`ROUTES`]; `None` for a route it does not know. A handler
+/// here with no entry in `ROUTES` is never mounted.
+fn handler(method: &str, path: &str) -> Option<MethodRouter<Arc<Gateway>>> {
+    Some(match (method, path) {
+        ("get", "/admin/keys") => get(list_keys),
+        ("post", "/admin/keys") => post(create_key),
+        ("delete", "/admin/keys/{id}") => delete(revoke_key),
+        ("post", "/admin/keys/{id}/revoke") => post(revoke_key),
+        ("get", "/admin/tiers") => get(tiers),
+        ("get", "/admin/budgets") => get(budgets),
+        ("get", "/admin/penalties") => get(penalties),
+        ("delete", "/admin/penalties/{key}") => delete(lift_penalty),
+        ("get", "/admin/experiments") => get(crate::experiments::admin::list),
+        ("get", "/admin/experiments/{name}") => get(crate::experiments::admin::get),
+        // What the dashboard draws from (crate::dashboard::api), and this API's document.
+        ("get", "/admin/stats") => get(dashboard::api::stats),
+        ("get", "/admin/overview") => get(dashboard::api::overview),
+        ("get", "/admin/records") => get(dashboard::api::records),
+        ("get", "/admin/records/{request_id}") => get(dashboard::api::record),
+        ("get", "/admin/openapi.json") => get(dashboard::openapi::openapi_json),
+        _ => return None,
+    })
 }
 
 /// The one check in front of `/admin`: the master key, or a dashboard session for reads
@@ -645,6 +673,18 @@ mod tests {
         // gateway's config).
         let none = config("");
         assert!(validate(&none, request("team", Some("gold"))).is_ok());
+    }
+
+    #[test]
+    fn every_listed_route_has_a_handler() {
+        for r in ROUTES {
+            assert!(
+                handler(r.method, r.path).is_some(),
+                "{} {} is listed but nothing answers it",
+                r.method,
+                r.path
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The admin API the dashboard reads, and the dashboard's access: every `/admin` route
-//! and the dashboard refuse a missing or wrong key (enumerated from the OpenAPI route
-//! list); the login cookie is not the key and opens reads only; `/admin/stats` is
+//! and the dashboard refuse a missing or wrong key (enumerated from `ROUTES`, the list
+//! the admin router is built from, through the OpenAPI document); the login cookie is not the key and opens reads only; `/admin/stats` is
 //! `sluice stats --json`; `/admin/records` filters, pages and shows one record; a
 //! separate admin listener takes `/admin` and `/dashboard` off the main port.
 
@@ -190,23 +190,34 @@ async fn every_admin_route_and_the_dashboard_refuse_a_missing_or_wrong_key() {
             );
         }
     }
-    // The dashboard: the page shows the login form with 401, its assets 401.
+    // The dashboard: the page shows the login form with 401, every asset 401. Only
+    // `POST /dashboard/login` (the form that takes the key) and `POST /dashboard/logout`
+    // (it clears the cookie) are open, by design.
     for path in [
         "/dashboard",
+        "/dashboard/",
         "/dashboard/assets/app.js",
+        "/dashboard/assets/app.css",
         "/dashboard/assets/uPlot.iife.min.js",
+        "/dashboard/assets/uPlot.min.css",
     ] {
-        for headers in [&[][..], &wrong[..]] {
+        for headers in [&[][..], &wrong[..], &virtual_like[..]] {
             let a = call(&h, request("GET", path, headers)).await;
             assert_eq!(a.status, StatusCode::UNAUTHORIZED, "{path} {headers:?}");
         }
+        // With the key the path is served: the 401 above is the key's doing.
+        let auth = format!("Bearer {ADMIN}");
+        let a = call(&h, request("GET", path, &[("authorization", &auth)])).await;
+        assert_eq!(a.status, StatusCode::OK, "{path} with the key");
     }
-    let page = call(&h, request("GET", "/dashboard", &[])).await;
-    assert!(
-        page.text.contains("action=\"/dashboard/login\""),
-        "{}",
-        page.text
-    );
+    for path in ["/dashboard", "/dashboard/"] {
+        let page = call(&h, request("GET", path, &[])).await;
+        assert!(
+            page.text.contains("action=\"/dashboard/login\""),
+            "{path}: {}",
+            page.text
+        );
+    }
     // An unknown route under /admin is 401 too before it is 404: nothing leaks.
     let a = call(&h, request("GET", "/admin/nope", &[])).await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);

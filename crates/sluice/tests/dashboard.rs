@@ -390,7 +390,10 @@ match = {{ feature = "trial" }}
         "feature_rows": work.checkout,
         "error_rows": work.errors,
         "budget": "trial-users",
+        "budget_user": "trial-user",
         "user": "alice",
+        "model": "gpt-4o",
+        "experiment": "search-model",
     });
     let out = Command::new("node")
         .arg("dashboard.mjs")

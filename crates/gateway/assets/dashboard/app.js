@@ -19,6 +19,8 @@
   const usd = (v) => (v == null ? dash : "$" + (v >= 1 ? v.toFixed(2) : v.toFixed(6)));
   const ms = (v) => (v == null ? dash : num(v, 1) + " ms");
   const when = (t) => (t == null ? dash : new Date(t).toLocaleString());
+  // Date and time, compact: a range can span days, and a time alone would not say which.
+  const stamp = (t) => new Date(t).toLocaleString(undefined, { month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
 
   function el(tag, attrs, ...children) {
     const e = document.createElement(tag);
@@ -78,10 +80,13 @@
   const range = () => $("range").value;
 
   // ---- charts ----
+  // What a chart plots is also on its box as `data-plot` ({labels, data}: uPlot's
+  // columns, x first), so a test or a person can read the figures behind the lines.
   function chart(id, opts, data) {
     if (charts[id]) charts[id].destroy();
     const box = $(id);
     box.replaceChildren();
+    box.dataset.plot = JSON.stringify({ labels: opts.series.map((s) => s.label || "x"), data });
     const width = Math.max(280, box.clientWidth || 480);
     charts[id] = new uPlot({ width, height: 200, ...opts }, data, box);
   }
@@ -241,7 +246,7 @@
   }
 
   const recordCols = [
-    { h: "time", f: (r) => new Date(r.started_at_ms).toLocaleTimeString() },
+    { h: "time", f: (r) => stamp(r.started_at_ms) },
     { h: "model", f: (r) => r.model || r.model_requested || dash },
     { h: "feature", f: (r) => r.feature || dash },
     { h: "user", f: (r) => r.user_id || dash },
@@ -282,13 +287,20 @@
   }
 
   // ---- refresh ----
+  // One load at a time; a refresh asked for during one (a range changed mid-load) runs
+  // once it ends, so the panels end up showing what the picker says.
   let loading = false;
+  let again = false;
   async function refresh() {
-    if (loading) return;
+    if (loading) {
+      again = true;
+      return;
+    }
     loading = true;
     const started = performance.now();
     $("status").textContent = "loading…";
-    const since = encodeURIComponent(range());
+    const shown = range();
+    const since = encodeURIComponent(shown);
     try {
       const [o, b, e] = await Promise.all([
         getJSON("/admin/overview?since=" + since),
@@ -301,6 +313,7 @@
       drawExperiments(e);
       const took = Math.round(performance.now() - started);
       $("status").textContent = "updated " + new Date().toLocaleTimeString() + " (" + took + " ms)";
+      document.body.dataset.range = shown;
       document.body.dataset.loaded = String((Number(document.body.dataset.loaded) || 0) + 1);
       // The first load, drawn: a User Timing mark (ms from navigation start, in the
       // next frame, i.e. once painted) for monitoring, and for the browser test's log.
@@ -311,6 +324,10 @@
       $("status").textContent = "could not load: " + err.message;
     } finally {
       loading = false;
+      if (again) {
+        again = false;
+        refresh();
+      }
     }
   }
 
