@@ -50,6 +50,10 @@ struct RawVariable {
     required: Option<bool>,
     max_length: Option<usize>,
     default: Option<Value>,
+    /// Documentation only: left out of the content hash (serialized only for it), so
+    /// rewording it needs no new version.
+    #[serde(skip_serializing)]
+    #[expect(dead_code, reason = "read by people, not by the gateway")]
     description: Option<String>,
 }
 
@@ -500,9 +504,9 @@ const BUILTIN_NAMES: &[&str] = &["range", "dict", "namespace", "loop", "debug"];
 
 /// The content hash: SHA-256 over the canonical JSON (sorted keys) of everything that
 /// shapes an answer: model, parameters, templates, variables, validators, on-fail action
-/// and the fallback. Not hashed: `description`, `labels` and `tests`, so a label can
-/// move and a case can be added without a new version; formatting and comments do not
-/// count either.
+/// and the fallback. Not hashed: `description` (the file's and each variable's),
+/// `labels` and `tests`, so a label can move, a case can be added and the docs reworded
+/// without a new version; formatting and comments do not count either.
 fn content_hash(raw: &RawFile) -> String {
     let validators: Vec<Value> = raw
         .validators
@@ -586,6 +590,22 @@ mod tests {
 
     fn vars(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn descriptions_are_not_part_of_the_content_hash() {
+        let file = |description: &str, max_length: u32| {
+            format!(
+                "description = \"{description}\"\nuser = \"Hi {{{{ name }}}}\"\n\
+                 [variables.name]\ntype = \"string\"\nmax_length = {max_length}\n\
+                 description = \"{description}\"\n"
+            )
+        };
+        let hash = |text: &str| parse(text).unwrap().hash;
+        let before = hash(&file("The recipient's name.", 80));
+        assert_eq!(hash(&file("Full name; greeted by first name.", 80)), before);
+        // What shapes an answer still counts, in the variable's own table too.
+        assert_ne!(hash(&file("The recipient's name.", 40)), before);
     }
 
     #[test]
