@@ -191,6 +191,74 @@ fn repeat_reports_the_pass_rate_and_record_then_replay_round_trips() {
     );
 }
 
+/// `path` without its `[[tests]]` (not part of the content hash: still locked, still
+/// replayable).
+fn drop_tests(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let at = text.find("[[tests]]").expect("the file has tests");
+    std::fs::write(path, &text[..at]).unwrap();
+}
+
+#[test]
+fn a_selection_without_test_cases_fails_instead_of_passing_empty() {
+    let (dir, config) = copy_example();
+    let prompts = dir.join("prompts/message-generator");
+    let v3 = prompts.join("v3.toml");
+    std::fs::copy(prompts.join("v2.toml"), &v3).unwrap();
+    edit(&v3, "labels = [\"staging\"]\n", "");
+    drop_tests(&v3);
+    let junit = dir.join("junit.xml");
+    let out = sluice(&[
+        "prompts",
+        "test",
+        "--config",
+        &config,
+        "--replay",
+        "--prompt",
+        "message-generator@3",
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", both(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("error: nothing to test: `message-generator@3` has no test cases"),
+        "{text}"
+    );
+    assert!(text.contains("0 cases, 0 failed"), "{text}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("nothing to test") && xml.contains(r#"errors="1""#),
+        "{xml}"
+    );
+
+    // No version anywhere with a test case: the same, for the whole config.
+    drop_tests(&prompts.join("v1.toml"));
+    drop_tests(&prompts.join("v2.toml"));
+    let out = sluice(&["prompts", "test", "--config", &config, "--replay"]);
+    assert!(!out.status.success(), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("error: nothing to test: no prompt version under"),
+        "{}",
+        both(&out)
+    );
+    let out = sluice(&[
+        "prompts",
+        "test",
+        "--config",
+        &config,
+        "--replay",
+        "--prompt",
+        "message-generator",
+    ]);
+    assert!(!out.status.success(), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("no version of prompt `message-generator` has test cases"),
+        "{}",
+        both(&out)
+    );
+}
+
 #[test]
 fn check_catches_an_edited_locked_version_and_reports_file_and_line() {
     let (dir, config) = copy_example();

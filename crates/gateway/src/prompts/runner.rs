@@ -97,7 +97,8 @@ impl CaseReport {
 #[derive(Debug, Clone, Default)]
 pub struct TestReport {
     pub cases: Vec<CaseReport>,
-    /// Prompt files that did not load, cassettes that could not be written.
+    /// Prompt files that did not load, cassettes that could not be written, a
+    /// selection with no test cases.
     pub problems: Vec<String>,
 }
 
@@ -186,7 +187,7 @@ impl TestReport {
         }
         if !self.problems.is_empty() {
             let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
-            s.set_message("prompt files did not load");
+            s.set_message(self.problems.join("; "));
             s.set_description(self.problems.join("\n"));
             let mut suite = TestSuite::new("prompt files");
             suite.add_test_case(TestCase::new("load", s));
@@ -222,29 +223,43 @@ impl Progress for Quiet {
     fn finish(&mut self) {}
 }
 
-/// The versions `--prompt` selects: every version with tests, one prompt's, or one.
+/// The versions `--prompt` selects that have test cases: every version's, one
+/// prompt's, or one version's. An unknown prompt or version is an error; a selection
+/// with no test cases is the caller's to report (see [`nothing_selected`]).
 fn select(registry: &PromptRegistry, prompt: Option<&str>) -> anyhow::Result<Vec<Version>> {
-    let Some(p) = prompt else {
-        return Ok(registry
-            .all()
-            .filter(|v| !v.tests.is_empty())
-            .cloned()
-            .collect());
+    let versions = match prompt {
+        None => registry.all().cloned().collect(),
+        Some(p) if p.contains('@') => vec![registry.resolve(p)?],
+        Some(p) => {
+            registry.resolve(p)?;
+            registry.all().filter(|v| v.id == p).cloned().collect()
+        }
     };
-    if p.contains('@') {
-        return Ok(vec![registry.resolve(p)?]);
+    Ok(versions
+        .into_iter()
+        .filter(|v: &Version| !v.tests.is_empty())
+        .collect())
+}
+
+/// Why nothing ran: a run of no cases proves nothing, so it fails rather than pass.
+fn nothing_selected(config: &Config, prompt: Option<&str>) -> String {
+    match prompt {
+        Some(p) if p.contains('@') => {
+            format!("nothing to test: `{p}` has no test cases; add [[tests]] to its file")
+        }
+        Some(p) => format!(
+            "nothing to test: no version of prompt `{p}` has test cases; add [[tests]] to its files"
+        ),
+        None => format!(
+            "nothing to test: no prompt version under {} has test cases; add [[tests]] to the prompt files",
+            config
+                .prompts
+                .dir
+                .as_deref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
     }
-    let versions: Vec<Version> = registry
-        .all()
-        .filter(|v| v.id == p && !v.tests.is_empty())
-        .cloned()
-        .collect();
-    if versions.is_empty() {
-        // Says why: no such prompt, or it has no test cases.
-        registry.resolve(p)?;
-        anyhow::bail!("prompt `{p}` has no test cases");
-    }
-    Ok(versions)
 }
 
 /// Run the test cases through an in-process gateway built from `config` (its request
@@ -263,6 +278,12 @@ pub async fn run(
         problems: registry.problems.iter().map(|p| p.to_string()).collect(),
     };
     let versions = select(&registry, options.prompt.as_deref())?;
+    if versions.is_empty() {
+        report
+            .problems
+            .push(nothing_selected(&config, options.prompt.as_deref()));
+        return Ok(report);
+    }
     let repeat = options.repeat.max(1);
     config.storage.target = StorageTarget::Memory;
     let config = Arc::new(config);
