@@ -869,7 +869,7 @@ fn parse_chat(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, ApiError>
     }
     if request.model.trim().is_empty() {
         return Err(ApiError::invalid(
-            "`model` must not be empty",
+            "`model` is required: name a model, or a prompt (`x-sluice-prompt` or `sluice.prompt`) whose model answers",
             Some("model".to_string()),
         ));
     }
@@ -902,8 +902,8 @@ struct ResolvedPrompt {
 /// Resolve: the prompt the request names (`sluice.prompt`: the body's, the header's,
 /// or an experiment's) -> its version; the variables bound (400 naming the variable);
 /// its messages rendered before the client's own; its parameters filling what the
-/// request left open; its model used when the request's `model` is empty, the prompt's
-/// id or one of `[prompts] model_aliases`. The record names the version and its hash.
+/// request left open; its model used when the request's `model` is absent or empty,
+/// the prompt's id or one of `[prompts] model_aliases`. The record names the version and its hash.
 fn resolve_prompt(
     gw: &Gateway,
     record: &mut RecordGuard,

@@ -413,6 +413,38 @@ async fn a_prompt_streams_like_any_request() {
     assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
 }
 
+#[tokio::test]
+async fn a_prompt_request_may_omit_model_and_one_without_a_prompt_may_not() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let variables = json!({"name": "Dana", "company": "Acme"});
+    // Named by the header or in the body: the prompt's own model answers.
+    let by_header = json!({"sluice": {"variables": variables}});
+    let by_body = json!({"sluice": {"prompt": "greet@1", "variables": variables}});
+    for (b, headers) in [
+        (by_header, &[("x-sluice-prompt", "greet@1")][..]),
+        (by_body, &[][..]),
+    ] {
+        let r = h.send("/v1/chat/completions", b, headers).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.headers["x-sluice-model"], "gpt-4o-mini");
+        assert_eq!(r.record.model_requested.as_deref(), Some("gpt-4o-mini"));
+    }
+    // No prompt, no model: a 400 that names the parameter, absent or empty alike.
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    for b in [
+        json!({"messages": messages}),
+        json!({"model": " ", "messages": messages}),
+    ] {
+        let r = h.send("/v1/chat/completions", b, &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert_eq!(r.body["error"]["code"], "invalid_request", "{}", r.text);
+        assert_eq!(r.body["error"]["param"], "model", "{}", r.text);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("`model` is required"), "{message}");
+    }
+}
+
 /// A prompt-target experiment: requests naming the prompt get the variant's version,
 /// sticky per user, rendered by the resolve stage and named in the record and header;
 /// tiers with a model list still accept the prompt's model (the 403 check runs on the
