@@ -130,16 +130,17 @@ impl Gateway {
         Self::start_inner(config, store, extra_sinks, tasks, None)
     }
 
-    /// Like [`Gateway::start`], with every model answered by `provider` (prompt test
-    /// replays: the whole pipeline runs, no upstream is called).
-    pub fn start_answering_with(
+    /// Like [`Gateway::start`], with each model's provider replaced by what `wrap` makes
+    /// of it (the prompt test runner: the whole pipeline runs, answered from a cassette,
+    /// or with each model's own answer kept where a fallback hides it).
+    pub fn start_wrapping_providers(
         config: Arc<Config>,
         store: Arc<Store>,
         extra_sinks: Vec<Box<dyn RecordSink>>,
         tasks: TaskTracker,
-        provider: Arc<dyn crate::providers::Provider>,
+        wrap: &crate::routing::WrapProvider,
     ) -> anyhow::Result<Arc<Self>> {
-        Self::start_inner(config, store, extra_sinks, tasks, Some(provider))
+        Self::start_inner(config, store, extra_sinks, tasks, Some(wrap))
     }
 
     fn start_inner(
@@ -147,7 +148,7 @@ impl Gateway {
         store: Arc<Store>,
         extra_sinks: Vec<Box<dyn RecordSink>>,
         tasks: TaskTracker,
-        provider: Option<Arc<dyn crate::providers::Provider>>,
+        wrap: Option<&crate::routing::WrapProvider>,
     ) -> anyhow::Result<Arc<Self>> {
         let metrics = Metrics::new()?;
         // Extra sinks first: they are cheap, and a slow store must not delay them.
@@ -187,7 +188,7 @@ impl Gateway {
                 Some(metrics.clone()),
             ),
             auth: Auth::start(&config, store.clone(), &tasks, &shutdown),
-            router: Router::answered_by(config.clone(), provider)?,
+            router: Router::wrapping(config.clone(), wrap)?,
             prompts: crate::prompts::Prompts::load(config.prompts.clone()),
             retrier: Retrier::new(config.retry.clone()),
             regenerations: Regenerations::new(config.telemetry.regeneration_window),
@@ -877,7 +878,7 @@ fn parse_chat(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, ApiError>
     }
     if request.model.trim().is_empty() {
         return Err(ApiError::invalid(
-            "`model` must not be empty",
+            "`model` is required: name a model, or a prompt (`x-sluice-prompt` or `sluice.prompt`) whose model answers",
             Some("model".to_string()),
         ));
     }
@@ -910,8 +911,8 @@ struct ResolvedPrompt {
 /// Resolve: the prompt the request names (`sluice.prompt`: the body's, the header's,
 /// or an experiment's) -> its version; the variables bound (400 naming the variable);
 /// its messages rendered before the client's own; its parameters filling what the
-/// request left open; its model used when the request's `model` is empty, the prompt's
-/// id or one of `[prompts] model_aliases`. The record names the version and its hash.
+/// request left open; its model used when the request's `model` is absent or empty,
+/// the prompt's id or one of `[prompts] model_aliases`. The record names the version and its hash.
 fn resolve_prompt(
     gw: &Gateway,
     record: &mut RecordGuard,

@@ -39,6 +39,9 @@ pub struct Chain {
     pub prompt_fallback: Option<String>,
 }
 
+/// Makes a model's provider (named by the model entry) into the one its routes call.
+pub type WrapProvider = dyn Fn(&str, Arc<dyn Provider>) -> Arc<dyn Provider> + Send + Sync;
+
 /// The routing table built from config at start.
 pub struct Router {
     exact: HashMap<String, Arc<Route>>,
@@ -65,14 +68,12 @@ pub struct TemplateContext<'a> {
 
 impl Router {
     pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
-        Self::answered_by(config, None)
+        Self::wrapping(config, None)
     }
 
-    /// With `only`, every model is answered by that provider (prompt test replays).
-    pub fn answered_by(
-        config: Arc<Config>,
-        only: Option<Arc<dyn Provider>>,
-    ) -> anyhow::Result<Self> {
+    /// With `wrap`, each model's provider is what `wrap` makes of it (the prompt test
+    /// runner: answers replayed from a cassette, or each answer a model gave kept).
+    pub fn wrapping(config: Arc<Config>, wrap: Option<&WrapProvider>) -> anyhow::Result<Self> {
         let mut shared: HashMap<String, Arc<dyn Provider>> = HashMap::new();
         for p in &config.providers {
             shared.insert(p.name.clone(), build_provider(p)?);
@@ -93,7 +94,11 @@ impl Router {
                     None => continue,
                 },
             };
-            providers.insert(m.name.clone(), only.clone().unwrap_or(provider));
+            let provider = match wrap {
+                Some(wrap) => wrap(&m.name, provider),
+                None => provider,
+            };
+            providers.insert(m.name.clone(), provider);
         }
         // Every entry gets one, configured or not: upstream headers and 429s set limits too.
         let capacities: HashMap<String, Arc<Capacity>> = config

@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 /// `sluice` extras are for the gateway only.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ChatRequest {
-    #[serde(skip_serializing)]
+    /// May be absent when the request names a prompt (its model answers); without a
+    /// prompt, `parse_chat` refuses it empty with a 400 naming `model`.
+    #[serde(default, skip_serializing)]
     pub model: String,
     /// May be absent when the request names a prompt (the prompt renders the messages).
     #[serde(default)]

@@ -413,6 +413,38 @@ async fn a_prompt_streams_like_any_request() {
     assert_eq!(r.record.prompt_version.as_deref(), Some("2"));
 }
 
+#[tokio::test]
+async fn a_prompt_request_may_omit_model_and_one_without_a_prompt_may_not() {
+    let dir = prompt_dir();
+    let mut h = harness(&config(&dir, 1)).await;
+    let variables = json!({"name": "Dana", "company": "Acme"});
+    // Named by the header or in the body: the prompt's own model answers.
+    let by_header = json!({"sluice": {"variables": variables}});
+    let by_body = json!({"sluice": {"prompt": "greet@1", "variables": variables}});
+    for (b, headers) in [
+        (by_header, &[("x-sluice-prompt", "greet@1")][..]),
+        (by_body, &[][..]),
+    ] {
+        let r = h.send("/v1/chat/completions", b, headers).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.headers["x-sluice-model"], "gpt-4o-mini");
+        assert_eq!(r.record.model_requested.as_deref(), Some("gpt-4o-mini"));
+    }
+    // No prompt, no model: a 400 that names the parameter, absent or empty alike.
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    for b in [
+        json!({"messages": messages}),
+        json!({"model": " ", "messages": messages}),
+    ] {
+        let r = h.send("/v1/chat/completions", b, &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text);
+        assert_eq!(r.body["error"]["code"], "invalid_request", "{}", r.text);
+        assert_eq!(r.body["error"]["param"], "model", "{}", r.text);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("`model` is required"), "{message}");
+    }
+}
+
 /// A prompt-target experiment: requests naming the prompt get the variant's version,
 /// sticky per user, rendered by the resolve stage and named in the record and header;
 /// tiers with a model list still accept the prompt's model (the 403 check runs on the
@@ -474,4 +506,163 @@ variants = [
     }
     let variants: std::collections::HashSet<_> = seen.values().collect();
     assert_eq!(variants.len(), 2, "20 users all landed in one variant");
+}
+
+/// The test runner on `greet@2` (3 words at most, else the fallback "Hello NAME!") and
+/// `down@1` (its only model always fails), each with a case the fallback's text would
+/// pass.
+fn runner_config() -> (PathBuf, sluice_gateway::config::Config) {
+    use sluice_gateway::config::{Config, ConfigSource};
+    let dir = prompt_dir();
+    std::fs::remove_file(dir.join("greet/v1.toml")).unwrap();
+    let case = r#"
+[[tests]]
+name = "warm"
+variables = { name = "Dana", company = "Acme" }
+assert = [{ starts_with = "Hello Dana" }]
+"#;
+    std::fs::write(dir.join("greet/v2.toml"), format!("{V2}{case}")).unwrap();
+    std::fs::create_dir_all(dir.join("down")).unwrap();
+    let down = V2.replace("model = \"gpt-4o-mini\"", "model = \"broken\"\nlabels = []");
+    std::fs::write(dir.join("down/v1.toml"), format!("{down}{case}")).unwrap();
+    let toml = format!(
+        r#"
+[[providers]]
+name = "sim"
+kind = "sim"
+
+[[providers]]
+name = "down"
+kind = "sim"
+chaos = {{ fail_first = 1000, fail_status = 500 }}
+
+[[models]]
+name = "gpt-4o-mini"
+provider = "sim"
+
+[[models]]
+name = "broken"
+provider = "down"
+
+[retry]
+max_attempts = 1
+
+[prompts]
+dir = "{}"
+watch = false
+"#,
+        dir.display()
+    );
+    let config = Config::from_toml(
+        &toml,
+        &[("UNUSED", "")],
+        ConfigSource::Embedded { simulated: false },
+    )
+    .unwrap();
+    (dir, config)
+}
+
+async fn run_tests(
+    config: &sluice_gateway::config::Config,
+    prompt: &str,
+    mode: sluice_gateway::prompts::runner::Mode,
+) -> sluice_gateway::prompts::runner::TestReport {
+    use sluice_gateway::prompts::runner::{self, Options, Quiet};
+    let options = Options {
+        prompt: Some(prompt.into()),
+        repeat: 1,
+        mode,
+    };
+    runner::run(config.clone(), &options, &mut Quiet)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_run_the_fallback_answered_fails_and_records_the_models_answer() {
+    use sluice_gateway::prompts::runner::Mode;
+    let (dir, config) = runner_config();
+    // The fallback's "Hello Dana!" would pass the case; the model's answer does not.
+    let report = run_tests(&config, "greet@2", Mode::Live).await;
+    assert!(!report.passed(), "{}", report.text());
+    let run = &report.cases[0].runs[0];
+    assert!(run.fallback);
+    assert!(
+        run.failures[0].starts_with(
+            "answered by the fallback template: gpt-4o-mini's answer failed the prompt's validators: max_words"
+        ),
+        "{:?}",
+        run.failures
+    );
+    assert!(
+        run.failures[1].contains(r#"does not start with "Hello Dana""#),
+        "{:?}",
+        run.failures
+    );
+    let model_said = run.answer.clone().unwrap();
+    assert!(!model_said.starts_with("Hello Dana"), "{model_said}");
+    let text = report.text();
+    assert!(text.contains("FAIL greet@2 warm"), "{text}");
+    assert!(
+        text.contains("run 1: answered by the fallback template: gpt-4o-mini's answer"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("the model's answer: {model_said}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 cases, 1 failed; 0/1 runs passed"),
+        "{text}"
+    );
+    let xml = report.junit().unwrap();
+    assert!(
+        xml.contains(r#"failures="1""#) && xml.contains("answered by the fallback template"),
+        "{xml}"
+    );
+
+    // Recorded: the model's answer, never the fallback's text; replayed, the same verdict.
+    let report = run_tests(&config, "greet@2", Mode::Record).await;
+    assert!(!report.passed());
+    let cassette: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("greet/v2.cassette.json")).unwrap())
+            .unwrap();
+    assert_eq!(cassette["answers"]["warm#0"]["text"], model_said.as_str());
+    assert_eq!(cassette["answers"]["warm#0"]["model"], "gpt-4o-mini");
+    let report = run_tests(&config, "greet@2", Mode::Replay).await;
+    let run = &report.cases[0].runs[0];
+    assert!(run.fallback && !run.passed(), "{}", report.text());
+    assert_eq!(run.answer.as_deref(), Some(model_said.as_str()));
+    assert!(
+        run.failures[0].starts_with("answered by the fallback template: gpt-4o-mini's answer"),
+        "{:?}",
+        run.failures
+    );
+}
+
+#[tokio::test]
+async fn a_run_no_model_answered_fails_and_is_not_recorded() {
+    use sluice_gateway::prompts::runner::Mode;
+    let (dir, config) = runner_config();
+    let report = run_tests(&config, "down@1", Mode::Record).await;
+    assert!(!report.passed(), "{}", report.text());
+    let run = &report.cases[0].runs[0];
+    assert!(run.fallback && run.answer.is_none(), "{run:?}");
+    assert!(
+        run.failures[0]
+            .starts_with("answered by the fallback template: every model failed; the last error: "),
+        "{:?}",
+        run.failures
+    );
+    assert!(
+        run.failures
+            .iter()
+            .any(|f| f.starts_with("not recorded: no model answered")),
+        "{:?}",
+        run.failures
+    );
+    let cassette: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("down/v1.cassette.json")).unwrap())
+            .unwrap();
+    assert_eq!(cassette["answers"], json!({}), "{cassette}");
 }

@@ -191,6 +191,125 @@ fn repeat_reports_the_pass_rate_and_record_then_replay_round_trips() {
     );
 }
 
+/// `path` without its `[[tests]]` (not part of the content hash: still locked, still
+/// replayable).
+fn drop_tests(path: &Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let at = text.find("[[tests]]").expect("the file has tests");
+    std::fs::write(path, &text[..at]).unwrap();
+}
+
+#[test]
+fn a_selection_without_test_cases_fails_instead_of_passing_empty() {
+    let (dir, config) = copy_example();
+    let prompts = dir.join("prompts/message-generator");
+    let v3 = prompts.join("v3.toml");
+    std::fs::copy(prompts.join("v2.toml"), &v3).unwrap();
+    edit(&v3, "labels = [\"staging\"]\n", "");
+    drop_tests(&v3);
+    let junit = dir.join("junit.xml");
+    let out = sluice(&[
+        "prompts",
+        "test",
+        "--config",
+        &config,
+        "--replay",
+        "--prompt",
+        "message-generator@3",
+        "--junit",
+        junit.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "{}", both(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("error: nothing to test: `message-generator@3` has no test cases"),
+        "{text}"
+    );
+    assert!(text.contains("0 cases, 0 failed"), "{text}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("nothing to test") && xml.contains(r#"errors="1""#),
+        "{xml}"
+    );
+
+    // No version anywhere with a test case: the same, for the whole config.
+    drop_tests(&prompts.join("v1.toml"));
+    drop_tests(&prompts.join("v2.toml"));
+    let out = sluice(&["prompts", "test", "--config", &config, "--replay"]);
+    assert!(!out.status.success(), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("error: nothing to test: no prompt version under"),
+        "{}",
+        both(&out)
+    );
+    let out = sluice(&[
+        "prompts",
+        "test",
+        "--config",
+        &config,
+        "--replay",
+        "--prompt",
+        "message-generator",
+    ]);
+    assert!(!out.status.success(), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("no version of prompt `message-generator` has test cases"),
+        "{}",
+        both(&out)
+    );
+}
+
+#[test]
+fn a_new_version_is_a_warning_until_update_lock_adds_it() {
+    let (dir, config) = copy_example();
+    let v3 = dir.join("prompts/message-generator/v3.toml");
+    std::fs::copy(dir.join("prompts/message-generator/v2.toml"), &v3).unwrap();
+    edit(&v3, "labels = [\"staging\"]\n", "");
+    edit(&v3, "- Under 150 words, plain", "- Under 120 words, plain");
+    let lock_path = dir.join("prompts/prompts.lock");
+    let shipped = std::fs::read_to_string(&lock_path).unwrap();
+
+    // Not locked yet: a warning that says how, the exit still 0, the lock untouched.
+    let out = sluice(&["check", "--config", &config]);
+    assert!(out.status.success(), "{}", both(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("warning: message-generator@3 is not in")
+            && text.contains("run `sluice check --update-lock` to lock it"),
+        "{text}"
+    );
+    assert!(text.contains("0 error(s), 1 warning(s)"), "{text}");
+    assert_eq!(std::fs::read_to_string(&lock_path).unwrap(), shipped);
+
+    let out = sluice(&["check", "--config", &config, "--update-lock"]);
+    assert!(out.status.success(), "{}", both(&out));
+    let hash = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("message-generator@3 hash "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("check names v3's hash")
+        .to_string();
+    assert!(
+        stdout(&out).contains(&format!("locked message-generator@3 ({hash})")),
+        "{}",
+        both(&out)
+    );
+    // v3 added with the hash `check` reported; the locked versions kept as they were.
+    let lock = std::fs::read_to_string(&lock_path).unwrap();
+    assert_eq!(
+        lock,
+        format!("{shipped}\"message-generator@3\" = \"{hash}\"\n"),
+        "{lock}"
+    );
+    let out = sluice(&["check", "--config", &config]);
+    assert!(out.status.success(), "{}", both(&out));
+    assert!(
+        stdout(&out).contains("ok: 0 error(s), 0 warning(s)"),
+        "{}",
+        both(&out)
+    );
+}
+
 #[test]
 fn check_catches_an_edited_locked_version_and_reports_file_and_line() {
     let (dir, config) = copy_example();

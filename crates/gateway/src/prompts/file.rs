@@ -50,6 +50,10 @@ struct RawVariable {
     required: Option<bool>,
     max_length: Option<usize>,
     default: Option<Value>,
+    /// Documentation only: left out of the content hash (serialized only for it), so
+    /// rewording it needs no new version.
+    #[serde(skip_serializing)]
+    #[expect(dead_code, reason = "read by people, not by the gateway")]
     description: Option<String>,
 }
 
@@ -437,25 +441,61 @@ impl PromptVersion {
     }
 
     /// Render one of the templates (`system`, `user`, `fallback`) with bound variables.
+    /// The output cap stops the render as it is crossed, so a runaway template never
+    /// holds more than the cap in memory.
     pub fn render(&self, name: &str, vars: &Map<String, Value>) -> Result<Option<String>, String> {
         let Ok(t) = self.env.get_template(name) else {
             return Ok(None);
         };
-        let text = t.render(vars).map_err(|e| {
+        let mut out = CappedOutput::default();
+        if let Err(e) = t.render_captured_to(vars, &mut out) {
+            if out.over {
+                return Err(format!(
+                    "the `{name}` template rendered more than {MAX_RENDERED_CHARS} characters"
+                ));
+            }
+            if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                return Err(format!(
+                    "the `{name}` template did too much work (a render may take {RENDER_FUEL} steps): is a loop running away?"
+                ));
+            }
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
                 msg.push_str(&format!(": {s}"));
                 source = s.source();
             }
-            msg
-        })?;
-        if text.chars().count() > MAX_RENDERED_CHARS {
-            return Err(format!(
-                "the `{name}` template rendered more than {MAX_RENDERED_CHARS} characters"
-            ));
+            return Err(msg);
         }
-        Ok(Some(text))
+        String::from_utf8(out.text)
+            .map(Some)
+            .map_err(|e| format!("the `{name}` template rendered invalid UTF-8: {e}"))
+    }
+}
+
+/// Where a render writes: refuses the write that would pass [`MAX_RENDERED_CHARS`].
+#[derive(Default)]
+struct CappedOutput {
+    text: Vec<u8>,
+    chars: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // UTF-8 continuation bytes are 0b10xx_xxxx: every other byte starts a character.
+        let chars = buf.iter().filter(|b| (**b & 0xC0) != 0x80).count();
+        if self.chars + chars > MAX_RENDERED_CHARS {
+            self.over = true;
+            return Err(std::io::Error::other("rendered output too large"));
+        }
+        self.chars += chars;
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -464,9 +504,9 @@ const BUILTIN_NAMES: &[&str] = &["range", "dict", "namespace", "loop", "debug"];
 
 /// The content hash: SHA-256 over the canonical JSON (sorted keys) of everything that
 /// shapes an answer: model, parameters, templates, variables, validators, on-fail action
-/// and the fallback. Not hashed: `description`, `labels` and `tests`, so a label can
-/// move and a case can be added without a new version; formatting and comments do not
-/// count either.
+/// and the fallback. Not hashed: `description` (the file's and each variable's),
+/// `labels` and `tests`, so a label can move, a case can be added and the docs reworded
+/// without a new version; formatting and comments do not count either.
 fn content_hash(raw: &RawFile) -> String {
     let validators: Vec<Value> = raw
         .validators
@@ -532,3 +572,114 @@ fn build_params(params: &Map<String, Value>) -> Result<ChatRequest, String> {
 
 /// The shared handle the registry keeps.
 pub type Version = Arc<PromptVersion>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<PromptVersion, Vec<FileProblem>> {
+        PromptVersion::parse("p", 1, Path::new("p/v1.toml"), text)
+    }
+
+    fn problems(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("parsed, but should not have:\n{text}"),
+            Err(p) => p.iter().map(|p| format!("{p}\n")).collect(),
+        }
+    }
+
+    fn vars(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn descriptions_are_not_part_of_the_content_hash() {
+        let file = |description: &str, max_length: u32| {
+            format!(
+                "description = \"{description}\"\nuser = \"Hi {{{{ name }}}}\"\n\
+                 [variables.name]\ntype = \"string\"\nmax_length = {max_length}\n\
+                 description = \"{description}\"\n"
+            )
+        };
+        let hash = |text: &str| parse(text).unwrap().hash;
+        let before = hash(&file("The recipient's name.", 80));
+        assert_eq!(hash(&file("Full name; greeted by first name.", 80)), before);
+        // What shapes an answer still counts, in the variable's own table too.
+        assert_ne!(hash(&file("The recipient's name.", 40)), before);
+    }
+
+    #[test]
+    fn includes_imports_and_extends_are_refused() {
+        // `system` exists in the same environment: only the template language itself
+        // can keep `user` from reading it (or a file).
+        for statement in [
+            r#"{% include "system" %}"#,
+            r#"{% import "system" as s %}"#,
+            r#"{% from "system" import x %}"#,
+            r#"{% extends "system" %}"#,
+        ] {
+            let text = format!("system = \"secret\"\nuser = '{statement}'\n");
+            let found = problems(&text);
+            assert!(
+                found.contains("user: invalid template") && found.contains("unknown statement"),
+                "{statement}: {found}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_runaway_loop_runs_out_of_fuel_with_a_clear_error() {
+        let v = parse(
+            "user = \"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\"\n",
+        )
+        .unwrap();
+        let e = v.render("user", &Map::new()).unwrap_err();
+        assert!(
+            e.contains("the `user` template did too much work") && e.contains("loop"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn output_past_the_cap_is_refused() {
+        let text = "user = \"{% for item in items %}{{ item }}{% endfor %}\"\n\
+                    [variables.items]\ntype = \"array\"\n";
+        let v = parse(text).unwrap();
+        let item = "x".repeat(10_000);
+        // 20 items: exactly the cap, rendered in full.
+        let at_cap = vec![Value::String(item.clone()); MAX_RENDERED_CHARS / item.len()];
+        let out = v
+            .render("user", &vars(json!({"items": at_cap})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.chars().count(), MAX_RENDERED_CHARS);
+        // One more character (a multi-byte one, counted once) is refused.
+        let mut over = at_cap.clone();
+        over.push(Value::String("é".into()));
+        let e = v.render("user", &vars(json!({"items": over}))).unwrap_err();
+        assert_eq!(
+            e,
+            format!("the `user` template rendered more than {MAX_RENDERED_CHARS} characters")
+        );
+    }
+
+    #[test]
+    fn undeclared_variables_are_errors() {
+        // Caught when the file loads: a typo never reaches traffic.
+        let found = problems(
+            "user = \"Hi {{ name }} from {{ compnay }}\"\n[variables.name]\ntype = \"string\"\n",
+        );
+        assert!(
+            found.contains("user: uses undeclared variable(s) compnay"),
+            "{found}"
+        );
+        // A declared optional variable left unset is undefined at render: strict, so an
+        // error rather than an empty string in the prompt.
+        let v = parse(
+            "user = \"Hi {{ name.first }}\"\n[variables.name]\ntype = \"object\"\nrequired = false\n",
+        )
+        .unwrap();
+        let e = v.render("user", &Map::new()).unwrap_err();
+        assert!(e.contains("undefined"), "{e}");
+    }
+}

@@ -2,10 +2,12 @@
 //! sent through the same pipeline as live traffic (an in-process gateway built from the
 //! config), its answer held to the case's assertions, each case `repeat` times for a
 //! pass rate. `Record` saves the answers to the version's cassette; `Replay` answers
-//! from it through a [`ReplayProvider`] (no network).
+//! from it through a [`ReplayProvider`] (no network). A run the fallback template
+//! answered fails: the runner keeps each answer a model gave (a [`Witness`] below the
+//! pipeline), so it judges, reports and records what the model said, not the fallback.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -18,8 +20,11 @@ use tower::ServiceExt;
 use super::cassette::{self, Cassette, Recording, ReplayProvider};
 use super::{PromptRegistry, PromptVersion, Version};
 use crate::config::Config;
+use crate::limits::capacity::Capacity;
 use crate::pipeline::{Gateway, HEADER_CACHE, HEADER_FALLBACK, HEADER_MODEL};
+use crate::providers::{ChatCall, ChunkStream, Provider, Timeouts, UpstreamError};
 use crate::store::{StorageTarget, Store};
+use crate::wire::{ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -55,12 +60,13 @@ impl Default for Options {
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
     pub run: u32,
-    /// Failed assertions, or why there was no answer.
+    /// Failed assertions, or why there was no answer (or only the fallback's).
     pub failures: Vec<String>,
+    /// The model's answer: with a fallback, the one it replaced (when a model answered).
     pub answer: Option<String>,
     /// The model that answered (`x-sluice-model`).
     pub model: Option<String>,
-    /// The prompt's fallback template answered.
+    /// A fallback template answered: the run failed, whatever the assertions say.
     pub fallback: bool,
     /// The answer's usage (prompt, completion tokens).
     pub usage: (u32, u32),
@@ -97,7 +103,8 @@ impl CaseReport {
 #[derive(Debug, Clone, Default)]
 pub struct TestReport {
     pub cases: Vec<CaseReport>,
-    /// Prompt files that did not load, cassettes that could not be written.
+    /// Prompt files that did not load, cassettes that could not be written, a
+    /// selection with no test cases.
     pub problems: Vec<String>,
 }
 
@@ -131,7 +138,12 @@ impl TestReport {
                     out.push_str(&format!("       run {}: {f}\n", r.run + 1));
                 }
                 if let Some(a) = &r.answer {
-                    out.push_str(&format!("       answer: {}\n", one_line(a, 300)));
+                    let which = if r.fallback {
+                        "the model's answer"
+                    } else {
+                        "answer"
+                    };
+                    out.push_str(&format!("       {which}: {}\n", one_line(a, 300)));
                 }
             }
         }
@@ -186,7 +198,7 @@ impl TestReport {
         }
         if !self.problems.is_empty() {
             let mut s = TestCaseStatus::non_success(NonSuccessKind::Error);
-            s.set_message("prompt files did not load");
+            s.set_message(self.problems.join("; "));
             s.set_description(self.problems.join("\n"));
             let mut suite = TestSuite::new("prompt files");
             suite.add_test_case(TestCase::new("load", s));
@@ -222,29 +234,43 @@ impl Progress for Quiet {
     fn finish(&mut self) {}
 }
 
-/// The versions `--prompt` selects: every version with tests, one prompt's, or one.
+/// The versions `--prompt` selects that have test cases: every version's, one
+/// prompt's, or one version's. An unknown prompt or version is an error; a selection
+/// with no test cases is the caller's to report (see [`nothing_selected`]).
 fn select(registry: &PromptRegistry, prompt: Option<&str>) -> anyhow::Result<Vec<Version>> {
-    let Some(p) = prompt else {
-        return Ok(registry
-            .all()
-            .filter(|v| !v.tests.is_empty())
-            .cloned()
-            .collect());
+    let versions = match prompt {
+        None => registry.all().cloned().collect(),
+        Some(p) if p.contains('@') => vec![registry.resolve(p)?],
+        Some(p) => {
+            registry.resolve(p)?;
+            registry.all().filter(|v| v.id == p).cloned().collect()
+        }
     };
-    if p.contains('@') {
-        return Ok(vec![registry.resolve(p)?]);
+    Ok(versions
+        .into_iter()
+        .filter(|v: &Version| !v.tests.is_empty())
+        .collect())
+}
+
+/// Why nothing ran: a run of no cases proves nothing, so it fails rather than pass.
+fn nothing_selected(config: &Config, prompt: Option<&str>) -> String {
+    match prompt {
+        Some(p) if p.contains('@') => {
+            format!("nothing to test: `{p}` has no test cases; add [[tests]] to its file")
+        }
+        Some(p) => format!(
+            "nothing to test: no version of prompt `{p}` has test cases; add [[tests]] to its files"
+        ),
+        None => format!(
+            "nothing to test: no prompt version under {} has test cases; add [[tests]] to the prompt files",
+            config
+                .prompts
+                .dir
+                .as_deref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        ),
     }
-    let versions: Vec<Version> = registry
-        .all()
-        .filter(|v| v.id == p && !v.tests.is_empty())
-        .cloned()
-        .collect();
-    if versions.is_empty() {
-        // Says why: no such prompt, or it has no test cases.
-        registry.resolve(p)?;
-        anyhow::bail!("prompt `{p}` has no test cases");
-    }
-    Ok(versions)
 }
 
 /// Run the test cases through an in-process gateway built from `config` (its request
@@ -263,24 +289,35 @@ pub async fn run(
         problems: registry.problems.iter().map(|p| p.to_string()).collect(),
     };
     let versions = select(&registry, options.prompt.as_deref())?;
+    if versions.is_empty() {
+        report
+            .problems
+            .push(nothing_selected(&config, options.prompt.as_deref()));
+        return Ok(report);
+    }
     let repeat = options.repeat.max(1);
     config.storage.target = StorageTarget::Memory;
     let config = Arc::new(config);
     let store = Store::open(&config.storage.target).await?;
     let tasks = TaskTracker::new();
     let replay = ReplayProvider::default();
-    let gateway = match options.mode {
-        Mode::Replay => Gateway::start_answering_with(
-            config.clone(),
-            store,
-            Vec::new(),
-            tasks.clone(),
-            Arc::new(replay.clone()),
-        )?,
-        Mode::Live | Mode::Record => {
-            Gateway::start(config.clone(), store, Vec::new(), tasks.clone())?
-        }
+    let witness = Witness::default();
+    let replaying = options.mode == Mode::Replay;
+    let (answers, seen) = (replay.clone(), witness.clone());
+    let wrap = move |model: &str, provider: Arc<dyn Provider>| -> Arc<dyn Provider> {
+        let inner: Arc<dyn Provider> = if replaying {
+            Arc::new(answers.clone())
+        } else {
+            provider
+        };
+        Arc::new(Watched {
+            model: model.to_string(),
+            inner,
+            witness: seen.clone(),
+        })
     };
+    let gateway =
+        Gateway::start_wrapping_providers(config.clone(), store, Vec::new(), tasks.clone(), &wrap)?;
     gateway.auth.ready().await?;
     let app = crate::server::app(gateway.clone());
     let bearer = config
@@ -306,6 +343,7 @@ pub async fn run(
             let mut runs = Vec::with_capacity(repeat as usize);
             for run in 0..repeat {
                 let started = Instant::now();
+                witness.clear();
                 let mut outcome = if options.mode == Mode::Replay {
                     let answer = match (&tape, &tape_error) {
                         (Some(t), _) => t.answer(&path, &case.name, run).cloned(),
@@ -324,20 +362,36 @@ pub async fn run(
                 };
                 outcome.run = run;
                 outcome.duration = started.elapsed();
+                // With a fallback, what the model said (if anything) is what is judged
+                // and recorded: the fallback's text is never the model's answer.
+                let model_answer = if outcome.fallback {
+                    let seen = witness.take();
+                    outcome.failures.push(fallback_failure(version, &seen));
+                    let answer = seen.last_answer().cloned();
+                    outcome.answer = answer.as_ref().map(|a| a.text.clone());
+                    answer
+                } else {
+                    outcome.answer.as_ref().map(|text| Recording {
+                        model: outcome.model.clone().unwrap_or_default(),
+                        text: text.clone(),
+                        prompt_tokens: outcome.usage.0,
+                        completion_tokens: outcome.usage.1,
+                    })
+                };
                 if let Some(answer) = &outcome.answer {
                     outcome
                         .failures
                         .extend(super::assert::failures(&case.assertions, answer));
-                    if let Some(c) = recorded.as_mut() {
-                        c.answers.insert(
-                            cassette::key(&case.name, run),
-                            Recording {
-                                model: outcome.model.clone().unwrap_or_default(),
-                                text: answer.clone(),
-                                prompt_tokens: outcome.usage.0,
-                                completion_tokens: outcome.usage.1,
-                            },
-                        );
+                }
+                if let Some(c) = recorded.as_mut() {
+                    match model_answer {
+                        Some(a) => {
+                            c.answers.insert(cassette::key(&case.name, run), a);
+                        }
+                        None if outcome.fallback => outcome.failures.push(
+                            "not recorded: no model answered, and the fallback's text is not the model's answer".into(),
+                        ),
+                        None => {}
                     }
                 }
                 progress.run_done(&version.reference(), &case.name, &outcome);
@@ -363,6 +417,28 @@ pub async fn run(
     tasks.close();
     tasks.wait().await;
     Ok(report)
+}
+
+/// Why the fallback answered, from what the models did: the last thing that happened
+/// decided it (an answer that failed the prompt's checks, or a failed call).
+fn fallback_failure(version: &PromptVersion, seen: &Seen) -> String {
+    let why = match seen.events.last() {
+        Some(Ok(answer)) => {
+            let failures = crate::guard::output::failures(&version.validators, &answer.text);
+            if failures.is_empty() {
+                format!("{}'s answer was not used", answer.model)
+            } else {
+                format!(
+                    "{}'s answer failed the prompt's validators: {}",
+                    answer.model,
+                    failures.join("; ")
+                )
+            }
+        }
+        Some(Err(error)) => format!("every model failed; the last error: {error}"),
+        None => "no model was called".into(),
+    };
+    format!("answered by the fallback template: {why}")
 }
 
 fn failed(why: String) -> RunOutcome {
@@ -446,5 +522,90 @@ async fn ask(
         fallback,
         usage: (tokens("prompt_tokens"), tokens("completion_tokens")),
         duration: Duration::ZERO,
+    }
+}
+
+/// Every chat call's result during one run, in order, seen below the pipeline.
+#[derive(Debug, Default)]
+struct Seen {
+    events: Vec<Result<Recording, String>>,
+}
+
+impl Seen {
+    fn last_answer(&self) -> Option<&Recording> {
+        self.events.iter().rev().find_map(|e| e.as_ref().ok())
+    }
+}
+
+/// The runner's view of what the models said: the response a client gets carries the
+/// fallback's text instead of the answer that failed.
+#[derive(Clone, Default)]
+struct Witness(Arc<Mutex<Seen>>);
+
+impl Witness {
+    fn clear(&self) {
+        drop(self.take());
+    }
+
+    fn take(&self) -> Seen {
+        self.0
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
+    fn push(&self, event: Result<Recording, String>) {
+        if let Ok(mut s) = self.0.lock() {
+            s.events.push(event);
+        }
+    }
+}
+
+/// A model's provider that tells the [`Witness`] each whole answer (and failure).
+struct Watched {
+    /// The model entry it serves.
+    model: String,
+    inner: Arc<dyn Provider>,
+    witness: Witness,
+}
+
+#[async_trait::async_trait]
+impl Provider for Watched {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    async fn chat(&self, call: ChatCall<'_>) -> Result<ChatResponse, UpstreamError> {
+        let result = self.inner.chat(call).await;
+        self.witness.push(match &result {
+            Ok(response) => Ok(Recording {
+                model: self.model.clone(),
+                text: response
+                    .choices
+                    .first()
+                    .map(|c| c.message.text())
+                    .unwrap_or_default(),
+                prompt_tokens: response.usage.as_ref().map_or(0, |u| u.prompt_tokens),
+                completion_tokens: response.usage.as_ref().map_or(0, |u| u.completion_tokens),
+            }),
+            Err(e) => Err(e.to_string()),
+        });
+        result
+    }
+
+    async fn chat_stream(&self, call: ChatCall<'_>) -> Result<ChunkStream, UpstreamError> {
+        self.inner.chat_stream(call).await
+    }
+
+    async fn embeddings(
+        &self,
+        request: &EmbeddingsRequest,
+        upstream_model: &str,
+        timeouts: Timeouts,
+        capacity: Option<&Capacity>,
+    ) -> Result<EmbeddingsResponse, UpstreamError> {
+        self.inner
+            .embeddings(request, upstream_model, timeouts, capacity)
+            .await
     }
 }
