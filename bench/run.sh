@@ -26,6 +26,11 @@
 #                   gateway (DURATION each), for issue #2's added p50: the median of
 #                   the rounds' differences, steadier on a noisy machine than one pair
 #                   of runs (0 skips)
+#   FLOOR=1         also measure a byte pump (socat, placed like the gateway) between
+#                   loadgen and the mock, in the fixed-rate, 1-connection and round runs:
+#                   what any proxy process costs on this machine for the extra hop and
+#                   its wake-ups, the floor under every "added" figure (0 skips; skipped
+#                   too without socat)
 #   CACHE_MB=16     [cache] memory_bytes of the full-feature gateway (its RSS bound)
 #   REDIS_URL=redis://127.0.0.1:6379   the full-feature gateway again with limits and
 #                   cache on Redis (a random key prefix, deleted on exit); REDIS_URL=
@@ -58,6 +63,7 @@ SOAK_RATE=${SOAK_RATE:-$RATE}
 SAMPLE_EVERY=${SAMPLE_EVERY:-10}
 READY_RUNS=${READY_RUNS:-5}
 ROUNDS=${ROUNDS:-5}
+FLOOR=${FLOOR:-1}
 CACHE_MB=${CACHE_MB:-16}
 REDIS_URL=${REDIS_URL-redis://127.0.0.1:6379}
 PIN=${PIN:-1}
@@ -73,7 +79,7 @@ for tool in cargo curl jq ss awk; do
   command -v "$tool" >/dev/null || { echo "run.sh: needs $tool" >&2; exit 2; }
 done
 
-COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS PIN=$PIN LOG_LEVEL=$LOG_LEVEL bench/run.sh"
+COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS FLOOR=$FLOOR PIN=$PIN LOG_LEVEL=$LOG_LEVEL bench/run.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 KEEP=$WORK
@@ -85,8 +91,11 @@ fi
 REDIS_PREFIX="sluice_bench_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n'):"
 REDIS_USED=0
 PIDS=()
+FLOOR_PID=
 cleanup() {
   local pid
+  # socat forks a child per connection: the floor runs in its own process group.
+  if [[ -n $FLOOR_PID ]]; then kill -- "-$FLOOR_PID" 2>/dev/null || true; fi
   for pid in "${PIDS[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
@@ -475,6 +484,25 @@ soak() { # target pid loadgen-args...
 DIRECT=http://127.0.0.1:$MOCK_PORT/v1/chat/completions
 scenarios direct "$DIRECT" "$MOCK_PID"
 
+# ---- the floor: a byte pump where the gateway sits (same CPU), no HTTP work at all ----
+FLOOR_URL=
+FLOOR_NOTE="skipped (FLOOR=0)"
+if [[ $FLOOR == 1 ]]; then
+  if command -v socat >/dev/null && command -v setsid >/dev/null; then
+    FLOOR_PORT=$(free_port)
+    setsid "${PIN_GW[@]}" socat "TCP-LISTEN:$FLOOR_PORT,bind=127.0.0.1,reuseaddr,fork,nodelay" \
+      "TCP:127.0.0.1:$MOCK_PORT,nodelay" >"$WORK/floor.log" 2>&1 &
+    FLOOR_PID=$!
+    wait_ready "http://127.0.0.1:$FLOOR_PORT/healthz" floor "$FLOOR_PID" "$WORK/floor.log"
+    FLOOR_URL=http://127.0.0.1:$FLOOR_PORT/v1/chat/completions
+    FLOOR_NOTE="socat $(socat -V 2>/dev/null | awk '/socat version/ { print $3 }'), forking a child per connection, placed like the gateway"
+    load rate floor "$FLOOR_URL" "$FLOOR_PID" --rate "$RATE" "${COMMON[@]}"
+    load c1 floor "$FLOOR_URL" "$FLOOR_PID" --connections 1 "${COMMON[@]}"
+  else
+    FLOOR_NOTE="skipped (no socat or setsid)"
+  fi
+fi
+
 run_gateway() { # target config-function [redis]
   local target=$1
   start_gateway "$@"
@@ -489,6 +517,9 @@ run_gateway() { # target config-function [redis]
     local round
     for ((round = 1; round <= ROUNDS; round++)); do
       load "rate-round-$round" direct "$DIRECT" "$MOCK_PID" --rate "$RATE" "${COMMON[@]}"
+      if [[ -n $FLOOR_URL ]]; then
+        load "rate-round-$round" floor "$FLOOR_URL" "$FLOOR_PID" --rate "$RATE" "${COMMON[@]}"
+      fi
       load "rate-round-$round" default "$GW_URL/v1/chat/completions" "$GW_PID" --rate "$RATE" "${COMMON[@]}"
     done
   fi
@@ -543,6 +574,10 @@ fi
 # ---- report ----
 TARGETS=(direct default full)
 [[ $REDIS_USED == 1 ]] && TARGETS+=(full-redis)
+# The floor has latency rows only (its CPU is in socat's children, not measured).
+LAT_TARGETS=(direct)
+[[ -n $FLOOR_URL ]] && LAT_TARGETS+=(floor)
+LAT_TARGETS+=("${TARGETS[@]:1}")
 r() { # jq filter over every result (slurped)
   jq -rs "$1" "$RESULTS"
 }
@@ -553,19 +588,24 @@ mib() { # KiB (or null) -> MiB with one decimal
   jq -rn --argjson k "${1:-null}" 'if $k == null then "–" else ($k / 1024 * 10 | round / 10 | tostring) end'
 }
 
-# Added p50 at RATE over the alternating rounds (direct, then default, ROUNDS times).
-rounds_summary() {
-  jq -rs --arg rate "$RATE" '
+# Added p50 at RATE over the alternating rounds (direct, [floor,] default, ROUNDS times),
+# for one target: its median and each round's.
+rounds_summary() { # target
+  jq -rs --arg rate "$RATE" --arg t "$1" '
     [ map(select(.scenario | startswith("rate-round-")))
       | group_by(.scenario | ltrimstr("rate-round-") | tonumber)[]
       | (map(select(.target == "direct"))[0]) as $d
-      | (map(select(.target == "default"))[0]) as $g
+      | (map(select(.target == $t))[0]) as $g
       | select($d != null and $g != null)
       | $g.latency.p50_us - $d.latency.p50_us ] as $added
     | if ($added | length) == 0 then empty else
       ($added | sort) as $s
       | (($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2) as $median
-      | "Added p50 at \($rate)/s, default config, \($added | length) alternating rounds (direct, then sluice): median **\($median) µs** (rounds: \($added | map(tostring) | join(", ")) µs); issue #2 asks ≤ 200 µs."
+      | if $t == "default" then
+          "Added p50 at \($rate)/s, default config, \($added | length) alternating rounds: median **\($median) µs** (rounds: \($added | map(tostring) | join(", ")) µs); issue #2 asks ≤ 200 µs."
+        else
+          "The floor (a byte pump in the gateway'"'"'s place) in the same rounds: median added p50 **\($median) µs** (rounds: \($added | map(tostring) | join(", ")) µs)."
+        end
       end' "$RESULTS"
 }
 
@@ -573,12 +613,12 @@ lat_rows() { # scenario title [base-scenario]
   local s=$1 title=$2 base=${3:-$1} t
   local d
   d=$(one "$base" direct)
-  for t in "${TARGETS[@]}"; do
+  for t in "${LAT_TARGETS[@]}"; do
     [[ $s == hit && ($t == direct || $t == default) ]] && continue
     one "$s" "$t" | jq -r --argjson d "$d" --arg title "$title" --arg t "$t" '
       if . == null then empty else
       def added(f): if $d == null or $t == "direct" then "" else ((.latency[f] - $d.latency[f]) | tostring) end;
-      "| \($title) | \($t) | \(.rps) | \(.latency.p50_us) | \(.latency.p90_us) | \(.latency.p99_us) | \(.latency.p999_us) | \(added("p50_us")) | \(added("p99_us")) | \(if .requests_total > 0 then (.server_cpu_s / .requests_total * 1000 * 1000 | round / 1000) else "–" end) | \(.errors) |"
+      "| \($title) | \($t) | \(.rps) | \(.latency.p50_us) | \(.latency.p90_us) | \(.latency.p99_us) | \(.latency.p999_us) | \(added("p50_us")) | \(added("p99_us")) | \(if $t == "floor" then "–" elif .requests_total > 0 then (.server_cpu_s / .requests_total * 1000 * 1000 | round / 1000) else "–" end) | \(.errors) |"
       end'
   done
 }
@@ -693,6 +733,8 @@ BUSY_AFTER=$(cpu_busy)
   echo "  **full** = API key, tier limits per key / per user / total, input guard detectors,"
   echo "  output rule, budgets, prices, response cache (${CACHE_MB} MiB), SQLite request log,"
   echo "  metrics; **full-redis** = full with limits and cache on Redis: ${REDIS_NOTE}"
+  echo "- **floor** = $FLOOR_NOTE: what any proxy process costs here for the extra"
+  echo "  loopback hop and its wake-ups, with no HTTP work at all"
   echo "- every request is distinct (numbered prompt: the cache misses) and sends \`user\`;"
   echo "  \"cache hit\" repeats one request"
   echo
@@ -706,10 +748,12 @@ BUSY_AFTER=$(cpu_busy)
   lat_rows c1 "closed loop, 1 conn"
   lat_rows cN "closed loop, $CONNS conns"
   lat_rows hit "cache hit, 1 conn" c1
-  rounds_line=$(rounds_summary)
+  rounds_line=$(rounds_summary default)
   if [[ -n $rounds_line ]]; then
     echo
     echo "$rounds_line"
+    rounds_line=$(rounds_summary floor)
+    if [[ -n $rounds_line ]]; then echo "$rounds_line"; fi
   fi
   if [[ $STREAM == 1 ]]; then
     echo
