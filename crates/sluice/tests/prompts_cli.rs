@@ -29,6 +29,13 @@ fn sluice(args: &[&str]) -> Output {
         .expect("run sluice")
 }
 
+/// `sluice prompts test --config CONFIG --replay` and `extra` (`--prompt`, `--junit`, ...).
+fn replay(config: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["prompts", "test", "--config", config, "--replay"];
+    args.extend_from_slice(extra);
+    sluice(&args)
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -76,15 +83,7 @@ fn the_shipped_example_passes_from_its_cassettes_and_its_lock_is_current() {
     let config = repo().join("examples/prompts.toml");
     let config = config.to_str().unwrap();
     let junit = fresh_dir().join("junit.xml");
-    let out = sluice(&[
-        "prompts",
-        "test",
-        "--config",
-        config,
-        "--replay",
-        "--junit",
-        junit.to_str().unwrap(),
-    ]);
+    let out = replay(config, &["--junit", junit.to_str().unwrap()]);
     assert!(out.status.success(), "{}", both(&out));
     let text = stdout(&out);
     assert!(
@@ -120,17 +119,15 @@ fn a_broken_assertion_fails_with_a_readable_report_and_junit() {
         r#"{ starts_with = "Dear Dana" }"#,
     );
     let junit = dir.join("junit.xml");
-    let out = sluice(&[
-        "prompts",
-        "test",
-        "--config",
+    let out = replay(
         &config,
-        "--replay",
-        "--prompt",
-        "message-generator",
-        "--junit",
-        junit.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "message-generator",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
     assert!(!out.status.success(), "{}", both(&out));
     let text = stdout(&out);
     assert!(
@@ -208,17 +205,15 @@ fn a_selection_without_test_cases_fails_instead_of_passing_empty() {
     edit(&v3, "labels = [\"staging\"]\n", "");
     drop_tests(&v3);
     let junit = dir.join("junit.xml");
-    let out = sluice(&[
-        "prompts",
-        "test",
-        "--config",
+    let out = replay(
         &config,
-        "--replay",
-        "--prompt",
-        "message-generator@3",
-        "--junit",
-        junit.to_str().unwrap(),
-    ]);
+        &[
+            "--prompt",
+            "message-generator@3",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
     assert!(!out.status.success(), "{}", both(&out));
     let text = stdout(&out);
     assert!(
@@ -235,22 +230,14 @@ fn a_selection_without_test_cases_fails_instead_of_passing_empty() {
     // No version anywhere with a test case: the same, for the whole config.
     drop_tests(&prompts.join("v1.toml"));
     drop_tests(&prompts.join("v2.toml"));
-    let out = sluice(&["prompts", "test", "--config", &config, "--replay"]);
+    let out = replay(&config, &[]);
     assert!(!out.status.success(), "{}", both(&out));
     assert!(
         stdout(&out).contains("error: nothing to test: no prompt version under"),
         "{}",
         both(&out)
     );
-    let out = sluice(&[
-        "prompts",
-        "test",
-        "--config",
-        &config,
-        "--replay",
-        "--prompt",
-        "message-generator",
-    ]);
+    let out = replay(&config, &["--prompt", "message-generator"]);
     assert!(!out.status.success(), "{}", both(&out));
     assert!(
         stdout(&out).contains("no version of prompt `message-generator` has test cases"),
