@@ -348,7 +348,7 @@ fn tag_request(
     record: &mut RecordGuard,
     headers: &HeaderMap,
     tags: Tags<'_>,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Tagged, ApiError> {
     let header = |name: &str| {
         headers
             .get(name)
@@ -387,7 +387,10 @@ fn tag_request(
             .flatten()
     });
     let model = tags.model.to_string();
-    let end_user = user.clone();
+    let tagged = Tagged {
+        user: user.clone(),
+        feature: feature.clone(),
+    };
     record.update(|r| {
         r.key_id = key_id;
         r.owner = owner;
@@ -397,7 +400,15 @@ fn tag_request(
         r.input_hash = Some(format!("{:016x}", tags.input_hash));
         r.regeneration_of = regeneration_of;
     });
-    Ok(end_user)
+    Ok(tagged)
+}
+
+/// Who and what a request is for, as tagged: the body's `user` and `sluice.feature`,
+/// else the `x-sluice-user` and `x-sluice-feature` headers. Every later stage (guard
+/// overrides, output rules, cache TTLs, routing, budgets) reads these, not the body.
+struct Tagged {
+    user: Option<String>,
+    feature: Option<String>,
 }
 
 /// Identity: the tier the request runs under, and whether the key and its tier may use
@@ -576,17 +587,16 @@ pub async fn chat_completions(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
     let tags = Tags {
         principal: &principal,
         user: request.user.as_deref(),
-        feature: feature.as_deref(),
+        feature: request.sluice.as_ref().and_then(|s| s.feature.as_deref()),
         model: &request.model,
         input_hash: chat_input_hash(&request),
         track_regenerations: true,
     };
-    let user = match tag_request(&gw, &mut record, &headers, tags) {
-        Ok(u) => u,
+    let Tagged { user, feature } = match tag_request(&gw, &mut record, &headers, tags) {
+        Ok(t) => t,
         Err(e) => return fail(record, e),
     };
     record.update(|r| r.stream = request.is_stream());
@@ -1615,10 +1625,12 @@ fn template_text(
     let name = chain.template.as_deref()?;
     let sluice = request.sluice.clone().unwrap_or_default();
     let input = request.last_user_text();
+    // As tagged: the body's, else the headers'.
+    let tagged = record.peek();
     let ctx = TemplateContext {
         model: &request.model,
-        user: request.user.as_deref(),
-        feature: sluice.feature.as_deref(),
+        user: tagged.and_then(|r| r.user.as_deref()),
+        feature: tagged.and_then(|r| r.feature.as_deref()),
         input: &input,
         variables: &sluice.variables,
     };
@@ -2096,18 +2108,17 @@ pub async fn embeddings(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    let feature = request.sluice.as_ref().and_then(|s| s.feature.clone());
     let tags = Tags {
         principal: &principal,
         user: request.user.as_deref(),
-        feature: feature.as_deref(),
+        feature: request.sluice.as_ref().and_then(|s| s.feature.as_deref()),
         model: &request.model,
         input_hash: input_hash(&request.input),
         // Embeddings are deterministic: asking again is not a sign of a bad answer.
         track_regenerations: false,
     };
-    let user = match tag_request(&gw, &mut record, &headers, tags) {
-        Ok(u) => u,
+    let Tagged { user, feature } = match tag_request(&gw, &mut record, &headers, tags) {
+        Ok(t) => t,
         Err(e) => return fail(record, e),
     };
     let tier = match identify(&gw, &mut record, &principal, &headers, Some(&request.model)) {

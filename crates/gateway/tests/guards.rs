@@ -315,3 +315,63 @@ async fn blocking_and_per_model_overrides() {
             .contains("prompt_injection")
     );
 }
+
+/// A feature named in the `x-sluice-feature` header counts as much as one in the body's
+/// `sluice.feature`: input overrides and output rules scoped to it apply to both.
+#[tokio::test]
+async fn a_feature_from_the_header_selects_its_overrides_and_rules() {
+    let mut h = harness(&format!(
+        r#"
+        [[guard.input.overrides]]
+        match = {{ feature = "support" }}
+        max_chars = 20
+        [[guard.output.rules]]
+        match = {{ feature = "support" }}
+        validators = [{{ max_words = 3 }}]
+        on_fail = "flag"
+        {MODELS}"#
+    ))
+    .await;
+    let text = "a question longer than twenty characters";
+    let send = |feature_header: Option<&'static str>, body: Value| {
+        let mut request = Request::post("/v1/chat/completions");
+        if let Some(f) = feature_header {
+            request = request.header("x-sluice-feature", f);
+        }
+        let app = h.app.clone();
+        async move {
+            let r = app
+                .oneshot(request.body(Body::from(body.to_string())).unwrap())
+                .await
+                .unwrap();
+            let status = r.status();
+            let flagged = r.headers().get("x-sluice-output").is_some();
+            (status, flagged)
+        }
+    };
+    // No feature: neither the override nor the rule applies.
+    assert_eq!(
+        send(None, ask("cheap", text)).await,
+        (StatusCode::OK, false)
+    );
+    let r = h.records.recv().await.unwrap();
+    assert_eq!(r.feature, None);
+    // The feature in the body, then in the header: the same refusal (input over the
+    // override's 20 characters) either way.
+    let mut in_body = ask("cheap", text);
+    in_body["sluice"] = json!({"feature": "support"});
+    for (header, body) in [(None, in_body), (Some("support"), ask("cheap", text))] {
+        let (status, _) = send(header, body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "header {header:?}");
+        let r = h.records.recv().await.unwrap();
+        assert_eq!(r.feature.as_deref(), Some("support"), "header {header:?}");
+    }
+    // A short input passes the override; the answer then fails the feature's rule.
+    let (status, flagged) = send(Some("support"), ask("cheap", "hi")).await;
+    assert_eq!((status, flagged), (StatusCode::OK, true));
+    let r = h.records.recv().await.unwrap();
+    assert_eq!(
+        (r.outcome, r.output_check.as_deref()),
+        (Outcome::BadOutput, Some("fail:flag"))
+    );
+}
