@@ -152,8 +152,6 @@ fn main() -> ExitCode {
                         junit,
                     },
             } => {
-                let config = Config::load(&config, &SystemEnv)?;
-                init_logging_quiet(&config);
                 let mode = match (record, replay) {
                     (true, _) => Mode::Record,
                     (_, true) => Mode::Replay,
@@ -164,8 +162,27 @@ fn main() -> ExitCode {
                     repeat,
                     mode,
                 };
-                let mut progress = progress::for_terminal();
-                let report = runner::run(config, &options, progress.as_mut()).await?;
+                let started = async {
+                    let config = Config::load(&config, &SystemEnv)?;
+                    init_logging_quiet(&config);
+                    let mut progress = progress::for_terminal();
+                    runner::run(config, &options, progress.as_mut()).await
+                };
+                let report = match started.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // CI reads the JUnit file: a run that could not start (a bad
+                        // config, an unknown --prompt) says why there too.
+                        if let Some(path) = &junit {
+                            let failed = runner::TestReport {
+                                problems: vec![format!("{e:#}")],
+                                ..runner::TestReport::default()
+                            };
+                            std::fs::write(path, failed.junit()?)?;
+                        }
+                        return Err(e);
+                    }
+                };
                 print(report.text().trim_end());
                 if let Some(path) = junit {
                     std::fs::write(&path, report.junit()?)?;

@@ -246,6 +246,30 @@ fn a_selection_without_test_cases_fails_instead_of_passing_empty() {
     );
 }
 
+/// A run that cannot start (here an unknown `--prompt`) still leaves a JUnit file that
+/// says why, for the CI that reads it.
+#[test]
+fn a_run_that_cannot_start_still_writes_its_junit() {
+    let (dir, config) = copy_example();
+    let junit = dir.join("junit.xml");
+    let out = replay(
+        &config,
+        &[
+            "--prompt",
+            "no-such-prompt",
+            "--junit",
+            junit.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success(), "{}", both(&out));
+    assert!(both(&out).contains("no-such-prompt"), "{}", both(&out));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(
+        xml.contains("no-such-prompt") && xml.contains(r#"errors="1""#),
+        "{xml}"
+    );
+}
+
 #[test]
 fn a_new_version_is_a_warning_until_update_lock_adds_it() {
     let (dir, config) = copy_example();
