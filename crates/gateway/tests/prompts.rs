@@ -349,8 +349,32 @@ async fn the_watcher_moves_traffic_when_the_config_label_changes() {
     let dir = prompt_dir();
     let config_path = dir.join("sluice.toml");
     std::fs::write(&config_path, config(&dir, 1)).unwrap();
-    let cfg = sluice_gateway::config::Config::load(&config_path, &[("UNUSED", "")]).unwrap();
-    let running = sluice_gateway::server::start(
+    let running = serve(&config_path).await;
+    let url = running.url();
+    let (status, v1_answer) = ask_prompt(&url, "greet@production").await;
+    assert_eq!(status, 200);
+    assert!(
+        v1_answer
+            .as_deref()
+            .is_some_and(|a| !a.starts_with("Hello Dana!")),
+        "{v1_answer:?}"
+    );
+    // Give the watcher a moment to be armed, then move the label in the file.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    std::fs::write(&config_path, config(&dir, 2)).unwrap();
+    eventually(
+        "the label move",
+        || ask_prompt(&url, "greet@production"),
+        |r| r.1.as_deref() == Some("Hello Dana!"),
+    )
+    .await;
+    running.stop().await;
+}
+
+/// Start a gateway (its request log in memory) on the config file at `path`.
+async fn serve(path: &Path) -> sluice_gateway::server::Running {
+    let cfg = sluice_gateway::config::Config::load(path, &[("UNUSED", "")]).unwrap();
+    sluice_gateway::server::start(
         sluice_gateway::config::Config {
             storage: sluice_gateway::config::StorageConfig {
                 target: sluice_gateway::store::StorageTarget::Memory,
@@ -362,38 +386,124 @@ async fn the_watcher_moves_traffic_when_the_config_label_changes() {
         Vec::new(),
     )
     .await
-    .unwrap();
-    let client = reqwest::Client::new();
-    let ask = || async {
-        let r = client
-            .post(format!("{}/v1/chat/completions", running.url()))
-            .header("x-sluice-prompt", "greet@production")
-            .json(&body(None, json!({"name": "Dana", "company": "Acme"})))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.json::<Value>().await.unwrap()["choices"][0]["message"]["content"]
+    .unwrap()
+}
+
+/// Ask `prompt` of `url` for Dana from Acme: the status and the answer's text.
+async fn ask_prompt(url: &str, prompt: &str) -> (u16, Option<String>) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-sluice-prompt", prompt)
+        .json(&body(None, json!({"name": "Dana", "company": "Acme"})))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v = r.json::<Value>().await.unwrap();
+    (
+        status,
+        v["choices"][0]["message"]["content"]
             .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let v1_answer = ask().await;
-    assert!(!v1_answer.starts_with("Hello Dana!"), "{v1_answer}");
-    // Give the watcher a moment to be armed, then move the label in the file.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    std::fs::write(&config_path, config(&dir, 2)).unwrap();
+            .map(str::to_string),
+    )
+}
+
+/// Wait (up to 15 s) until `ask` gives what `done` wants.
+async fn eventually<F, Fut>(what: &str, mut ask: F, done: impl Fn(&(u16, Option<String>)) -> bool)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (u16, Option<String>)>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        if ask().await == "Hello Dana!" {
-            break;
+        let got = ask().await;
+        if done(&got) {
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the label move was not picked up within 15 s"
+            "{what}: not within 15 s, last {got:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A config change that moves `[prompts] dir` moves the watcher too: a version added to
+/// the new folder afterwards is served without a restart or a signal.
+#[tokio::test]
+async fn the_watcher_follows_the_prompt_folder_when_the_config_moves_it() {
+    let (first, second) = (prompt_dir(), prompt_dir());
+    let config_dir = first.with_extension("config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let config_path = config_dir.join("sluice.toml");
+    std::fs::write(&config_path, config(&first, 1)).unwrap();
+    let running = serve(&config_path).await;
+    let url = running.url();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The config now points at the second folder, and moves the label so it shows.
+    std::fs::write(&config_path, config(&second, 2)).unwrap();
+    eventually(
+        "the moved folder and label",
+        || ask_prompt(&url, "greet@production"),
+        |r| r.1.as_deref() == Some("Hello Dana!"),
+    )
+    .await;
+    // A new version in the second folder: only a watch on that folder sees it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(
+        second.join("greet/v3.toml"),
+        V2.replace(
+            "fallback = \"Hello {{ name }}!\"",
+            "fallback = \"Hi there {{ name }}!\"",
+        ),
+    )
+    .unwrap();
+    eventually(
+        "a version added to the moved folder",
+        || ask_prompt(&url, "greet@3"),
+        |r| r.0 == 200,
+    )
+    .await;
+    assert_eq!(
+        ask_prompt(&url, "greet@3").await.1.as_deref(),
+        Some("Hi there Dana!")
+    );
+    running.stop().await;
+}
+
+/// Reloading reads the prompt files, which the watcher sees (inotify reports opens and
+/// reads): that must not set off another reload, and another, for ever. One edit, one
+/// reload (maybe two, when the editor's writes straddle a debounce window).
+#[tokio::test]
+async fn reading_the_files_does_not_set_off_more_reloads() {
+    let dir = prompt_dir();
+    let config_path = dir.join("sluice.toml");
+    std::fs::write(&config_path, config(&dir, 1)).unwrap();
+    let running = serve(&config_path).await;
+    let url = running.url();
+    let reloads = || running.gateway.prompts.reloads();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = reloads();
+    std::fs::write(&config_path, config(&dir, 2)).unwrap();
+    eventually(
+        "the label move",
+        || ask_prompt(&url, "greet@production"),
+        |r| r.1.as_deref() == Some("Hello Dana!"),
+    )
+    .await;
+    // Ten debounce windows later, nothing else changed: no reload since.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_edit = reloads();
+    assert!(
+        (1..=2).contains(&(after_edit - before)),
+        "{before} -> {after_edit}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        reloads(),
+        after_edit,
+        "reloads kept coming with nothing changed"
+    );
     running.stop().await;
 }
 

@@ -379,6 +379,8 @@ fn scan(dir: &Path, problems: &mut Vec<FileProblem>) -> Vec<(String, u32, std::p
 pub struct Prompts {
     config: ArcSwap<PromptsConfig>,
     current: ArcSwap<PromptRegistry>,
+    /// Reloads so far (what a test reads to see that reloads do not feed themselves).
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 impl Prompts {
@@ -389,6 +391,7 @@ impl Prompts {
         Arc::new(Prompts {
             config: ArcSwap::from_pointee(config),
             current: ArcSwap::from_pointee(registry),
+            reloads: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -399,6 +402,11 @@ impl Prompts {
 
     pub fn config(&self) -> Arc<PromptsConfig> {
         self.config.load_full()
+    }
+
+    /// How many times the registry was reloaded since start.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Re-read the files (and the labels, when `config` is given); a broken file keeps
@@ -414,6 +422,8 @@ impl Prompts {
         let count = next.all().count();
         let next = Arc::new(next);
         self.current.store(next.clone());
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(versions = count, "prompts reloaded");
         next
     }

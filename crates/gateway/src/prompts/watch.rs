@@ -1,9 +1,16 @@
 //! Reload without a restart: a file watcher (debounced) on the prompt directory and on
 //! the config file (for `[prompts.labels]`), plus SIGHUP. A reload that finds a broken
 //! file keeps that version's last good copy and logs the problem.
+//!
+//! inotify also reports opens and reads, and the mini debouncer does not say which
+//! kind an event was; reloading reads every file, so a watcher event only reloads when
+//! the files' sizes and modification times ([`fingerprint`]) changed since the last
+//! load. Otherwise each reload would set off the next, for ever.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use notify_debouncer_mini::notify::RecursiveMode;
 use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
@@ -26,9 +33,12 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
         .map(Path::canonicalize)
         .transpose()?;
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let debouncer = if config.watch {
+    let forced = Arc::new(AtomicBool::new(false));
+    let mut watched = dir.canonicalize()?;
+    let mut seen = fingerprint(&watched, config_file.as_deref());
+    let mut debouncer = if config.watch {
         Some(watch_files(
-            &dir.canonicalize()?,
+            &watched,
             config_file.clone(),
             config.debounce,
             tx.clone(),
@@ -36,10 +46,8 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
     } else {
         None
     };
-    spawn_sighup(tx, shutdown.clone());
+    spawn_sighup(tx.clone(), forced.clone(), shutdown.clone());
     tokio::spawn(async move {
-        // Dropping the debouncer stops its thread.
-        let _debouncer = debouncer;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -47,13 +55,56 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
                     if got.is_none() {
                         break;
                     }
+                    let now = fingerprint(&watched, config_file.as_deref());
+                    // A signal always reloads; a file event only when a file changed.
+                    if !forced.swap(false, Ordering::Relaxed) && now == seen {
+                        continue;
+                    }
                     let labels = config_file.as_deref().and_then(reread_config);
                     prompts.reload(labels);
+                    if debouncer.is_some() {
+                        rewatch(&prompts, &mut watched, &mut debouncer, config_file.clone(), &tx);
+                    }
+                    seen = fingerprint(&watched, config_file.as_deref());
                 }
             }
         }
+        // Dropping the debouncer (here, at the end of the task) stops its thread.
+        drop(debouncer);
     });
     Ok(())
+}
+
+/// A reload that moved `[prompts] dir` moves the watcher with it; the old one stops
+/// when it is replaced. A folder that cannot be watched keeps the old watch, logged.
+fn rewatch(
+    prompts: &Prompts,
+    watched: &mut std::path::PathBuf,
+    debouncer: &mut Option<Debouncer>,
+    config_file: Option<std::path::PathBuf>,
+    tx: &mpsc::Sender<()>,
+) {
+    let config = prompts.config();
+    let Some(dir) = config.dir.as_deref() else {
+        return;
+    };
+    let moved = match dir.canonicalize() {
+        Ok(d) if d != *watched => d,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "the new prompt folder cannot be watched; still watching the old one");
+            return;
+        }
+    };
+    match watch_files(&moved, config_file, config.debounce, tx.clone()) {
+        Ok(d) => {
+            *debouncer = Some(d);
+            *watched = moved;
+        }
+        Err(e) => {
+            tracing::error!(dir = %moved.display(), error = %e, "the new prompt folder cannot be watched; still watching the old one");
+        }
+    }
 }
 
 type Debouncer =
@@ -94,6 +145,36 @@ fn watch_files(
     Ok(debouncer)
 }
 
+/// Size and modification time of every file that [`matters`] (the prompt files and the
+/// lock under `dir`, and the config file), in path order: what a reload would read.
+/// Only metadata is read, which the watcher does not report.
+fn fingerprint(dir: &Path, config_file: Option<&Path>) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(at: &Path, dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+        let Ok(entries) = std::fs::read_dir(at) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => walk(&path, dir, out),
+                Ok(m) if matters(&path, dir, None) => {
+                    out.push((path, m.len(), m.modified().ok()));
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    if let Some(file) = config_file
+        && let Ok(m) = std::fs::metadata(file)
+    {
+        out.push((file.to_path_buf(), m.len(), m.modified().ok()));
+    }
+    out.sort();
+    out
+}
+
 /// A prompt file, the lock, or the config file.
 fn matters(path: &Path, dir: &Path, config_file: Option<&Path>) -> bool {
     if Some(path) == config_file {
@@ -115,7 +196,7 @@ fn reread_config(path: &Path) -> Option<PromptsConfig> {
 }
 
 #[cfg(unix)]
-fn spawn_sighup(tx: mpsc::Sender<()>, shutdown: CancellationToken) {
+fn spawn_sighup(tx: mpsc::Sender<()>, forced: Arc<AtomicBool>, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -133,6 +214,7 @@ fn spawn_sighup(tx: mpsc::Sender<()>, shutdown: CancellationToken) {
                         break;
                     }
                     tracing::info!("SIGHUP: reloading prompts");
+                    forced.store(true, Ordering::Relaxed);
                     let _ = tx.try_send(());
                 }
             }
@@ -141,4 +223,4 @@ fn spawn_sighup(tx: mpsc::Sender<()>, shutdown: CancellationToken) {
 }
 
 #[cfg(not(unix))]
-fn spawn_sighup(_tx: mpsc::Sender<()>, _shutdown: CancellationToken) {}
+fn spawn_sighup(_tx: mpsc::Sender<()>, _forced: Arc<AtomicBool>, _shutdown: CancellationToken) {}
