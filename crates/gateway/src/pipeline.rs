@@ -609,8 +609,8 @@ pub async fn chat_completions(
         Ok(t) => t,
         Err(e) => return fail(record, e),
     };
-    // 4. assign: experiment variant, routing rules
-    let assigned = match assign(
+    // 4. assign: experiment variant
+    let mut assigned = match assign(
         &gw,
         &mut record,
         (&principal, tier.as_ref(), user.as_deref()),
@@ -625,6 +625,17 @@ pub async fn chat_completions(
         Ok(p) => p,
         Err(e) => return assigned.fail(record, e),
     };
+    // 5b. routing rules, for the alias (over the rendered messages); then model access
+    match route_alias(
+        &gw,
+        &mut record,
+        (&principal, tier.as_ref()),
+        &headers,
+        &mut request,
+    ) {
+        Ok(to) => assigned.escalate_to = to,
+        Err(e) => return assigned.fail(record, e),
+    }
     if let Err(e) = allow_model(&principal, tier.as_ref(), &request.model) {
         return assigned.fail(record, e);
     }
@@ -784,9 +795,7 @@ fn assign(
     request: &mut ChatRequest,
 ) -> Result<Assigned, ApiError> {
     use crate::experiments::{self, Treatment};
-    use crate::routing::rules::{self, Facts};
-    let routed_alias = gw.config.routing.handles(&request.model);
-    if gw.config.experiments.is_empty() && !routed_alias {
+    if gw.config.experiments.is_empty() {
         return Ok(Assigned {
             experiment: None,
             escalate_to: None,
@@ -796,10 +805,10 @@ fn assign(
     // As tagged: from `sluice.feature` or the `x-sluice-feature` header.
     let feature = record.peek().and_then(|r| r.feature.clone());
     let feature = feature.as_deref();
-    let (asked, named_prompt, quality) = request
+    let (asked, named_prompt) = request
         .sluice
         .as_ref()
-        .map(|s| (s.experiment.clone(), s.prompt.clone(), s.quality.clone()))
+        .map(|s| (s.experiment.clone(), s.prompt.clone()))
         .unwrap_or_default();
     let allowed = |m: &str| refused_model(principal, tier, m).is_none();
     let tier_name = tier.map(|t| t.name.as_str());
@@ -820,39 +829,12 @@ fn assign(
         experiments::now_ms(),
         &allowed,
     )?;
-    let mut model_set = false;
     match assignment.as_ref().map(|a| &a.treatment) {
-        Some(Treatment::Model(m)) => {
-            request.model = m.clone();
-            model_set = true;
-        }
+        Some(Treatment::Model(m)) => request.model = m.clone(),
         Some(Treatment::Prompt(p)) => {
             request.sluice.get_or_insert_with(Default::default).prompt = Some(p.clone());
         }
         Some(Treatment::Unchanged) | None => {}
-    }
-    let mut routed = None;
-    if !model_set && routed_alias {
-        // Only routing reads it.
-        let quality = rules::parse_quality(header(rules::HEADER_QUALITY).or(quality.as_deref()))?;
-        let messages = &request.messages;
-        let tokens = || {
-            messages
-                .iter()
-                .map(|m| u64::from(estimate_tokens(&m.text())))
-                .sum()
-        };
-        let facts = Facts {
-            feature,
-            tier: tier_name,
-            quality,
-            input_tokens: &tokens,
-        };
-        routed = Some(gw.config.routing.decide(&facts, &allowed)?);
-    }
-    let escalate_to = routed.as_ref().and_then(|d| d.escalate_to.clone());
-    if let Some(d) = &routed {
-        request.model = d.model.clone();
     }
     let (experiment, variant) = assignment
         .as_ref()
@@ -861,12 +843,52 @@ fn assign(
     record.update(|r| {
         r.experiment = experiment;
         r.variant = variant;
-        r.routed_by = routed.map(|d| d.by);
     });
     Ok(Assigned {
         experiment: assignment.map(|a| a.header()),
-        escalate_to,
+        escalate_to: None,
     })
+}
+
+/// Route: a request for the routing alias (asked for, or a prompt's or a variant's
+/// model) gets the model the routing rules choose, over its messages as rendered, and
+/// the escalation target for a failed output check. In the record as `routed_by`.
+fn route_alias(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    (principal, tier): (&Principal, Option<&Tier>),
+    headers: &HeaderMap,
+    request: &mut ChatRequest,
+) -> Result<Option<String>, ApiError> {
+    use crate::routing::rules::{self, Facts};
+    if !gw.config.routing.handles(&request.model) {
+        return Ok(None);
+    }
+    let asked = request.sluice.as_ref().and_then(|s| s.quality.as_deref());
+    let header = headers
+        .get(rules::HEADER_QUALITY)
+        .and_then(|v| v.to_str().ok());
+    let quality = rules::parse_quality(header.or(asked))?;
+    // As tagged: from `sluice.feature` or the `x-sluice-feature` header.
+    let feature = record.peek().and_then(|r| r.feature.clone());
+    let messages = &request.messages;
+    let tokens = || {
+        messages
+            .iter()
+            .map(|m| u64::from(estimate_tokens(&m.text())))
+            .sum()
+    };
+    let facts = Facts {
+        feature: feature.as_deref(),
+        tier: tier.map(|t| t.name.as_str()),
+        quality,
+        input_tokens: &tokens,
+    };
+    let allowed = |m: &str| refused_model(principal, tier, m).is_none();
+    let decision = gw.config.routing.decide(&facts, &allowed)?;
+    request.model = decision.model.clone();
+    record.update(|r| r.routed_by = Some(decision.by));
+    Ok(decision.escalate_to)
 }
 
 fn parse_chat(body: &[u8], headers: &HeaderMap) -> Result<ChatRequest, ApiError> {

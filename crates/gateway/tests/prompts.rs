@@ -507,6 +507,29 @@ async fn reading_the_files_does_not_set_off_more_reloads() {
     running.stop().await;
 }
 
+/// A prompt request for the routing alias is routed over the messages the prompt
+/// rendered (the client sent none): the input-size rule sees the prompt's tokens.
+#[tokio::test]
+async fn routing_reads_the_messages_a_prompt_rendered() {
+    let dir = prompt_dir();
+    for (threshold, expected) in [(5, "gpt-4o"), (5000, "gpt-4o-mini")] {
+        let text = format!(
+            "{}\n[routing]\ndefault = \"gpt-4o-mini\"\n[[routing.rules]]\nname = \"long\"\n\
+             input_tokens_over = {threshold}\nmodel = \"gpt-4o\"\n",
+            config(&dir, 1)
+        );
+        let mut h = harness(&text).await;
+        let mut b = body(Some("greet@1"), json!({"name": "Dana", "company": "Acme"}));
+        b["model"] = json!("auto");
+        let r = h.send("/v1/chat/completions", b, &[]).await;
+        assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+        assert_eq!(r.headers["x-sluice-model"], expected, "over {threshold}");
+        assert_eq!(r.record.model_requested.as_deref(), Some("auto"));
+        assert_eq!(r.record.prompt_version.as_deref(), Some("1"));
+        assert!(r.record.routed_by.is_some(), "over {threshold}");
+    }
+}
+
 #[tokio::test]
 async fn a_prompt_streams_like_any_request() {
     let dir = prompt_dir();
