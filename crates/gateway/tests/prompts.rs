@@ -512,6 +512,11 @@ async fn reading_the_files_does_not_set_off_more_reloads() {
 #[tokio::test]
 async fn routing_reads_the_messages_a_prompt_rendered() {
     let dir = prompt_dir();
+    std::fs::write(
+        dir.join("greet/v3.toml"),
+        V1.replace("model = \"gpt-4o-mini\"", "model = \"auto\""),
+    )
+    .unwrap();
     for (threshold, expected) in [(5, "gpt-4o"), (5000, "gpt-4o-mini")] {
         let text = format!(
             "{}\n[routing]\ndefault = \"gpt-4o-mini\"\n[[routing.rules]]\nname = \"long\"\n\
@@ -527,6 +532,19 @@ async fn routing_reads_the_messages_a_prompt_rendered() {
         assert_eq!(r.record.model_requested.as_deref(), Some("auto"));
         assert_eq!(r.record.prompt_version.as_deref(), Some("1"));
         assert!(r.record.routed_by.is_some(), "over {threshold}");
+        // A version whose own model is the alias is routed the same way.
+        let r = h
+            .send(
+                "/v1/chat/completions",
+                body(Some("greet@3"), json!({"name": "Dana", "company": "Acme"})),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status.as_u16(), 200, "{}", r.text);
+        assert_eq!(
+            r.headers["x-sluice-model"], expected,
+            "v3, over {threshold}"
+        );
     }
 }
 
