@@ -17,7 +17,7 @@ use sluice_gateway::config::{Config, ConfigSource};
 use sluice_gateway::limits::config::FailMode;
 use sluice_gateway::store::{SpendFilter, SpendGroup, SpendRow, Store};
 use sluice_gateway::telemetry::{Endpoint, Outcome, RequestRecord};
-use sluice_gateway::usage::alerts::{Alerter, RetryPolicy};
+use sluice_gateway::usage::alerts::{Alert, Alerter, RetryPolicy, Webhook, deliver};
 use sluice_gateway::usage::budgets::{self, BudgetsConfig};
 use sluice_gateway::usage::ledger::{BudgetLedger, MemoryLedger, SpendSource};
 use sluice_gateway::usage::{
@@ -91,7 +91,10 @@ fn record(id: &str, at_ms: i64, key: &str, user: &str, nanos: i64) -> RequestRec
 
 fn alerter(webhook: Option<String>, tasks: &TaskTracker) -> Alerter {
     Alerter::new(
-        webhook.map(SecretString::from),
+        webhook.map(|url| Webhook {
+            url: SecretString::from(url),
+            secret: None,
+        }),
         RetryPolicy {
             attempts: 4,
             base_delay: Duration::from_millis(20),
@@ -522,6 +525,99 @@ async fn receiver() -> (String, Arc<AtomicU32>, Arc<Mutex<Vec<Value>>>) {
         let _ = axum::serve(listener, app).await;
     });
     (format!("http://{addr}/hook"), attempts, received)
+}
+
+/// With `webhook_secret`, each POST carries `x-sluice-signature: t=..,v1=..`: the
+/// HMAC-SHA256 of `"{t}.{body}"` under the secret, checked here from the raw body; a
+/// tampered body or another secret does not verify. Without a secret, no header.
+#[tokio::test]
+async fn a_webhook_secret_signs_each_post() {
+    use hmac::Mac;
+    type Seen = Arc<Mutex<Vec<(Option<String>, axum::body::Bytes)>>>;
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    let app = Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let s2 = s2.clone();
+                async move {
+                    let signature = headers
+                        .get("x-sluice-signature")
+                        .map(|v| v.to_str().unwrap_or_default().to_string());
+                    s2.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((signature, body));
+                    StatusCode::NO_CONTENT
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let policy = RetryPolicy {
+        attempts: 1,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(1),
+        timeout: Duration::from_secs(5),
+    };
+    let alert = Alert {
+        id: "a1".into(),
+        budget: "team".into(),
+        scope: "owner",
+        scope_value: Some("acme".into()),
+        owner: None,
+        period: "month",
+        period_start: "2026-11-01T00:00:00Z".into(),
+        period_end: "2026-12-01T00:00:00Z".into(),
+        threshold: 0.8,
+        spent_usd: 0.9,
+        limit_usd: 1.0,
+        at: "2026-11-27T12:00:00Z".into(),
+    };
+    for secret in [Some("whsec-test"), None] {
+        let webhook = Webhook {
+            url: SecretString::from(url.clone()),
+            secret: secret.map(SecretString::from),
+        };
+        let before = now_ms() / 1000;
+        assert_eq!(deliver(&client, &webhook, &alert, policy).await, Ok(1));
+        let (signature, body) = seen.lock().unwrap().pop().unwrap();
+        let sent: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(sent["id"], "a1");
+        let Some(secret) = secret else {
+            assert_eq!(signature, None);
+            continue;
+        };
+        let signature = signature.expect("a signed POST");
+        let (t, v1) = signature
+            .strip_prefix("t=")
+            .and_then(|rest| rest.split_once(",v1="))
+            .unwrap_or_else(|| panic!("{signature}"));
+        let t: i64 = t.parse().unwrap();
+        assert!((before..=before + 5).contains(&t), "{t} vs {before}");
+        let verify = |key: &str, body: &[u8]| {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+            mac.update(format!("{t}.").as_bytes());
+            mac.update(body);
+            mac.verify_slice(&hex::decode(v1).unwrap()).is_ok()
+        };
+        assert!(verify(secret, &body), "{signature}");
+        assert!(!verify("another-secret", &body));
+        let mut tampered = body.to_vec();
+        tampered[10] ^= 1;
+        assert!(!verify(secret, &tampered));
+    }
 }
 
 #[tokio::test]

@@ -132,8 +132,8 @@ pub struct BudgetRule {
 /// The validated `[budgets]` section; no rules means budgets are off.
 #[derive(Debug, Clone, Default)]
 pub struct BudgetsConfig {
-    /// Where alerts are POSTed. A secret: webhook URLs often carry their token.
-    pub webhook: Option<SecretString>,
+    /// Where alerts are POSTed, and what signs them.
+    pub webhook: Option<super::alerts::Webhook>,
     /// Seconds east of UTC where days and months start (0 = UTC).
     pub utc_offset_s: i32,
     pub rules: Vec<BudgetRule>,
@@ -155,6 +155,7 @@ const DEFAULT_ALERT_AT: Threshold = Threshold(8000);
 #[serde(deny_unknown_fields)]
 pub struct RawBudgets {
     webhook: Option<String>,
+    webhook_secret: Option<String>,
     timezone: Option<String>,
     #[serde(default)]
     rules: Vec<RawRule>,
@@ -202,10 +203,30 @@ pub fn build(
     problems: &mut dyn FnMut(String, String),
 ) -> BudgetsConfig {
     let mut out = BudgetsConfig::default();
+    let secret = match raw.webhook_secret {
+        Some(s) if s.trim().is_empty() => {
+            problems(
+                "budgets.webhook_secret".into(),
+                "must not be empty (leave it out to send unsigned alerts)".into(),
+            );
+            None
+        }
+        Some(_) if raw.webhook.is_none() => {
+            problems(
+                "budgets.webhook_secret".into(),
+                "signs webhook alerts: set `webhook` too".into(),
+            );
+            None
+        }
+        other => other.map(SecretString::from),
+    };
     if let Some(url) = raw.webhook {
         match reqwest::Url::parse(&url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {
-                out.webhook = Some(SecretString::from(url));
+                out.webhook = Some(super::alerts::Webhook {
+                    url: SecretString::from(url),
+                    secret,
+                });
             }
             // The URL is not echoed: it may carry a token.
             Ok(_) => problems(
@@ -440,6 +461,29 @@ mod tests {
                 "budgets.rules[1].downgrade_to",
             ]
         );
+    }
+
+    #[test]
+    fn a_webhook_secret_signs_and_needs_a_webhook_and_a_value() {
+        let (c, problems) = built(
+            "webhook = \"https://hooks.example.com/sluice\"\nwebhook_secret = \"whsec\"",
+            &[],
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let secret = c.webhook.and_then(|w| w.secret).expect("a secret");
+        assert_eq!(secrecy::ExposeSecret::expose_secret(&secret), "whsec");
+        for (text, says) in [
+            ("webhook_secret = \"whsec\"", "set `webhook` too"),
+            (
+                "webhook = \"https://hooks.example.com/sluice\"\nwebhook_secret = \" \"",
+                "must not be empty",
+            ),
+        ] {
+            let (_, problems) = built(text, &[]);
+            assert_eq!(problems.len(), 1, "{text}: {problems:?}");
+            assert_eq!(problems[0].0, "budgets.webhook_secret");
+            assert!(problems[0].1.contains(says), "{problems:?}");
+        }
     }
 
     #[test]
