@@ -620,7 +620,7 @@ pub async fn chat_completions(
         Ok(a) => a,
         Err(e) => return fail(record, e),
     };
-    // 5. resolve: prompt -> messages, model, parameters; then model access
+    // 5. resolve: prompt -> messages, model, parameters
     let prompt = match resolve_prompt(&gw, &mut record, &mut request) {
         Ok(p) => p,
         Err(e) => return assigned.fail(record, e),
@@ -760,10 +760,11 @@ pub async fn chat_completions(
     response
 }
 
-/// What the assign stage decided, for the route stage and the response.
+/// What the assign and routing stages decided, for the chain and the response.
 struct Assigned {
     /// `NAME=VARIANT`, echoed in `x-sluice-experiment`.
     experiment: Option<String>,
+    /// Where the routing rules send a cheap answer that fails its output check.
     escalate_to: Option<String>,
 }
 
@@ -785,8 +786,8 @@ impl Assigned {
 
 /// Assign: the first experiment that applies puts the request in a variant (its model
 /// replaces the requested one, or its prompt version is set on `sluice.prompt` for the
-/// resolve stage to render); then a request for the routing alias gets the model the
-/// routing rules choose. Both go in the record.
+/// resolve stage to render), in the record. Routing comes later ([`route_alias`]), over
+/// the messages as rendered.
 fn assign(
     gw: &Gateway,
     record: &mut RecordGuard,
