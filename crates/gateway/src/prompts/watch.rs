@@ -60,12 +60,16 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
                     if !forced.swap(false, Ordering::Relaxed) && now == seen {
                         continue;
                     }
+                    // Taken before the reload reads the files: an edit made while it
+                    // reads differs from it, and so reloads again.
+                    seen = now;
                     let labels = config_file.as_deref().and_then(reread_config);
                     prompts.reload(labels);
-                    if debouncer.is_some() {
-                        rewatch(&prompts, &mut watched, &mut debouncer, config_file.clone(), &tx);
+                    if debouncer.is_some()
+                        && rewatch(&prompts, &mut watched, &mut debouncer, config_file.clone(), &tx)
+                    {
+                        seen = fingerprint(&watched, config_file.as_deref());
                     }
-                    seen = fingerprint(&watched, config_file.as_deref());
                 }
             }
         }
@@ -75,34 +79,37 @@ pub fn spawn(prompts: Arc<Prompts>, shutdown: CancellationToken) -> anyhow::Resu
     Ok(())
 }
 
-/// A reload that moved `[prompts] dir` moves the watcher with it; the old one stops
-/// when it is replaced. A folder that cannot be watched keeps the old watch, logged.
+/// A reload that moved `[prompts] dir` moves the watcher with it (true when it did);
+/// the old one stops when it is replaced. A folder that cannot be watched keeps the old
+/// watch, logged.
 fn rewatch(
     prompts: &Prompts,
-    watched: &mut std::path::PathBuf,
+    watched: &mut PathBuf,
     debouncer: &mut Option<Debouncer>,
-    config_file: Option<std::path::PathBuf>,
+    config_file: Option<PathBuf>,
     tx: &mpsc::Sender<()>,
-) {
+) -> bool {
     let config = prompts.config();
     let Some(dir) = config.dir.as_deref() else {
-        return;
+        return false;
     };
     let moved = match dir.canonicalize() {
         Ok(d) if d != *watched => d,
-        Ok(_) => return,
+        Ok(_) => return false,
         Err(e) => {
             tracing::error!(dir = %dir.display(), error = %e, "the new prompt folder cannot be watched; still watching the old one");
-            return;
+            return false;
         }
     };
     match watch_files(&moved, config_file, config.debounce, tx.clone()) {
         Ok(d) => {
             *debouncer = Some(d);
             *watched = moved;
+            true
         }
         Err(e) => {
             tracing::error!(dir = %moved.display(), error = %e, "the new prompt folder cannot be watched; still watching the old one");
+            false
         }
     }
 }
