@@ -392,7 +392,7 @@ impl ResponseCache {
 /// shard, at most 8 shards.
 const MIN_SHARD_BYTES: u64 = 4 << 20;
 /// For sizing the table up front: a typical answer's weight (about 1 KiB of JSON).
-const TYPICAL_WEIGHT: u64 = 4096;
+const TYPICAL_WEIGHT: u64 = 1024 * PARSED_PER_JSON_BYTE as u64;
 
 fn memory_tier(bytes: u64) -> Memory {
     let shards = (bytes / MIN_SHARD_BYTES).clamp(1, 8);
