@@ -570,6 +570,23 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, ApiError>,
 ) -> Response {
+    // Every answer after the assign stage, refusals included, names the variant the
+    // request was in, as its record does.
+    let mut experiment = None;
+    let mut response = chat_pipeline(gw, headers, body, &mut experiment).await;
+    if let Some(e) = &experiment {
+        set_header(&mut response, HEADER_EXPERIMENT, e);
+    }
+    response
+}
+
+/// The chat stages; `experiment` gets the `NAME=VARIANT` the request was assigned.
+async fn chat_pipeline(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    body: Result<Bytes, ApiError>,
+    experiment: &mut Option<String>,
+) -> Response {
     let started = Instant::now();
     let mut record = gw.record(Endpoint::ChatCompletions, started);
 
@@ -610,7 +627,7 @@ pub async fn chat_completions(
         Err(e) => return fail(record, e),
     };
     // 4. assign: experiment variant
-    let mut assigned = match assign(
+    *experiment = match assign(
         &gw,
         &mut record,
         (&principal, tier.as_ref(), user.as_deref()),
@@ -623,32 +640,32 @@ pub async fn chat_completions(
     // 5. resolve: prompt -> messages, model, parameters
     let prompt = match resolve_prompt(&gw, &mut record, &mut request) {
         Ok(p) => p,
-        Err(e) => return assigned.fail(record, e),
+        Err(e) => return fail(record, e),
     };
     // 5b. routing rules, for the alias (over the rendered messages); then model access
-    match route_alias(
+    let escalate_to = match route_alias(
         &gw,
         &mut record,
         (&principal, tier.as_ref()),
         &headers,
         &mut request,
     ) {
-        Ok(to) => assigned.escalate_to = to,
-        Err(e) => return assigned.fail(record, e),
-    }
+        Ok(to) => to,
+        Err(e) => return fail(record, e),
+    };
     if let Err(e) = allow_model(&principal, tier.as_ref(), &request.model) {
-        return assigned.fail(record, e);
+        return fail(record, e);
     }
     // 6. route (an escalation target goes right after the chosen model)
     let chain = match gw
         .router
         .chain(&request.model, ModelKind::Chat)
-        .and_then(|c| match &assigned.escalate_to {
+        .and_then(|c| match &escalate_to {
             Some(to) => crate::routing::rules::escalating(&gw.router, c, to),
             None => Ok(c),
         }) {
         Ok(c) => c,
-        Err(e) => return assigned.fail(record, e),
+        Err(e) => return fail(record, e),
     };
     // 7. input guard: validate, sanitize, cap, scan (in place)
     let model = request.model.clone();
@@ -663,7 +680,7 @@ pub async fn chat_completions(
     );
     let report = match guarded {
         Ok(r) => r,
-        Err(e) => return assigned.fail(record, e),
+        Err(e) => return fail(record, e),
     };
     // 8. limits: requests, tokens (input estimate + output allowance), concurrency
     let input: u32 = request
@@ -684,7 +701,7 @@ pub async fn chat_completions(
     .await;
     let rate_headers = match limits {
         Ok(h) => h,
-        Err(e) => return assigned.fail(record, e),
+        Err(e) => return fail(record, e),
     };
     // 9. budgets: block, or answer with the cheaper model a spent budget names
     let mut chain = match check_budgets(&gw, &mut record).await {
@@ -695,9 +712,9 @@ pub async fn chat_completions(
                 request.model = to;
                 c
             }
-            Err(e) => return assigned.fail(record, e),
+            Err(e) => return fail(record, e),
         },
-        Err(e) => return assigned.fail(record, e),
+        Err(e) => return fail(record, e),
     };
     if let Some(p) = &prompt {
         chain.prompt_fallback = p.fallback.clone();
@@ -718,7 +735,6 @@ pub async fn chat_completions(
         let first = chain.routes.first().map(|r| &**r);
         let mut response = respond_cached(&gw, record, &request, first, &hit, "hit");
         rate_headers.apply(response.headers_mut());
-        assigned.echo(&mut response);
         return response;
     }
     if cache.is_some() {
@@ -756,51 +772,24 @@ pub async fn chat_completions(
         set_header(&mut response, HEADER_GUARD, &report.header());
     }
     rate_headers.apply(response.headers_mut());
-    assigned.echo(&mut response);
     response
-}
-
-/// What the assign and routing stages decided, for the chain and the response.
-struct Assigned {
-    /// `NAME=VARIANT`, echoed in `x-sluice-experiment`.
-    experiment: Option<String>,
-    /// Where the routing rules send a cheap answer that fails its output check.
-    escalate_to: Option<String>,
-}
-
-impl Assigned {
-    fn echo(&self, response: &mut Response) {
-        if let Some(e) = &self.experiment {
-            set_header(response, HEADER_EXPERIMENT, e);
-        }
-    }
-
-    /// A request refused after assignment still says which variant it was in, as its
-    /// record does.
-    fn fail(&self, record: RecordGuard, error: ApiError) -> Response {
-        let mut response = fail(record, error);
-        self.echo(&mut response);
-        response
-    }
 }
 
 /// Assign: the first experiment that applies puts the request in a variant (its model
 /// replaces the requested one, or its prompt version is set on `sluice.prompt` for the
-/// resolve stage to render), in the record. Routing comes later ([`route_alias`]), over
-/// the messages as rendered.
+/// resolve stage to render), in the record; returns `NAME=VARIANT` for
+/// `x-sluice-experiment`. Routing comes later ([`route_alias`]), over the messages as
+/// rendered.
 fn assign(
     gw: &Gateway,
     record: &mut RecordGuard,
     (principal, tier, user): (&Principal, Option<&Tier>, Option<&str>),
     headers: &HeaderMap,
     request: &mut ChatRequest,
-) -> Result<Assigned, ApiError> {
+) -> Result<Option<String>, ApiError> {
     use crate::experiments::{self, Treatment};
     if gw.config.experiments.is_empty() {
-        return Ok(Assigned {
-            experiment: None,
-            escalate_to: None,
-        });
+        return Ok(None);
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     // As tagged: from `sluice.feature` or the `x-sluice-feature` header.
@@ -845,15 +834,12 @@ fn assign(
         r.experiment = experiment;
         r.variant = variant;
     });
-    Ok(Assigned {
-        experiment: assignment.map(|a| a.header()),
-        escalate_to: None,
-    })
+    Ok(assignment.map(|a| a.header()))
 }
 
 /// Route: a request for the routing alias (asked for, or a prompt's or a variant's
-/// model) gets the model the routing rules choose, over its messages as rendered, and
-/// the escalation target for a failed output check. In the record as `routed_by`.
+/// model) gets the model the routing rules choose, over its messages as rendered, in the
+/// record as `routed_by`. Returns where a cheap answer that fails its output check goes.
 fn route_alias(
     gw: &Gateway,
     record: &mut RecordGuard,
