@@ -668,8 +668,8 @@ async fn a_check_and_a_settlement_cost_one_round_trip_each() {
         "the refund reached every bucket"
     );
 
-    // Redis forgot the script (a restart, SCRIPT FLUSH): the pipeline names it by hash
-    // and fails, and the settlement goes call by call, which loads it again.
+    // Redis forgot the script (a restart, SCRIPT FLUSH): the call names it by hash, is
+    // told NOSCRIPT, and sends the script itself.
     let mut raw = support::redis_raw().await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -680,4 +680,10 @@ async fn a_check_and_a_settlement_cost_one_round_trip_each() {
     let last = ok(b.check(&check("d")).await);
     assert!(matches!(last, Verdict::Allowed { .. }), "{last:?}");
     assert_eq!(remaining(&last), [670, 670, 670]);
+
+    // A request that used more than it was charged: the rest is taken after the fact.
+    ok(b.settle(&warm_buckets, 50, &check("d").leases).await);
+    let more = ok(b.check(&check("e")).await);
+    assert!(matches!(more, Verdict::Allowed { .. }), "{more:?}");
+    assert_eq!(remaining(&more), [520, 520, 520]);
 }

@@ -1,6 +1,7 @@
 -- limits_v1: Sluice's rate-limit script, version 1. Its keys live under `<prefix>rl:v1:`;
--- a changed script is a new file (limits_v2.lua) with new keys, so two versions running
--- side by side during a rollout never read each other's numbers.
+-- a change to what a key holds is a new file (limits_v2.lua) with new keys, so two
+-- versions running side by side during a rollout never read each other's numbers. An
+-- operation may be added (as `settle` was) without one: the keys mean what they meant.
 --
 -- ARGV[1] picks the operation; each is one atomic step on Redis's own clock (TIME), so
 -- any number of gateways share exact limits. Layouts (KEYS / ARGV) are documented in
@@ -37,6 +38,23 @@ end
 -- Milliseconds a key must live to outlast the moment `until_us`.
 local function ms_until(until_us, now)
   return int(math.ceil((until_us - now) / 1000) + 1)
+end
+
+-- Move a bucket's TAT by `inc` µs: forward ('+', a charge after the fact) or back ('-',
+-- a refund; unused allowance does not carry into the future).
+local function adjust(key, sign, inc, now)
+  local tat = tonumber(redis.call('GET', key)) or 0
+  local new_tat
+  if sign == '+' then
+    new_tat = math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
+  else
+    new_tat = math.max(tat - inc, now)
+  end
+  if new_tat > now then
+    redis.call('SET', key, int(new_tat), 'PX', ms_until(new_tat, now))
+  else
+    redis.call('DEL', key)
+  end
 end
 
 local op = ARGV[1]
@@ -119,21 +137,19 @@ if op == 'check' then
   return out
 elseif op == 'adjust' then
   -- KEYS: bucket key. ARGV: 'adjust', '+' (add) or '-' (refund), increment_us.
+  adjust(KEYS[1], ARGV[2], tonumber(ARGV[3]), now_us())
+  return 1
+elseif op == 'settle' then
+  -- A finished request, in one call: every bucket moved the same way, every lease
+  -- released. KEYS: n bucket keys, then lease keys. ARGV: 'settle', '+' or '-', n, then
+  -- increment_us per bucket, then the lease id per lease key.
   local now = now_us()
-  local key = KEYS[1]
-  local inc = tonumber(ARGV[3])
-  local tat = tonumber(redis.call('GET', key)) or 0
-  local new_tat
-  if ARGV[2] == '+' then
-    new_tat = math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
-  else
-    -- Unused allowance does not carry into the future.
-    new_tat = math.max(tat - inc, now)
+  local n = tonumber(ARGV[3])
+  for i = 1, n do
+    adjust(KEYS[i], ARGV[2], tonumber(ARGV[3 + i]), now)
   end
-  if new_tat > now then
-    redis.call('SET', key, int(new_tat), 'PX', ms_until(new_tat, now))
-  else
-    redis.call('DEL', key)
+  for j = n + 1, #KEYS do
+    redis.call('ZREM', KEYS[j], ARGV[3 + j])
   end
   return 1
 elseif op == 'signal' then

@@ -18,6 +18,7 @@
 //! | --- | --- | --- |
 //! | `check` | penalty key (when given), one bucket key per charge, one lease key per lease | `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
 //! | `adjust` | bucket key | `+` or `-`, `increment_us` |
+//! | `settle` | n bucket keys, then one key per lease | `+` or `-`, `n`, then `increment_us` per bucket, then the lease id per lease |
 //! | `signal` | counter key, penalty key | `window_ms threshold penalty period_ms` |
 //!
 //! `check` answers `{0, penalty, pttl_ms}` when penalized, else `{1, now_us, refused,
@@ -38,7 +39,6 @@ use redis::{RedisResult, Script, Value};
 
 use super::backend::{
     ActivePenalty, Backend, BackendError, Bucket, BucketState, Check, Lease, Signal, Verdict,
-    settle_one_by_one,
 };
 use super::config::RedisConfig;
 use super::gcra;
@@ -132,24 +132,6 @@ impl RedisBackend {
         key
     }
 
-    /// The script call that moves `bucket` by `delta` units (`delta` != 0).
-    fn adjust_call(&self, bucket: &Bucket, delta: i64) -> redis::ScriptInvocation<'_> {
-        let period = span_us(bucket.period);
-        let inc = gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US);
-        let mut call = self.script.prepare_invoke();
-        call.arg("adjust")
-            .arg(if delta > 0 { "+" } else { "-" })
-            .arg(inc)
-            .key(self.key(Kind::Bucket, &bucket.key));
-        call
-    }
-
-    fn release_cmd(&self, lease: &Lease) -> redis::Cmd {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
-        cmd
-    }
-
     /// Run one round trip within the timeout; every failure is `Unavailable`.
     async fn within<T>(
         &self,
@@ -172,6 +154,12 @@ fn int(v: &Value) -> Option<i64> {
         Value::Int(i) => Some(*i),
         _ => None,
     }
+}
+
+/// How far `delta` units move `bucket`'s TAT, in µs, for `adjust` and `settle`.
+fn adjust_increment(bucket: &Bucket, delta: i64) -> u64 {
+    let period = span_us(bucket.period);
+    gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US)
 }
 
 /// What one bucket's step looks like to the script: the exact increment, clamped so a
@@ -292,26 +280,27 @@ impl Backend for RedisBackend {
         if delta == 0 {
             return Ok(());
         }
+        let mut call = self.script.prepare_invoke();
+        call.arg("adjust")
+            .arg(if delta > 0 { "+" } else { "-" })
+            .arg(adjust_increment(bucket, delta))
+            .key(self.key(Kind::Bucket, &bucket.key));
         let mut con = self.conn.handle();
-        self.within(
-            "adjust",
-            self.adjust_call(bucket, delta).invoke_async::<()>(&mut con),
-        )
-        .await
+        self.within("adjust", call.invoke_async::<()>(&mut con))
+            .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
         let mut con = self.conn.handle();
-        self.within(
-            "release",
-            self.release_cmd(lease).query_async::<()>(&mut con),
-        )
-        .await
+        self.within("release", cmd.query_async::<()>(&mut con))
+            .await
     }
 
-    /// Every adjustment and release in one pipeline: one round trip per finished
-    /// request. The pipeline names the script by its hash; when Redis has lost it (a
-    /// restart, `SCRIPT FLUSH`), the calls go one by one, which load it again.
+    /// Every adjustment and release in one script call: one round trip (and one script
+    /// run) per finished request. The call names the script by its hash and loads it
+    /// again when Redis has lost it (a restart, `SCRIPT FLUSH`).
     async fn settle(
         &self,
         buckets: &[Bucket],
@@ -319,25 +308,23 @@ impl Backend for RedisBackend {
         leases: &[Lease],
     ) -> Result<(), BackendError> {
         let buckets = if delta == 0 { &[][..] } else { buckets };
-        if buckets.len() + leases.len() <= 1 {
-            return settle_one_by_one(self, buckets, delta, leases).await;
+        if buckets.is_empty() && leases.is_empty() {
+            return Ok(());
         }
-        let calls: Vec<_> = buckets.iter().map(|b| self.adjust_call(b, delta)).collect();
-        let mut pipe = redis::pipe();
-        for call in &calls {
-            pipe.invoke_script(call).ignore();
+        let mut call = self.script.prepare_invoke();
+        call.arg("settle")
+            .arg(if delta > 0 { "+" } else { "-" })
+            .arg(buckets.len());
+        for bucket in buckets {
+            call.key(self.key(Kind::Bucket, &bucket.key))
+                .arg(adjust_increment(bucket, delta));
         }
         for lease in leases {
-            pipe.add_command(self.release_cmd(lease)).ignore();
+            call.key(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
         }
         let mut con = self.conn.handle();
-        let sent = self
-            .within("settle", pipe.query_async::<()>(&mut con))
-            .await;
-        if sent.is_ok() {
-            return sent;
-        }
-        settle_one_by_one(self, buckets, delta, leases).await
+        self.within("settle", call.invoke_async::<()>(&mut con))
+            .await
     }
 
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
