@@ -151,8 +151,8 @@ fn limited_config(redis: Option<&str>) -> Config {
 
 fn bench_limiter(bencher: divan::Bencher, runtime: &tokio::runtime::Runtime, config: &Config) {
     let _enter = runtime.enter();
-    let shared =
-        sluice_gateway::limits::shared_backend(&config.limits).unwrap_or_else(|e| panic!("{e}"));
+    let shared = sluice_gateway::limits::shared_backend(&config.limits, &mut Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     let limiter = Limiter::new(config.limits.clone(), shared, CancellationToken::new());
     let tier = limiter
         .tier(None, None)

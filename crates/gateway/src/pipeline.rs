@@ -61,9 +61,10 @@ use crate::error::ApiError;
 use crate::guard::{self, OnFail, OutputRule, output};
 use crate::limits::config::glob_match;
 use crate::limits::limiter::MAX_USER_LEN;
-use crate::limits::{Limiter, RateHeaders, Subject, Tier};
+use crate::limits::{Admission, Limiter, RateHeaders, Subject, Tier};
 use crate::providers::{ChatCall, ChunkStream, ErrorClass, UpstreamError};
 use crate::quality::{Regenerations, input_hash};
+use crate::redis_conn::RedisPool;
 use crate::retry::{Attempts, Retrier};
 use crate::routing::{Chain, Route, Router, TemplateContext};
 use crate::store::{Store, StoreSink, redact_secrets};
@@ -157,9 +158,11 @@ impl Gateway {
         sinks.push(Box::new(MetricsSink::new(metrics.clone())));
         sinks.push(Box::new(StoreSink(store.clone())));
         let shutdown = CancellationToken::new();
+        // One connection per Redis server, shared by the stores on it.
+        let mut redis = RedisPool::default();
         let limiter = Limiter::new(
             config.limits.clone(),
-            crate::limits::shared_backend(&config.limits)?,
+            crate::limits::shared_backend(&config.limits, &mut redis)?,
             shutdown.clone(),
         );
         if config.limits.abuse.is_some() {
@@ -169,6 +172,7 @@ impl Gateway {
         let budgets = Budgets::new(
             config.budgets.clone(),
             config.limits.redis.as_ref(),
+            &mut redis,
             store.clone(),
             Some(metrics.clone()),
             tasks.clone(),
@@ -178,7 +182,7 @@ impl Gateway {
             prices: Arc::new(PriceBook::new(&config.models)),
             budgets: Arc::new(budgets),
             cache: Arc::new(
-                ResponseCache::new(&config.cache, Some(metrics.clone()))
+                ResponseCache::new(&config.cache, &mut redis, Some(metrics.clone()))
                     .map_err(|e| anyhow::anyhow!("[cache]: {e}"))?,
             ),
             flight: SingleFlight::new(),
@@ -463,42 +467,74 @@ fn refused_model(principal: &Principal, tier: Option<&Tier>, model: &str) -> Opt
         .map(|t| format!("tier `{}`", t.name))
 }
 
-/// Limits: charge the request (and its token estimate) to every bucket of its key, end
-/// user and tier, in one call to the limit store. What it holds is settled when the
-/// record is finished, where the request's cost is also charged to its budgets: the
-/// one place every route (streams, fallbacks, cancelled requests) is metered.
-async fn admit(
+/// Stages 8 to 10 sent together: the limit check, the budget read and `lookup` (the
+/// cache) go to their stores at once, so on one Redis connection they cost one round
+/// trip, not three. Their verdicts are then taken in the stages' order: a limit refusal,
+/// then a spent budget; `lookup`'s result is the caller's to use only when both let the
+/// request through (a lookup whose request was refused is dropped uncounted).
+///
+/// Limits charge the request (and its token estimate) to every bucket of its key, end
+/// user and tier. What they hold is settled when the record is finished, where the
+/// request's cost is also charged to its budgets: the one place every route (streams,
+/// fallbacks, cancelled requests) is metered. A spent budget blocks (429
+/// `budget_exceeded`) or names a cheaper model to answer instead, returned for the
+/// caller to route to.
+async fn admit<T>(
     gw: &Gateway,
     record: &mut RecordGuard,
-    principal: &Principal,
-    user: Option<&str>,
-    tier: Option<&Tier>,
+    (principal, user, tier): (&Principal, Option<&str>, Option<&Tier>),
     tokens: u64,
-) -> Result<RateHeaders, ApiError> {
-    let admission = if gw.limiter.config().any_limits() {
-        let request_id = record.request_id().to_string();
-        let subject = Subject {
-            key_id: principal.key_id.as_deref(),
-            owner: principal.owner.as_deref(),
-            user,
-            tier,
-            request_id: &request_id,
-            tokens,
-        };
-        match gw.limiter.admit(&subject).await {
-            Ok(admission) => Some(admission),
-            Err(e) => {
-                let limited_by = match &e {
-                    ApiError::RateLimited { limit, .. } => Some(limit.clone()),
-                    ApiError::AbuseBlocked { .. } => Some("abuse:block".to_string()),
-                    _ => None,
-                };
-                record.update(|r| r.limited_by = limited_by);
-                return Err(e);
+    lookup: impl Future<Output = T>,
+) -> Result<(RateHeaders, Option<String>, T), ApiError> {
+    let (limits, budget, found) = {
+        // The record's parts, not the guard (it is not `Sync`), go into the futures.
+        let request_id = record.request_id();
+        let tagged = record.peek();
+        let limits = async {
+            if !gw.limiter.config().any_limits() {
+                return None;
             }
+            let subject = Subject {
+                key_id: principal.key_id.as_deref(),
+                owner: principal.owner.as_deref(),
+                user,
+                tier,
+                request_id,
+                tokens,
+            };
+            Some(gw.limiter.admit(&subject).await)
+        };
+        let budget = async {
+            let r = tagged.filter(|_| gw.budgets.is_enabled())?;
+            let at_ms = i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
+            Some(gw.budgets.check(&usage::Subject::of(r), at_ms).await)
+        };
+        tokio::join!(limits, budget, lookup)
+    };
+    let headers = take_limits(gw, record, limits)?;
+    let downgrade = take_budget(record, budget)?;
+    Ok((headers, downgrade, found))
+}
+
+/// The limit check's verdict into the record; on admission, the settlement (and the
+/// budget charge) arranged for when the record is finished.
+fn take_limits(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    verdict: Option<Result<Admission, ApiError>>,
+) -> Result<RateHeaders, ApiError> {
+    let admission = match verdict {
+        None => None,
+        Some(Ok(admission)) => Some(admission),
+        Some(Err(e)) => {
+            let limited_by = match &e {
+                ApiError::RateLimited { limit, .. } => Some(limit.clone()),
+                ApiError::AbuseBlocked { .. } => Some("abuse:block".to_string()),
+                _ => None,
+            };
+            record.update(|r| r.limited_by = limited_by);
+            return Err(e);
         }
-    } else {
-        None
     };
     let headers = admission
         .as_ref()
@@ -515,36 +551,45 @@ async fn admit(
     if admission.is_some() || budgets.is_some() {
         let tasks = gw.tasks.clone();
         record.after(Box::new(move |r| {
-            if let Some(a) = admission {
-                a.settle(r);
-            }
-            if let Some(b) = budgets {
-                b.spawn_charge(r, &tasks);
-            }
+            let settle = admission.and_then(|a| a.settlement(r));
+            let charge = budgets.and_then(|b| b.charging(r));
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            // In one task, sent together: on one Redis connection, one round trip.
+            let both = async move {
+                let settle = async {
+                    if let Some(s) = settle {
+                        s.await;
+                    }
+                };
+                let charge = async {
+                    if let Some(c) = charge {
+                        c.await;
+                    }
+                };
+                tokio::join!(settle, charge);
+            };
+            tasks.spawn_on(both, &runtime);
         }));
     }
     Ok(headers)
 }
 
-/// Budgets: may this request spend? A spent budget blocks (429 `budget_exceeded`) or
-/// names a cheaper model to answer instead, returned for the caller to route to.
-async fn check_budgets(gw: &Gateway, record: &mut RecordGuard) -> Result<Option<String>, ApiError> {
-    if !gw.budgets.is_enabled() {
-        return Ok(None);
-    }
-    let Some(r) = record.peek() else {
-        return Ok(None);
-    };
-    let at_ms = i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
-    let decision = gw.budgets.check(&usage::Subject::of(r), at_ms).await;
+/// The budget check's verdict into the record: go ahead (`None`), answer with a cheaper
+/// model (`Some(model)`), or refuse.
+fn take_budget(
+    record: &mut RecordGuard,
+    decision: Option<BudgetDecision>,
+) -> Result<Option<String>, ApiError> {
     match decision {
-        BudgetDecision::Allow => Ok(None),
-        BudgetDecision::Block {
+        None | Some(BudgetDecision::Allow) => Ok(None),
+        Some(BudgetDecision::Block {
             budget,
             spent,
             limit,
             retry_after,
-        } => {
+        }) => {
             let by = format!("budget:{budget}");
             record.update(|r| r.limited_by = Some(by));
             Err(ApiError::BudgetExceeded {
@@ -554,12 +599,12 @@ async fn check_budgets(gw: &Gateway, record: &mut RecordGuard) -> Result<Option<
                 retry_after,
             })
         }
-        BudgetDecision::Downgrade { budget, to } => {
+        Some(BudgetDecision::Downgrade { budget, to }) => {
             let by = format!("budget:{budget}");
             record.update(|r| r.limited_by = Some(by));
             Ok(Some(to))
         }
-        BudgetDecision::Unavailable => Err(ApiError::BudgetsUnavailable),
+        Some(BudgetDecision::Unavailable) => Err(ApiError::BudgetsUnavailable),
     }
 }
 
@@ -682,7 +727,12 @@ async fn chat_pipeline(
         Ok(r) => r,
         Err(e) => return fail(record, e),
     };
-    // 8. limits: requests, tokens (input estimate + output allowance), concurrency
+    // 8-10. limits: requests, tokens (input estimate + output allowance), concurrency;
+    //    budgets: block, or answer with the cheaper model a spent budget names; cache: a
+    //    stored answer to the same request (same scope, model, prompt version, messages
+    //    and parameters) is replayed, as JSON or SSE, at no cost. Sent together (see
+    //    `admit`); the lookup is made for the model as routed, and again should a budget
+    //    name another.
     let input: u32 = request
         .messages
         .iter()
@@ -690,48 +740,59 @@ async fn chat_pipeline(
         .sum();
     let output = request.max_completion_tokens.or(request.max_tokens);
     let demand = Demand::new(tier.as_ref(), input, output.unwrap_or(0));
-    let limits = admit(
+    let with_fallback = |mut chain: Chain| {
+        if let Some(p) = &prompt {
+            chain.prompt_fallback = p.fallback.clone();
+        }
+        chain
+    };
+    let mut chain = with_fallback(chain);
+    let prompt_key = prompt.as_ref().map(|p| p.key.as_str());
+    let plan = |request: &ChatRequest, chain: &Chain| {
+        plan_cache(
+            &gw,
+            &headers,
+            &principal,
+            request,
+            (chain, prompt_key),
+            feature.as_deref(),
+        )
+    };
+    let lookup = |cache: Option<&CachePlan>| {
+        let gw = &gw;
+        let key = cache.filter(|p| p.read).map(|p| p.key);
+        async move {
+            match key {
+                Some(k) => Some(gw.cache.lookup(&k).await),
+                None => None,
+            }
+        }
+    };
+    let mut cache = plan(&request, &chain);
+    let admitted = admit(
         &gw,
         &mut record,
-        &principal,
-        user.as_deref(),
-        tier.as_ref(),
+        (&principal, user.as_deref(), tier.as_ref()),
         demand.tokens,
+        lookup(cache.as_ref()),
     )
     .await;
-    let rate_headers = match limits {
-        Ok(h) => h,
-        Err(e) => return fail(record, e),
-    };
-    // 9. budgets: block, or answer with the cheaper model a spent budget names
-    let mut chain = match check_budgets(&gw, &mut record).await {
-        Ok(None) => chain,
-        Ok(Some(to)) if to == request.model => chain,
-        Ok(Some(to)) => match gw.router.chain(&to, ModelKind::Chat) {
-            Ok(c) => {
-                request.model = to;
-                c
+    let (rate_headers, found) = match admitted {
+        Ok((headers, Some(to), _)) if to != request.model => {
+            match gw.router.chain(&to, ModelKind::Chat) {
+                Ok(c) => {
+                    request.model = to;
+                    chain = with_fallback(c);
+                    cache = plan(&request, &chain);
+                    (headers, lookup(cache.as_ref()).await)
+                }
+                Err(e) => return fail(record, e),
             }
-            Err(e) => return fail(record, e),
-        },
+        }
+        Ok((headers, _, found)) => (headers, found),
         Err(e) => return fail(record, e),
     };
-    if let Some(p) = &prompt {
-        chain.prompt_fallback = p.fallback.clone();
-    }
-    // 10. cache: a stored answer to the same request (same scope, model, prompt version,
-    //    messages and parameters) is replayed, as JSON or SSE, at no cost
-    let cache = plan_cache(
-        &gw,
-        &headers,
-        &principal,
-        &request,
-        (&chain, prompt.as_ref().map(|p| p.key.as_str())),
-        feature.as_deref(),
-    );
-    if let Some(plan) = cache.as_ref().filter(|p| p.read)
-        && let Some(hit) = gw.cache.get(&plan.key).await
-    {
+    if let Some(hit) = found.and_then(|f| gw.cache.take(f)) {
         let first = chain.routes.first().map(|r| &**r);
         let mut response = respond_cached(&gw, record, &request, first, &hit, "hit");
         rate_headers.apply(response.headers_mut());
@@ -2153,24 +2214,20 @@ pub async fn embeddings(
     };
     let input = u32::try_from(request.input.estimated_tokens()).unwrap_or(u32::MAX);
     let demand = Demand::new(tier.as_ref(), input, 0);
-    let limits = admit(
-        &gw,
-        &mut record,
-        &principal,
-        user.as_deref(),
-        tier.as_ref(),
-        demand.tokens,
-    )
-    .await;
-    let rate_headers = match limits {
-        Ok(h) => h,
-        Err(e) => return fail(record, e),
-    };
     // Embeddings have no cheaper model to fall to: a downgrade budget blocks them
     // (the budget check says so), so only a refusal can come back here.
-    if let Err(e) = check_budgets(&gw, &mut record).await {
-        return fail(record, e);
-    }
+    let admitted = admit(
+        &gw,
+        &mut record,
+        (&principal, user.as_deref(), tier.as_ref()),
+        demand.tokens,
+        std::future::ready(()),
+    )
+    .await;
+    let rate_headers = match admitted {
+        Ok((headers, _, ())) => headers,
+        Err(e) => return fail(record, e),
+    };
     // Cached per input item: only the items not cached go upstream, and the answer is
     // merged back in the client's order.
     let plan = match embedding_cache_scope(&gw, &headers, &principal) {

@@ -1,5 +1,5 @@
-//! The Redis connection every shared store uses (rate limits, budget counters): a
-//! [`ConnectionManager`] made lazily, so a gateway starts whether or not Redis is up, that
+//! The Redis connection every shared store uses (rate limits, budget counters, the
+//! cache): a [`ConnectionManager`] made lazily, so a gateway starts whether or not Redis is up, that
 //! reconnects by itself; every call bounded by the `[redis]` timeout; and the URL's
 //! password never in a message, a log line or a `Debug`.
 
@@ -147,6 +147,42 @@ impl RedisConn {
             }
             cursor = next;
         }
+    }
+}
+
+/// The Redis connections of one gateway: stores that name the same server (URL and
+/// timeout) share one connection. Its commands are multiplexed: what the stores send at
+/// the same moment (a request's limit check, budget read and cache lookup) leaves in one
+/// write and comes back in one read, one round trip instead of one each.
+#[derive(Default)]
+pub struct RedisPool {
+    conns: Vec<(SecretString, Duration, RedisConn)>,
+}
+
+impl fmt::Debug for RedisPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPool")
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl RedisPool {
+    /// The connection for `config`'s server: the one already made for it, else a new
+    /// one (see [`RedisConn::connect`]).
+    pub fn conn(&mut self, config: &RedisConfig) -> Result<RedisConn, String> {
+        let url = config.url.expose_secret();
+        if let Some((_, _, conn)) = self
+            .conns
+            .iter()
+            .find(|(u, t, _)| u.expose_secret() == url && *t == config.timeout)
+        {
+            return Ok(conn.clone());
+        }
+        let conn = RedisConn::connect(config, "stores")?;
+        self.conns
+            .push((config.url.clone(), config.timeout, conn.clone()));
+        Ok(conn)
     }
 }
 

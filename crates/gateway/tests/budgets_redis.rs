@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_gateway::limits::config::FailMode;
+use sluice_gateway::redis_conn::RedisPool;
 use sluice_gateway::store::{SpendFilter, SpendGroup, SpendRow, StorageTarget, Store};
 use sluice_gateway::telemetry::{Endpoint, Outcome, RequestRecord};
 use sluice_gateway::usage::alerts::{Alerter, RetryPolicy};
@@ -190,6 +191,7 @@ fn budgets_on_redis(prefix: &str, store: Arc<Store>, text: &str, tasks: &TaskTra
             FailMode::Open,
             TIMEOUT,
         )),
+        &mut RedisPool::default(),
         store,
         None,
         tasks.clone(),

@@ -434,3 +434,91 @@ async fn concurrent_embedding_requests_go_upstream_as_one_call() {
         "50 concurrent requests, {calls} upstream calls"
     );
 }
+
+/// The lookup goes to the cache with the limit and budget checks (one round trip on
+/// Redis); it is made for the model as routed, so a budget that names a cheaper model
+/// must look again, for that model.
+#[tokio::test]
+async fn a_budget_downgrade_is_looked_up_for_the_model_that_answers() {
+    let mut h = harness(&format!(
+        r#"
+        [[models]]
+        name = "gpt-4o"
+        provider = "sim"
+        [[budgets.rules]]
+        name = "strong-model"
+        scope = "feature"
+        period = "month"
+        limit_usd = 0.000001
+        on_exceeded = "downgrade"
+        downgrade_to = "gpt-4o-mini"
+        {SIM}"#
+    ))
+    .await;
+    let question = |model: &str| {
+        json!({"model": model, "temperature": 0, "sluice": {"feature": "summaries"},
+               "messages": [{"role": "user", "content": "How deep is a canal?"}]})
+    };
+    // The cheaper model's answer is cached, and its cost spends the feature's budget.
+    let first = post(&mut h, question("gpt-4o-mini"), &[]).await;
+    assert_eq!(cache_header(&first), Some("miss"));
+    let cached = until_hit(&mut h, question("gpt-4o-mini")).await;
+    let downgraded = loop {
+        let r = post(&mut h, question("gpt-4o"), &[]).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        if r.headers["x-sluice-model"] == "gpt-4o-mini" {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        cache_header(&downgraded),
+        Some("hit"),
+        "{:?}",
+        downgraded.record
+    );
+    assert_eq!(downgraded.record.upstream_calls, 0);
+    assert_eq!(text_of(&downgraded), text_of(&cached));
+    assert_eq!(
+        downgraded.record.limited_by.as_deref(),
+        Some("budget:strong-model")
+    );
+}
+
+/// A request refused by its limits counts no cache lookup, though the lookup was sent
+/// with the limit check.
+#[tokio::test]
+async fn a_refused_request_counts_no_cache_lookup() {
+    let mut h = harness(&format!(
+        r#"
+        [limits]
+        default_tier = "t"
+        [[tiers]]
+        name = "t"
+        per_user = {{ requests_per_minute = 1 }}
+        {SIM}"#
+    ))
+    .await;
+    let mut body = ask("Who built the Bridgewater Canal?");
+    body["user"] = json!("u1");
+    let first = post(&mut h, body.clone(), &[]).await;
+    assert_eq!(cache_header(&first), Some("miss"));
+    // Stored off the request path: wait until it is, so a lookup would hit.
+    for _ in 0..100 {
+        if h.gateway.cache.stats().stores == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.gateway.cache.stats().stores, 1);
+    let refused = post(&mut h, body, &[]).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.text
+    );
+    assert_eq!(cache_header(&refused), None);
+    let stats = h.gateway.cache.stats();
+    assert_eq!((stats.misses, stats.memory_hits), (1, 0), "{stats:?}");
+}

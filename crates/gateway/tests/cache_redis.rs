@@ -17,6 +17,7 @@ use sluice_gateway::limits::backend::Verdict;
 use sluice_gateway::limits::config::FailMode;
 use sluice_gateway::limits::redis::RedisBackend;
 use sluice_gateway::limits::{Backend, Bucket, Charge, Check, Unit};
+use sluice_gateway::redis_conn::RedisPool;
 use sluice_gateway::wire::ChatResponse;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,7 +35,8 @@ async fn instance(prefix: &str) -> ResponseCache {
         )),
         ..CacheConfig::default()
     };
-    ResponseCache::new(&config, None).unwrap_or_else(|e| panic!("ResponseCache::new: {e}"))
+    ResponseCache::new(&config, &mut RedisPool::default(), None)
+        .unwrap_or_else(|e| panic!("ResponseCache::new: {e}"))
 }
 
 fn answer(text: &str) -> CachedAnswer {
@@ -210,7 +212,8 @@ async fn redis_down_is_a_miss_not_an_error() {
         )),
         ..CacheConfig::default()
     };
-    let cache = ResponseCache::new(&config, None).unwrap_or_else(|e| panic!("{e}"));
+    let cache = ResponseCache::new(&config, &mut RedisPool::default(), None)
+        .unwrap_or_else(|e| panic!("{e}"));
     let key = CacheKey(5);
     assert!(cache.get(&key).await.is_none());
     cache

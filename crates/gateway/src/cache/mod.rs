@@ -20,4 +20,4 @@ pub use config::{CacheConfig, CacheScope};
 pub use embeddings::{EmbeddingPlan, Merged};
 pub use flight::{Flight, FlightError, SingleFlight};
 pub use key::{CacheKey, EmbeddingItem, Scope, chat_key, embedding_key, is_deterministic};
-pub use store::{CacheStats, CachedAnswer, ResponseCache};
+pub use store::{CacheStats, CachedAnswer, Lookup, ResponseCache};

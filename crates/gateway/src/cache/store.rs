@@ -25,7 +25,7 @@ use serde_json::Value;
 use super::config::CacheConfig;
 use super::key::CacheKey;
 use crate::limits::config::RedisConfig;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{RedisConn, RedisPool};
 use crate::telemetry::Metrics;
 use crate::wire::ChatResponse;
 
@@ -116,6 +116,24 @@ struct RedisTier {
     last_warn_ms: AtomicI64,
 }
 
+/// A chat lookup fetched, not yet counted: see [`ResponseCache::lookup`].
+#[derive(Debug)]
+pub struct Lookup {
+    answer: Option<Arc<CachedAnswer>>,
+    from: Origin,
+}
+
+/// Where a [`Lookup`] ended.
+#[derive(Debug)]
+enum Origin {
+    Memory,
+    /// Not in memory, and there is no Redis tier.
+    NoRedis,
+    /// Asked Redis: a hit when the lookup has an answer.
+    Redis,
+    RedisFailed,
+}
+
 /// The two cache tiers behind one type; cheap to share in an `Arc`.
 pub struct ResponseCache {
     memory: Memory,
@@ -133,11 +151,19 @@ impl std::fmt::Debug for ResponseCache {
 }
 
 impl ResponseCache {
-    /// The cache `config` describes: memory only, or memory in front of `config.redis`.
+    /// The cache `config` describes: memory only, or memory in front of `config.redis`
+    /// (on `pool`'s connection to it).
     /// Never waits for Redis (see [`RedisConn::connect`]); fails only for a bad URL or
     /// outside a Tokio runtime.
-    pub fn new(config: &CacheConfig, metrics: Option<Arc<Metrics>>) -> Result<Self, String> {
-        let redis = config.redis.as_ref().map(RedisTier::connect).transpose()?;
+    pub fn new(
+        config: &CacheConfig,
+        pool: &mut RedisPool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, String> {
+        let redis = match &config.redis {
+            Some(r) => Some(RedisTier::new(pool.conn(r)?, r)),
+            None => None,
+        };
         Ok(Self {
             memory: memory_tier(config.memory_bytes),
             redis,
@@ -163,21 +189,35 @@ impl ResponseCache {
     /// The cached answer for `key`: memory first, then Redis (a Redis hit fills the
     /// memory tier for the entry's remaining TTL). A Redis failure is a miss.
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedAnswer>> {
+        let found = self.lookup(key).await;
+        self.take(found)
+    }
+
+    /// [`get`](Self::get) in two halves, for a lookup sent before the request is known
+    /// to go ahead (with its limit and budget checks, in the same round trip): `lookup`
+    /// fetches, and counts only Redis failures; [`take`](Self::take) counts the hit or
+    /// miss once the request uses the answer. A lookup dropped untaken counts nothing.
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
         if let Some(Payload::Answer(a)) = self.memory_get(key) {
-            self.hit("chat", "memory");
-            return Some(a);
+            return Lookup {
+                answer: Some(a),
+                from: Origin::Memory,
+            };
         }
-        self.lookup_metric("chat", "memory", "miss");
         let Some(redis) = &self.redis else {
-            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-            return None;
+            return Lookup {
+                answer: None,
+                from: Origin::NoRedis,
+            };
         };
         let found = match redis.get_many(&[redis.answer_key(key)]).await {
             Ok(mut found) => found.pop().flatten(),
             Err(e) => {
                 self.redis_failed("get", "chat", e);
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return Lookup {
+                    answer: None,
+                    from: Origin::RedisFailed,
+                };
             }
         };
         let answer = found.and_then(|(bytes, ttl)| {
@@ -188,14 +228,31 @@ impl ResponseCache {
             );
             Some(answer)
         });
-        match &answer {
-            Some(_) => self.hit("chat", "redis"),
-            None => {
+        Lookup {
+            answer,
+            from: Origin::Redis,
+        }
+    }
+
+    /// Count a [`lookup`](Self::lookup) the request goes ahead with; its answer.
+    pub fn take(&self, found: Lookup) -> Option<Arc<CachedAnswer>> {
+        if matches!(found.from, Origin::Memory) {
+            self.hit("chat", "memory");
+            return found.answer;
+        }
+        self.lookup_metric("chat", "memory", "miss");
+        match (&found.from, &found.answer) {
+            (Origin::Redis, Some(_)) => self.hit("chat", "redis"),
+            (Origin::Redis, None) => {
                 self.lookup_metric("chat", "redis", "miss");
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
+            // A failure was counted as it happened.
+            _ => {
+                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        answer
+        found.answer
     }
 
     /// Store `answer` under `key` for `ttl` (zero: not stored) in both tiers. Returns when
@@ -432,12 +489,12 @@ fn entry(payload: Payload, ttl: Duration, payload_bytes: usize) -> Entry {
 }
 
 impl RedisTier {
-    fn connect(config: &RedisConfig) -> Result<Self, String> {
-        Ok(Self {
-            conn: RedisConn::connect(config, "cache")?,
+    fn new(conn: RedisConn, config: &RedisConfig) -> Self {
+        Self {
+            conn,
             namespace: format!("{}{REDIS_NAMESPACE}", config.prefix),
             last_warn_ms: AtomicI64::new(i64::MIN / 2),
-        })
+        }
     }
 
     fn answer_key(&self, key: &CacheKey) -> String {

@@ -134,14 +134,13 @@ impl Admission {
         }
     }
 
-    /// Settle after the request: reconcile the token estimate with what the record
-    /// says was used, release the concurrency slots. Off the request path.
-    pub fn settle(self, record: &RequestRecord) {
-        let Some(backend) = self.backend.clone() else {
-            return;
-        };
+    /// The settlement after the request, for the caller to run off the request path:
+    /// reconcile the token estimate with what the record says was used, release the
+    /// concurrency slots. `None` when there is nothing to settle.
+    pub fn settlement(self, record: &RequestRecord) -> Option<impl Future<Output = ()> + use<>> {
+        let backend = self.backend.clone()?;
         if self.token_buckets.is_empty() && self.leases.is_empty() {
-            return;
+            return None;
         }
         // A cache hit (or an answer shared by an identical request) used no upstream
         // tokens, though its record shows the tokens it saved.
@@ -151,17 +150,14 @@ impl Admission {
         };
         let delta = i64::try_from(used).unwrap_or(i64::MAX)
             - i64::try_from(self.charged_tokens).unwrap_or(i64::MAX);
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
+        Some(async move {
             if let Err(e) = backend
                 .settle(&self.token_buckets, delta, &self.leases)
                 .await
             {
                 tracing::warn!(error = %e, "could not reconcile a token estimate or release a concurrency slot");
             }
-        });
+        })
     }
 }
 

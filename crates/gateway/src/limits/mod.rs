@@ -20,14 +20,21 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::redis_conn::RedisPool;
 use crate::telemetry::{RecordSink, RequestRecord};
 
-/// The shared limit store when `[redis]` is configured.
-pub fn shared_backend(config: &LimitsConfig) -> anyhow::Result<Option<Arc<dyn Backend>>> {
+/// The shared limit store when `[redis]` is configured, on `pool`'s connection.
+pub fn shared_backend(
+    config: &LimitsConfig,
+    pool: &mut RedisPool,
+) -> anyhow::Result<Option<Arc<dyn Backend>>> {
     let Some(redis_config) = &config.redis else {
         return Ok(None);
     };
-    let backend = redis::RedisBackend::new(redis_config)?;
+    let conn = pool
+        .conn(redis_config)
+        .map_err(backend::BackendError::Unavailable)?;
+    let backend = redis::RedisBackend::with_conn(conn, redis_config);
     Ok(Some(Arc::new(backend)))
 }
 

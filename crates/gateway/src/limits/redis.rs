@@ -115,11 +115,16 @@ impl RedisBackend {
     /// does not parse, or outside a Tokio runtime.
     pub fn new(config: &RedisConfig) -> Result<RedisBackend, BackendError> {
         let conn = RedisConn::connect(config, "limit store").map_err(BackendError::Unavailable)?;
-        Ok(RedisBackend {
+        Ok(RedisBackend::with_conn(conn, config))
+    }
+
+    /// A store for `config` on a connection made already (shared with other stores).
+    pub fn with_conn(conn: RedisConn, config: &RedisConfig) -> RedisBackend {
+        RedisBackend {
             conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}rl:{SCRIPT_VERSION}:", config.prefix),
-        })
+        }
     }
 
     /// The full Redis key for a logical key.

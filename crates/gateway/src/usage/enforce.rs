@@ -18,6 +18,7 @@ use super::ledger::{
 };
 use super::prices::{Cost, NANOS_PER_MICRO};
 use crate::limits::config::{FailMode, RedisConfig};
+use crate::redis_conn::RedisPool;
 use crate::store::{SpendFilter, SpendGroup};
 use crate::telemetry::{Endpoint, Metrics, RequestRecord};
 
@@ -80,18 +81,23 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// Budgets on Redis when `redis` is set (exact across instances), else in process;
+    /// Budgets on Redis when `redis` is set (exact across instances; on `pool`'s
+    /// connection to it), else in process;
     /// counters start from `source` (the request log); alerts are sent on `tasks`.
     /// Never waits for Redis. Fails for an unusable Redis URL or outside a runtime.
     pub fn new(
         config: BudgetsConfig,
         redis: Option<&RedisConfig>,
+        pool: &mut RedisPool,
         source: Arc<dyn SpendSource>,
         metrics: Option<Arc<Metrics>>,
         tasks: TaskTracker,
     ) -> anyhow::Result<Budgets> {
         let ledger: Arc<dyn BudgetLedger> = match redis {
-            Some(r) if config.is_enabled() => Arc::new(RedisLedger::new(r, source.clone())?),
+            Some(r) if config.is_enabled() => {
+                let conn = pool.conn(r).map_err(LedgerError::Unavailable)?;
+                Arc::new(RedisLedger::with_conn(conn, r, source.clone()))
+            }
             _ => Arc::new(MemoryLedger::new(source.clone())),
         };
         let alerter = Alerter::new(
@@ -300,21 +306,23 @@ impl Budgets {
             .await;
     }
 
-    /// [`Budgets::charge_record`] in the background on `tasks`, for the record's
-    /// `after` hook (which runs once per request, also for a cancelled stream, and must
-    /// not wait): copies only what the charge needs.
-    pub fn spawn_charge(self: &Arc<Self>, record: &RequestRecord, tasks: &TaskTracker) {
+    /// [`Budgets::charge_record`] for the record's `after` hook, which runs once per
+    /// request (also for a cancelled stream) and must not wait: the caller runs it in
+    /// the background. Copies only what the charge needs; `None` when there is nothing
+    /// to charge.
+    pub fn charging(
+        self: &Arc<Self>,
+        record: &RequestRecord,
+    ) -> Option<impl Future<Output = ()> + use<>> {
         if !self.is_enabled() {
-            return;
+            return None;
         }
         let nanos = record.cost_nanos.or_else(|| {
             record
                 .cost_micros
                 .map(|m| m.saturating_mul(NANOS_PER_MICRO))
         });
-        let Some(nanos) = nanos.filter(|n| *n > 0) else {
-            return;
-        };
+        let nanos = nanos.filter(|n| *n > 0)?;
         let owned = RequestRecord {
             started_at_ms: record.started_at_ms,
             endpoint: record.endpoint,
@@ -327,7 +335,7 @@ impl Budgets {
             ..RequestRecord::default()
         };
         let budgets = self.clone();
-        tasks.spawn(async move { budgets.charge_record(&owned).await });
+        Some(async move { budgets.charge_record(&owned).await })
     }
 
     fn counter_error(&self, op: &'static str, e: &LedgerError) {

@@ -292,12 +292,21 @@ impl RedisLedger {
     ) -> Result<RedisLedger, LedgerError> {
         let conn =
             RedisConn::connect(config, "budget counters").map_err(LedgerError::Unavailable)?;
-        Ok(RedisLedger {
+        Ok(RedisLedger::with_conn(conn, config, source))
+    }
+
+    /// Counters for `config` on a connection made already (shared with other stores).
+    pub fn with_conn(
+        conn: RedisConn,
+        config: &RedisConfig,
+        source: Arc<dyn SpendSource>,
+    ) -> RedisLedger {
+        RedisLedger {
             conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}budget:{SCRIPT_VERSION}:", config.prefix),
             source,
-        })
+        }
     }
 
     fn key(&self, tail: &str) -> String {

@@ -1,0 +1,181 @@
+//! What a request costs in Redis round trips, through the whole gateway, with limits,
+//! budgets and the cache all on Redis: the limit check, the budget read and the cache
+//! lookup share one connection and go out together, so a request reaches its upstream
+//! after one round trip, not three.
+//!
+//! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), reached
+//! through a proxy that counts round trips; the test fails with a clear message when
+//! Redis is not reachable.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{Value, json};
+use sluice_sim::outage::OutageProxy;
+use tower::ServiceExt;
+
+/// An OpenAI-compatible upstream that notes the proxy's round-trip count as each call
+/// arrives.
+async fn upstream(proxy: Arc<OutageProxy>, seen: Arc<Mutex<Vec<u64>>>) -> SocketAddr {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |Json(body): Json<Value>| {
+            let (proxy, seen) = (proxy.clone(), seen.clone());
+            async move {
+                seen.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(proxy.round_trips());
+                Json(json!({
+                    "id": "chatcmpl-rt",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "Locks and weirs."}}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+async fn ask(h: &support::Harness, question: &str, cache: &str) -> StatusCode {
+    let body = json!({"model": "gpt-4o-mini", "user": "alice",
+                      "messages": [{"role": "user", "content": question}]});
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .header("x-sluice-cache", cache)
+                .body(Body::from(body.to_string()))
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    response.status()
+}
+
+/// Wait until the work a request leaves behind (its settlement, budget charge and cache
+/// store) is done: no round trip for 200 ms.
+async fn quiet(proxy: &OutageProxy) -> u64 {
+    let mut last = proxy.round_trips();
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let now = proxy.round_trips();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("Redis never went quiet")
+}
+
+#[tokio::test]
+async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_call() {
+    support::redis_raw().await;
+    let redis: SocketAddr = support::redis_url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap_or_else(|e| panic!("SLUICE_TEST_REDIS_URL as host:port: {e}"));
+    let proxy = OutageProxy::start(redis)
+        .await
+        .unwrap_or_else(|e| panic!("proxy: {e}"));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let upstream = upstream(proxy.clone(), seen.clone()).await;
+    let h = support::harness(&format!(
+        r#"
+        [[providers]]
+        name = "up"
+        kind = "openai"
+        base_url = "http://{upstream}/v1"
+
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "up"
+        prices = {{ input = 0.15, output = 0.60 }}
+
+        [redis]
+        url = "redis://{proxy}"
+        prefix = "{prefix}"
+
+        [limits]
+        default_tier = "t"
+
+        [[tiers]]
+        name = "t"
+        per_user = {{ requests_per_minute = 1000, tokens_per_minute = 1000000, concurrent = 10 }}
+        total = {{ requests_per_minute = 100000 }}
+
+        [[budgets.rules]]
+        name = "all"
+        scope = "global"
+        period = "day"
+        limit_usd = 1000.0
+
+        [[budgets.rules]]
+        name = "each-user"
+        scope = "user"
+        period = "day"
+        limit_usd = 10.0
+
+        [cache]
+        enabled = true
+        only_deterministic = false
+        "#,
+        proxy = proxy.addr(),
+        prefix = support::unique_redis_prefix(),
+    ))
+    .await;
+
+    // The first request loads the scripts and starts the budget counters from the log:
+    // round trips of their own, once.
+    assert_eq!(
+        ask(&h, "What is a lock keeper?", "store").await,
+        StatusCode::OK
+    );
+    quiet(&proxy).await;
+
+    let before = proxy.round_trips();
+    assert_eq!(ask(&h, "What is a weir?", "store").await, StatusCode::OK);
+    let at_upstream = seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!("the upstream was never called"));
+    assert_eq!(
+        at_upstream - before,
+        1,
+        "round trips between the request and its upstream call: the limit check, budget \
+         read and cache lookup go out together"
+    );
+
+    // After the answer: the settlement (token refund, slot release) and the budget
+    // charge go out together. A request that stores nothing: two round trips in all.
+    let before = quiet(&proxy).await;
+    assert_eq!(
+        ask(&h, "What is a pound lock?", "no-store").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        quiet(&proxy).await - before,
+        2,
+        "one round trip before the upstream call, one after the answer"
+    );
+}
