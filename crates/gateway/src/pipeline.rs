@@ -68,7 +68,7 @@ use crate::redis_conn::RedisPool;
 use crate::retry::{Attempts, Retrier};
 use crate::routing::{Chain, Route, Router, TemplateContext};
 use crate::store::{Store, StoreSink, redact_secrets};
-use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder};
+use crate::telemetry::{Endpoint, FallbackKind, Outcome, RecordGuard, Recorder, RequestRecord};
 use crate::telemetry::{LogSink, Metrics, MetricsSink, RecordSink};
 use crate::usage::{self, BudgetDecision, Budgets, Cost, PriceBook, TokenUsage};
 use crate::wire::{
@@ -486,6 +486,8 @@ async fn admit<T>(
     tokens: u64,
     lookup: impl Future<Output = T>,
 ) -> Result<(RateHeaders, Option<String>, T), ApiError> {
+    let budget_at = |r: &RequestRecord| i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
+    let checked_tier = record.peek().and_then(|r| r.tier.clone());
     let (limits, budget, found) = {
         // The record's parts, not the guard (it is not `Sync`), go into the futures.
         let request_id = record.request_id();
@@ -506,12 +508,19 @@ async fn admit<T>(
         };
         let budget = async {
             let r = tagged.filter(|_| gw.budgets.is_enabled())?;
-            let at_ms = i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
-            Some(gw.budgets.check(&usage::Subject::of(r), at_ms).await)
+            Some(gw.budgets.check(&usage::Subject::of(r), budget_at(r)).await)
         };
         tokio::join!(limits, budget, lookup)
     };
     let headers = take_limits(gw, record, limits)?;
+    // A penalty may have moved the request to a stricter tier, and budgets match on the
+    // tier: then the budget read sent alongside was for the wrong one. Read again.
+    let budget = match record.peek() {
+        Some(r) if budget.is_some() && r.tier != checked_tier => {
+            Some(gw.budgets.check(&usage::Subject::of(r), budget_at(r)).await)
+        }
+        _ => budget,
+    };
     let downgrade = take_budget(record, budget)?;
     Ok((headers, downgrade, found))
 }
@@ -2214,30 +2223,31 @@ pub async fn embeddings(
     };
     let input = u32::try_from(request.input.estimated_tokens()).unwrap_or(u32::MAX);
     let demand = Demand::new(tier.as_ref(), input, 0);
-    // Embeddings have no cheaper model to fall to: a downgrade budget blocks them
-    // (the budget check says so), so only a refusal can come back here.
+    // Limits, budgets and the cache lookup, sent together (see `admit`). The cache is
+    // per input item: only the items not cached go upstream, and the answer is merged
+    // back in the client's order. Embeddings have no cheaper model to fall to: a
+    // downgrade budget blocks them (the budget check says so), so only a refusal can
+    // come back here.
+    let scope = embedding_cache_scope(&gw, &headers, &principal);
+    let fetch = async {
+        match (scope, chain.routes.first()) {
+            (Some(scope), Some(route)) => {
+                Some(EmbeddingPlan::fetch(&gw.cache, scope, &route.upstream_model, &request).await)
+            }
+            _ => None,
+        }
+    };
     let admitted = admit(
         &gw,
         &mut record,
         (&principal, user.as_deref(), tier.as_ref()),
         demand.tokens,
-        std::future::ready(()),
+        fetch,
     )
     .await;
-    let rate_headers = match admitted {
-        Ok((headers, _, ())) => headers,
+    let (rate_headers, plan) = match admitted {
+        Ok((headers, _, fetched)) => (headers, fetched.map(|f| EmbeddingPlan::take(&gw.cache, f))),
         Err(e) => return fail(record, e),
-    };
-    // Cached per input item: only the items not cached go upstream, and the answer is
-    // merged back in the client's order.
-    let plan = match embedding_cache_scope(&gw, &headers, &principal) {
-        Some(scope) => match chain.routes.first() {
-            Some(route) => {
-                Some(EmbeddingPlan::lookup(&gw.cache, scope, &route.upstream_model, &request).await)
-            }
-            None => None,
-        },
-        None => None,
     };
     let upstream_request = match &plan {
         Some(p) => p.upstream_request(&request).map(std::borrow::Cow::Owned),

@@ -710,3 +710,80 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// A throttled user runs under the throttle tier for budgets too: a rule matching that
+/// tier counts and blocks its requests (the budget read is sent with the limit check,
+/// before the penalty is known, so the gateway reads again for the tier it learns).
+#[tokio::test]
+async fn a_throttled_user_is_held_to_the_throttle_tiers_budget() {
+    let mut h = harness(&format!(
+        r#"
+        [limits]
+        default_tier = "normal"
+        [limits.abuse]
+        window = "1m"
+        period = "1m"
+        action = "throttle"
+        throttle_tier = "jail"
+        rejected_inputs = 2
+        [[tiers]]
+        name = "normal"
+        [[tiers]]
+        name = "jail"
+        per_user = {{ requests_per_minute = 1000 }}
+        [[budgets.rules]]
+        name = "jail-spend"
+        scope = "global"
+        period = "day"
+        limit_usd = 0.000001
+        match = {{ tier = "jail" }}
+        [[models]]
+        name = "priced"
+        provider = "sim"
+        upstream = "gpt-4o-mini"
+        prices = {{ input = 0.15, output = 0.60 }}
+        {SIM}"#
+    ))
+    .await;
+    for _ in 0..2 {
+        let r = h
+            .send(
+                "/v1/chat/completions",
+                json!({"model": "priced", "user": "eve", "messages": [{"role": "user", "content": "   "}]}),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    }
+    let mut throttled_ok = 0;
+    let blocked = loop {
+        let r = h
+            .send(
+                "/v1/chat/completions",
+                json!({"model": "priced", "user": "eve", "messages": [{"role": "user", "content": "hello"}]}),
+                &[],
+            )
+            .await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            break r;
+        }
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        if r.record.tier.as_deref() == Some("jail") {
+            throttled_ok += 1;
+            assert!(throttled_ok < 20, "the jail tier's budget never blocked");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        blocked.body["error"]["code"], "budget_exceeded",
+        "{}",
+        blocked.text
+    );
+    assert_eq!(blocked.record.tier.as_deref(), Some("jail"));
+    assert_eq!(
+        blocked.record.limited_by.as_deref(),
+        Some("budget:jail-spend")
+    );
+    // Not throttled: another user's requests do not match the rule.
+    assert_eq!(h.chat_as("alice", "hello").await.status, StatusCode::OK);
+}

@@ -19,17 +19,35 @@ use serde_json::{Value, json};
 use sluice_sim::outage::OutageProxy;
 use tower::ServiceExt;
 
-/// An OpenAI-compatible upstream that notes the proxy's round-trip count as each call
-/// arrives.
+/// An OpenAI-compatible upstream (chat and embeddings) that notes the proxy's
+/// round-trip count as each call arrives.
 async fn upstream(proxy: Arc<OutageProxy>, seen: Arc<Mutex<Vec<u64>>>) -> SocketAddr {
-    let app = axum::Router::new().route(
+    let note = move || {
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(proxy.round_trips());
+    };
+    let on_embeddings = note.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/embeddings",
+            axum::routing::post(move |Json(body): Json<Value>| {
+                on_embeddings();
+                async move {
+                    Json(json!({
+                        "object": "list",
+                        "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5]}],
+                        "model": body["model"],
+                        "usage": {"prompt_tokens": 4, "total_tokens": 4}
+                    }))
+                }
+            }),
+        )
+        .route(
         "/v1/chat/completions",
         axum::routing::post(move |Json(body): Json<Value>| {
-            let (proxy, seen) = (proxy.clone(), seen.clone());
+            note();
             async move {
-                seen.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(proxy.round_trips());
                 Json(json!({
                     "id": "chatcmpl-rt",
                     "object": "chat.completion",
@@ -55,11 +73,15 @@ async fn upstream(proxy: Arc<OutageProxy>, seen: Arc<Mutex<Vec<u64>>>) -> Socket
 async fn ask(h: &support::Harness, question: &str, cache: &str) -> StatusCode {
     let body = json!({"model": "gpt-4o-mini", "user": "alice",
                       "messages": [{"role": "user", "content": question}]});
+    send(h, "/v1/chat/completions", body, cache).await
+}
+
+async fn send(h: &support::Harness, path: &str, body: Value, cache: &str) -> StatusCode {
     let response = h
         .app
         .clone()
         .oneshot(
-            Request::post("/v1/chat/completions")
+            Request::post(path)
                 .header("content-type", "application/json")
                 .header("x-sluice-cache", cache)
                 .body(Body::from(body.to_string()))
@@ -109,6 +131,11 @@ async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_ca
         name = "gpt-4o-mini"
         provider = "up"
         prices = {{ input = 0.15, output = 0.60 }}
+
+        [[models]]
+        name = "text-embedding-3-small"
+        provider = "up"
+        prices = {{ input = 0.02 }}
 
         [redis]
         url = "redis://{proxy}"
@@ -177,5 +204,25 @@ async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_ca
         quiet(&proxy).await - before,
         2,
         "one round trip before the upstream call, one after the answer"
+    );
+
+    // Embeddings: their per-item cache lookup goes out with the checks too.
+    let before = quiet(&proxy).await;
+    let embed = json!({"model": "text-embedding-3-small", "user": "alice",
+                       "input": "a flight of locks"});
+    assert_eq!(
+        send(&h, "/v1/embeddings", embed, "store").await,
+        StatusCode::OK
+    );
+    let at_upstream = seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!("the upstream was never called"));
+    assert_eq!(
+        at_upstream - before,
+        1,
+        "round trips before an embeddings request's upstream call"
     );
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::key::{CacheKey, EmbeddingItem, Scope, embedding_key};
-use super::store::ResponseCache;
+use super::store::{ResponseCache, VectorLookup};
 use crate::wire::{EmbeddingInput, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage};
 
 /// The items of an input, in order.
@@ -68,6 +68,14 @@ pub struct EmbeddingPlan {
     cached: Vec<Option<Arc<Value>>>,
 }
 
+/// A request's items, their keys and the vectors fetched for them, not yet counted.
+#[derive(Debug)]
+pub struct FetchedItems {
+    items: Vec<EmbeddingItem>,
+    keys: Vec<Option<CacheKey>>,
+    found: VectorLookup,
+}
+
 /// A merged answer, and the new vectors to store.
 #[derive(Debug, Clone)]
 pub struct Merged {
@@ -85,13 +93,33 @@ impl EmbeddingPlan {
         upstream_model: &str,
         req: &EmbeddingsRequest,
     ) -> EmbeddingPlan {
+        let fetched = Self::fetch(cache, scope, upstream_model, req).await;
+        Self::take(cache, fetched)
+    }
+
+    /// [`lookup`](Self::lookup) in two halves, for a lookup sent with the request's
+    /// limit and budget checks: `fetch` counts nothing ([`ResponseCache::lookup_vectors`]),
+    /// [`take`](Self::take) counts the hits and misses and makes the plan.
+    pub async fn fetch(
+        cache: &ResponseCache,
+        scope: Scope<'_>,
+        upstream_model: &str,
+        req: &EmbeddingsRequest,
+    ) -> FetchedItems {
         let items = items(&req.input);
         let keys: Vec<Option<CacheKey>> = items
             .iter()
             .map(|i| embedding_key(scope, upstream_model, req, i))
             .collect();
         let keyed: Vec<CacheKey> = keys.iter().flatten().copied().collect();
-        let mut found = cache.get_vectors(&keyed).await.into_iter();
+        let found = cache.lookup_vectors(&keyed).await;
+        FetchedItems { items, keys, found }
+    }
+
+    /// The plan from a [`fetch`](Self::fetch) the request goes ahead with.
+    pub fn take(cache: &ResponseCache, fetched: FetchedItems) -> EmbeddingPlan {
+        let FetchedItems { items, keys, found } = fetched;
+        let mut found = cache.take_vectors(found).into_iter();
         let cached = keys
             .iter()
             .map(|k| k.and_then(|_| found.next().flatten()))

@@ -17,7 +17,7 @@ pub mod store;
 
 pub use coalesce::{CoalesceError, Coalescer};
 pub use config::{CacheConfig, CacheScope};
-pub use embeddings::{EmbeddingPlan, Merged};
+pub use embeddings::{EmbeddingPlan, FetchedItems, Merged};
 pub use flight::{Flight, FlightError, SingleFlight};
 pub use key::{CacheKey, EmbeddingItem, Scope, chat_key, embedding_key, is_deterministic};
-pub use store::{CacheStats, CachedAnswer, Lookup, ResponseCache};
+pub use store::{CacheStats, CachedAnswer, Lookup, ResponseCache, VectorLookup};

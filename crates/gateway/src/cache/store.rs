@@ -123,7 +123,14 @@ pub struct Lookup {
     from: Origin,
 }
 
-/// Where a [`Lookup`] ended.
+/// Embedding vectors fetched, not yet counted: see [`ResponseCache::lookup_vectors`].
+#[derive(Debug)]
+pub struct VectorLookup {
+    found: Vec<Option<Arc<Value>>>,
+    from: Vec<Origin>,
+}
+
+/// Where a lookup ended.
 #[derive(Debug)]
 enum Origin {
     Memory,
@@ -236,23 +243,28 @@ impl ResponseCache {
 
     /// Count a [`lookup`](Self::lookup) the request goes ahead with; its answer.
     pub fn take(&self, found: Lookup) -> Option<Arc<CachedAnswer>> {
-        if matches!(found.from, Origin::Memory) {
-            self.hit("chat", "memory");
-            return found.answer;
+        self.count("chat", &found.from, found.answer.is_some());
+        found.answer
+    }
+
+    /// One lookup's hit or miss, by where it ended (a Redis failure was counted as it
+    /// happened).
+    fn count(&self, kind: &'static str, from: &Origin, hit: bool) {
+        if matches!(from, Origin::Memory) {
+            self.hit(kind, "memory");
+            return;
         }
-        self.lookup_metric("chat", "memory", "miss");
-        match (&found.from, &found.answer) {
-            (Origin::Redis, Some(_)) => self.hit("chat", "redis"),
-            (Origin::Redis, None) => {
-                self.lookup_metric("chat", "redis", "miss");
+        self.lookup_metric(kind, "memory", "miss");
+        match (from, hit) {
+            (Origin::Redis, true) => self.hit(kind, "redis"),
+            (Origin::Redis, false) => {
+                self.lookup_metric(kind, "redis", "miss");
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
-            // A failure was counted as it happened.
             _ => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
             }
         }
-        found.answer
     }
 
     /// Store `answer` under `key` for `ttl` (zero: not stored) in both tiers. Returns when
@@ -282,37 +294,33 @@ impl ResponseCache {
     /// Cached embedding vectors for `keys`, in order: memory first, then one Redis round
     /// trip for everything memory did not have.
     pub async fn get_vectors(&self, keys: &[CacheKey]) -> Vec<Option<Arc<Value>>> {
-        let mut out: Vec<Option<Arc<Value>>> = keys
+        let found = self.lookup_vectors(keys).await;
+        self.take_vectors(found)
+    }
+
+    /// [`get_vectors`](Self::get_vectors) in two halves, as [`lookup`](Self::lookup)
+    /// and [`take`](Self::take) are for answers.
+    pub async fn lookup_vectors(&self, keys: &[CacheKey]) -> VectorLookup {
+        let (mut found, mut from): (Vec<_>, Vec<_>) = keys
             .iter()
             .map(|k| match self.memory_get(k) {
-                Some(Payload::Vector(v)) => {
-                    self.hit("embedding", "memory");
-                    Some(v)
-                }
-                _ => {
-                    self.lookup_metric("embedding", "memory", "miss");
-                    None
-                }
+                Some(Payload::Vector(v)) => (Some(v), Origin::Memory),
+                _ => (None, Origin::NoRedis),
             })
-            .collect();
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
-        if missing.is_empty() {
-            return out;
-        }
-        let Some(redis) = &self.redis else {
-            self.counters
-                .misses
-                .fetch_add(missing.len() as u64, Ordering::Relaxed);
-            return out;
+            .unzip();
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        let Some(redis) = self.redis.as_ref().filter(|_| !missing.is_empty()) else {
+            return VectorLookup { found, from };
         };
         let redis_keys: Vec<String> = missing
             .iter()
             .map(|&i| redis.vector_key(&keys[i]))
             .collect();
         match redis.get_many(&redis_keys).await {
-            Ok(found) => {
-                for (&i, hit) in missing.iter().zip(found) {
-                    let vector = hit.and_then(|(bytes, ttl)| {
+            Ok(hits) => {
+                for (&i, hit) in missing.iter().zip(hits) {
+                    from[i] = Origin::Redis;
+                    found[i] = hit.and_then(|(bytes, ttl)| {
                         let v = Arc::new(serde_json::from_slice::<Value>(&bytes).ok()?);
                         self.memory.insert(
                             keys[i].0,
@@ -320,26 +328,25 @@ impl ResponseCache {
                         );
                         Some(v)
                     });
-                    match vector {
-                        Some(v) => {
-                            self.hit("embedding", "redis");
-                            out[i] = Some(v);
-                        }
-                        None => {
-                            self.lookup_metric("embedding", "redis", "miss");
-                            self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
                 }
             }
             Err(e) => {
                 self.redis_failed("get", "embedding", e);
-                self.counters
-                    .misses
-                    .fetch_add(missing.len() as u64, Ordering::Relaxed);
+                for &i in &missing {
+                    from[i] = Origin::RedisFailed;
+                }
             }
         }
-        out
+        VectorLookup { found, from }
+    }
+
+    /// Count a [`lookup_vectors`](Self::lookup_vectors) the request goes ahead with;
+    /// the vectors, in the keys' order.
+    pub fn take_vectors(&self, found: VectorLookup) -> Vec<Option<Arc<Value>>> {
+        for (from, vector) in found.from.iter().zip(&found.found) {
+            self.count("embedding", from, vector.is_some());
+        }
+        found.found
     }
 
     /// Store embedding vectors (one Redis round trip for all of them).
