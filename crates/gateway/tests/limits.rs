@@ -390,9 +390,10 @@ async fn repeated_injection_attempts_block_a_user_for_a_while() {
     );
 }
 
-#[tokio::test]
-async fn a_throttled_user_runs_under_the_stricter_tier() {
-    let mut h = harness(&format!(
+/// Tiers `normal` (the default) and `jail` (`jail_rpm` requests a minute per user),
+/// with two rejected inputs in a minute throttling a user into `jail`; then `extra`.
+fn throttling(jail_rpm: u64, extra: &str) -> String {
+    format!(
         r#"
         [limits]
         default_tier = "normal"
@@ -406,21 +407,31 @@ async fn a_throttled_user_runs_under_the_stricter_tier() {
         name = "normal"
         [[tiers]]
         name = "jail"
-        per_user = {{ requests_per_minute = 1 }}
+        per_user = {{ requests_per_minute = {jail_rpm} }}
+        {extra}
         {SIM}"#
-    ))
-    .await;
+    )
+}
+
+/// Two blank inputs from `user`: enough rejected inputs to throttle them.
+async fn reject_twice(h: &mut Harness, user: &str, model: &str) {
     for _ in 0..2 {
         let r = h
             .send(
                 "/v1/chat/completions",
-                json!({"model": "gpt-4o-mini", "user": "eve", "messages": [{"role": "user", "content": "   "}]}),
+                json!({"model": model, "user": user, "messages": [{"role": "user", "content": "   "}]}),
                 &[],
             )
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert_eq!(r.record.outcome, Outcome::RejectedInput);
     }
+}
+
+#[tokio::test]
+async fn a_throttled_user_runs_under_the_stricter_tier() {
+    let mut h = harness(&throttling(1, "")).await;
+    reject_twice(&mut h, "eve", "gpt-4o-mini").await;
     let throttled = loop {
         let r = h.chat_as("eve", "hello").await;
         assert_eq!(r.status, StatusCode::OK);
@@ -716,45 +727,24 @@ fn urlencode(s: &str) -> String {
 /// before the penalty is known, so the gateway reads again for the tier it learns).
 #[tokio::test]
 async fn a_throttled_user_is_held_to_the_throttle_tiers_budget() {
-    let mut h = harness(&format!(
+    let mut h = harness(&throttling(
+        1000,
         r#"
-        [limits]
-        default_tier = "normal"
-        [limits.abuse]
-        window = "1m"
-        period = "1m"
-        action = "throttle"
-        throttle_tier = "jail"
-        rejected_inputs = 2
-        [[tiers]]
-        name = "normal"
-        [[tiers]]
-        name = "jail"
-        per_user = {{ requests_per_minute = 1000 }}
         [[budgets.rules]]
         name = "jail-spend"
         scope = "global"
         period = "day"
         limit_usd = 0.000001
-        match = {{ tier = "jail" }}
+        match = { tier = "jail" }
         [[models]]
         name = "priced"
         provider = "sim"
         upstream = "gpt-4o-mini"
-        prices = {{ input = 0.15, output = 0.60 }}
-        {SIM}"#
+        prices = { input = 0.15, output = 0.60 }
+        "#,
     ))
     .await;
-    for _ in 0..2 {
-        let r = h
-            .send(
-                "/v1/chat/completions",
-                json!({"model": "priced", "user": "eve", "messages": [{"role": "user", "content": "   "}]}),
-                &[],
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    }
+    reject_twice(&mut h, "eve", "priced").await;
     let mut throttled_ok = 0;
     let blocked = loop {
         let r = h

@@ -92,6 +92,15 @@ async fn send(h: &support::Harness, path: &str, body: Value, cache: &str) -> Sta
     response.status()
 }
 
+/// The round-trip count the upstream saw at its latest call.
+fn last_call(seen: &Mutex<Vec<u64>>) -> u64 {
+    seen.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .last()
+        .copied()
+        .unwrap_or_else(|| panic!("the upstream was never called"))
+}
+
 /// Wait until the work a request leaves behind (its settlement, budget charge and cache
 /// store) is done: no round trip for 200 ms.
 async fn quiet(proxy: &OutageProxy) -> u64 {
@@ -180,12 +189,7 @@ async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_ca
 
     let before = proxy.round_trips();
     assert_eq!(ask(&h, "What is a weir?", "store").await, StatusCode::OK);
-    let at_upstream = seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last()
-        .copied()
-        .unwrap_or_else(|| panic!("the upstream was never called"));
+    let at_upstream = last_call(&seen);
     assert_eq!(
         at_upstream - before,
         1,
@@ -214,12 +218,7 @@ async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_ca
         send(&h, "/v1/embeddings", embed, "store").await,
         StatusCode::OK
     );
-    let at_upstream = seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .last()
-        .copied()
-        .unwrap_or_else(|| panic!("the upstream was never called"));
+    let at_upstream = last_call(&seen);
     assert_eq!(
         at_upstream - before,
         1,
