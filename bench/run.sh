@@ -37,6 +37,13 @@
 #                   (empty) skips it; skipped too when Redis does not answer
 #   PIN=1           1 pins with taskset: loadgen + mocks on CPU 0, gateway on CPU 1
 #                   (only when there are at least 2 CPUs); 0 leaves placement to Linux
+#   LATENCY_CPU=shared  with PIN=1, where the gateway (and the floor) run for the
+#                   latency scenarios (fixed rate, streaming, 1 connection, cache hit,
+#                   the rounds): shared = CPU 0, with loadgen and the mock, as the direct
+#                   run has them (every hop a same-CPU wake-up in both runs, and the
+#                   gateway's work all on the client's path); own = CPU 1, by itself
+#                   (every hop crosses CPUs). Throughput, held streams and the soak give
+#                   the gateway CPU 1 either way. See bench/README.md, "Placement"
 #   LOG_LEVEL=warn  the gateways' [telemetry] log_level (info logs one line per request)
 #   GATEWAY_ENV=    extra VAR=value words for the gateways' environment, e.g.
 #                   GATEWAY_ENV=MIMALLOC_ARENA_EAGER_COMMIT=0 to compare allocator settings
@@ -67,6 +74,7 @@ FLOOR=${FLOOR:-1}
 CACHE_MB=${CACHE_MB:-16}
 REDIS_URL=${REDIS_URL-redis://127.0.0.1:6379}
 PIN=${PIN:-1}
+LATENCY_CPU=${LATENCY_CPU:-shared}
 LOG_LEVEL=${LOG_LEVEL:-warn}
 GATEWAY_ENV=${GATEWAY_ENV:-}
 OUT=${OUT:-}
@@ -79,7 +87,7 @@ for tool in cargo curl jq ss awk; do
   command -v "$tool" >/dev/null || { echo "run.sh: needs $tool" >&2; exit 2; }
 done
 
-COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS FLOOR=$FLOOR PIN=$PIN LOG_LEVEL=$LOG_LEVEL bench/run.sh"
+COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS FLOOR=$FLOOR PIN=$PIN LATENCY_CPU=$LATENCY_CPU LOG_LEVEL=$LOG_LEVEL bench/run.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 KEEP=$WORK
@@ -131,16 +139,32 @@ else
   SLUICE=$TARGET_DIR/release/sluice
 fi
 
-# CPU placement. With 2+ CPUs the gateway gets CPU 1 to itself and the generator shares
-# CPU 0 with the mock, so the direct and gateway runs load CPU 0 the same way.
+# CPU placement. With 2+ CPUs the generator shares CPU 0 with the mock, so the direct
+# and gateway runs load CPU 0 the same way. The gateway starts on CPU 1; for the latency
+# scenarios it moves to LATENCY_CPU's CPU (`place`), for throughput back to CPU 1.
+case $LATENCY_CPU in shared | own) ;; *) echo "run.sh: LATENCY_CPU is shared or own" >&2; exit 2 ;; esac
 CPUS=$(nproc)
-PIN_GEN=() PIN_MOCK=() PIN_GW=()
+PIN_GEN=() PIN_MOCK=() PIN_GW=() PIN_LAT=() LAT_CPU= OWN_CPU=
 if [[ $PIN == 1 && $CPUS -ge 2 ]] && command -v taskset >/dev/null; then
   PIN_GEN=(taskset -c 0) PIN_MOCK=(taskset -c 0) PIN_GW=(taskset -c 1)
-  PLACEMENT="pinned with taskset: loadgen + mocks on CPU 0, gateway on CPU 1"
+  OWN_CPU=1 LAT_CPU=1
+  [[ $LATENCY_CPU == shared ]] && LAT_CPU=0
+  PIN_LAT=(taskset -c "$LAT_CPU")
+  if [[ $LATENCY_CPU == shared ]]; then
+    PLACEMENT="pinned with taskset: loadgen + mocks on CPU 0; the gateway (and the floor) on CPU 0 too for the latency scenarios (fixed rate, streaming, 1 connection, cache hit, rounds), on CPU 1 by itself for throughput, held streams and the soak (LATENCY_CPU=shared)"
+  else
+    PLACEMENT="pinned with taskset: loadgen + mocks on CPU 0, gateway (and the floor) on CPU 1 (LATENCY_CPU=own)"
+  fi
 else
   PLACEMENT="not pinned (Linux scheduler places all processes)"
 fi
+# Move every thread of a running gateway to the latency CPU or back to its own.
+place() { # pid latency|own
+  [[ -n $OWN_CPU ]] || return 0
+  local cpu=$OWN_CPU
+  [[ $2 == latency ]] && cpu=$LAT_CPU
+  taskset -a -p -c "$cpu" "$1" >/dev/null
+}
 # No key or config from the environment may leak into the benchmark's gateways.
 GW_ENV=(env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u SLUICE_LISTEN -u OPENAI_API_KEY
   -u ANTHROPIC_API_KEY -u OPENAI_BASE_URL -u ANTHROPIC_BASE_URL)
@@ -418,7 +442,10 @@ scenarios() { # target url pid loadgen-args...
   load rate "$target" "$url" "$pid" --rate "$RATE" "${COMMON[@]}" "$@"
   if [[ $STREAM == 1 ]]; then load stream "$target" "$url" "$pid" --rate "$RATE" --stream "${COMMON[@]}" "$@"; fi
   load c1 "$target" "$url" "$pid" --connections 1 "${COMMON[@]}" "$@"
+  [[ $target != direct ]] && place "$pid" own
   load cN "$target" "$url" "$pid" --connections "$CONNS" "${COMMON[@]}" "$@"
+  [[ $target != direct ]] && place "$pid" latency
+  return 0
 }
 
 # STREAMS streams open at once on the slow model; the gateway's RSS sampled while they
@@ -484,13 +511,13 @@ soak() { # target pid loadgen-args...
 DIRECT=http://127.0.0.1:$MOCK_PORT/v1/chat/completions
 scenarios direct "$DIRECT" "$MOCK_PID"
 
-# ---- the floor: a byte pump where the gateway sits (same CPU), no HTTP work at all ----
+# ---- the floor: a byte pump where the gateway sits for latency, no HTTP work at all ----
 FLOOR_URL=
 FLOOR_NOTE="skipped (FLOOR=0)"
 if [[ $FLOOR == 1 ]]; then
   if command -v socat >/dev/null && command -v setsid >/dev/null; then
     FLOOR_PORT=$(free_port)
-    setsid "${PIN_GW[@]}" socat "TCP-LISTEN:$FLOOR_PORT,bind=127.0.0.1,reuseaddr,fork,nodelay" \
+    setsid "${PIN_LAT[@]}" socat "TCP-LISTEN:$FLOOR_PORT,bind=127.0.0.1,reuseaddr,fork,nodelay" \
       "TCP:127.0.0.1:$MOCK_PORT,nodelay" >"$WORK/floor.log" 2>&1 &
     FLOOR_PID=$!
     wait_ready "http://127.0.0.1:$FLOOR_PORT/healthz" floor "$FLOOR_PID" "$WORK/floor.log"
@@ -512,6 +539,7 @@ run_gateway() { # target config-function [redis]
   started=$(date +%s)
   local key=()
   if [[ -n $API_KEY ]]; then key=(--api-key "$API_KEY"); fi
+  place "$GW_PID" latency
   scenarios "$target" "$GW_URL/v1/chat/completions" "$GW_PID" "${key[@]}"
   if [[ $target == default ]]; then
     local round
@@ -530,6 +558,7 @@ run_gateway() { # target config-function [redis]
   fi
   local loaded=$(($(date +%s) - started)) after
   after=$(rss_kb "$GW_PID")
+  place "$GW_PID" own
   hold "$target" "$GW_PID" "${key[@]}"
   local soaked=null
   if [[ $target == full && $SOAK != 0 && $SOAK != 0s ]]; then
