@@ -15,7 +15,9 @@
 #   CONNS=32      closed-loop connections; RATE=500 runs open loop at that rate instead
 #   DURATION=8s   recorded window of each run (after a 2 s unrecorded warm-up)
 #   PAIRS=3       how many times each binary runs, alternating
-#   PIN=1         loadgen + mock on CPU 0, gateway on CPU 1 (as bench/run.sh)
+#   PIN=1         loadgen + mock on CPU 0, gateway on GATEWAY_CPU
+#   GATEWAY_CPU=1 1: the gateway by itself (as run.sh's throughput runs); 0: with the
+#                 client and the mock (as run.sh's latency runs, LATENCY_CPU=shared)
 set -euo pipefail
 
 if (($# < 3)); then
@@ -30,6 +32,7 @@ RATE=${RATE:-}
 DURATION=${DURATION:-8s}
 PAIRS=${PAIRS:-3}
 PIN=${PIN:-1}
+GATEWAY_CPU=${GATEWAY_CPU:-1}
 CONFIG=$CFG_DIR/$TARGET/sluice.toml
 [[ -f $CONFIG ]] || { echo "ab.sh: no $CONFIG (run bench/run.sh with OUT=$CFG_DIR first)" >&2; exit 2; }
 
@@ -39,7 +42,7 @@ cargo build --release -p sluice-loadgen >&2
 LOADGEN=$TARGET_DIR/release/loadgen
 PIN_A=() PIN_B=()
 if [[ $PIN == 1 && $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
-  PIN_A=(taskset -c 0) PIN_B=(taskset -c 1)
+  PIN_A=(taskset -c 0) PIN_B=(taskset -c "$GATEWAY_CPU")
 fi
 if [[ -n $RATE ]]; then MODE=(--rate "$RATE"); else MODE=(--connections "$CONNS"); fi
 KEY=$(grep -m1 -o 'sk-bench-[0-9a-f]*' "$CONFIG" || true)
