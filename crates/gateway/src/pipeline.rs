@@ -562,6 +562,9 @@ fn take_limits(
         record.after(Box::new(move |r| {
             let settle = admission.and_then(|a| a.settlement(r));
             let charge = budgets.and_then(|b| b.charging(r));
+            if settle.is_none() && charge.is_none() {
+                return;
+            }
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
                 return;
             };

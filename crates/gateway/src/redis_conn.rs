@@ -1,7 +1,8 @@
 //! The Redis connection every shared store uses (rate limits, budget counters, the
-//! cache): a [`ConnectionManager`] made lazily, so a gateway starts whether or not Redis is up, that
-//! reconnects by itself; every call bounded by the `[redis]` timeout; and the URL's
-//! password never in a message, a log line or a `Debug`.
+//! cache): a [`ConnectionManager`] made lazily, so a gateway starts whether or not Redis
+//! is up, that reconnects by itself; every call bounded by the `[redis]` timeout; and the
+//! URL's password never in a message, a log line or a `Debug`. One per server per
+//! gateway ([`RedisPool`]).
 
 use std::fmt;
 use std::future::Future;
@@ -179,7 +180,7 @@ impl RedisPool {
         {
             return Ok(conn.clone());
         }
-        let conn = RedisConn::connect(config, "stores")?;
+        let conn = RedisConn::connect(config, "store")?;
         self.conns
             .push((config.url.clone(), config.timeout, conn.clone()));
         Ok(conn)
