@@ -487,7 +487,6 @@ async fn admit<T>(
     lookup: impl Future<Output = T>,
 ) -> Result<(RateHeaders, Option<String>, T), ApiError> {
     let budget_at = |r: &RequestRecord| i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
-    let checked_tier = record.peek().and_then(|r| r.tier.clone());
     let (limits, budget, found) = {
         // The record's parts, not the guard (it is not `Sync`), go into the futures.
         let request_id = record.request_id();
@@ -513,10 +512,11 @@ async fn admit<T>(
         tokio::join!(limits, budget, lookup)
     };
     let headers = take_limits(gw, record, limits)?;
-    // A penalty may have moved the request to a stricter tier, and budgets match on the
-    // tier: then the budget read sent alongside was for the wrong one. Read again.
+    // A penalty may have moved the request to a stricter tier than `tier` (the record's
+    // until now), and budgets match on the tier: then the budget read sent alongside was
+    // for the wrong one. Read again.
     let budget = match record.peek() {
-        Some(r) if budget.is_some() && r.tier != checked_tier => {
+        Some(r) if budget.is_some() && r.tier.as_deref() != tier.map(|t| t.name.as_str()) => {
             Some(gw.budgets.check(&usage::Subject::of(r), budget_at(r)).await)
         }
         _ => budget,
