@@ -1125,8 +1125,10 @@ async fn complete_chat(
         let fallback = (attempts.answered_by > 0).then_some(FallbackKind::Model);
 
         let Some(rule) = rule.as_ref() else {
-            store_answer(&gw, cache_key, &route, &response);
-            return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
+            let http =
+                respond_completion(record, &route, fallback, &response, &request, as_sse, None);
+            store_answer(&gw, cache_key, &route, response, &http);
+            return http;
         };
         let failures = output::failures(&rule.validators, &answer_text(&response));
         let checked = format!(
@@ -1142,8 +1144,10 @@ async fn complete_chat(
         });
         if failures.is_empty() {
             record.update(|r| r.output_check = Some("pass".into()));
-            store_answer(&gw, cache_key, &route, &response);
-            return respond_completion(record, &route, fallback, &response, &request, as_sse, None);
+            let http =
+                respond_completion(record, &route, fallback, &response, &request, as_sse, None);
+            store_answer(&gw, cache_key, &route, response, &http);
+            return http;
         }
         let why = failures.join("; ");
         tracing::info!(request_id = record.request_id(), model = %route.model, action = rule.on_fail.as_str(), failures = %why, "answer failed its output checks");
@@ -1450,18 +1454,26 @@ fn store_answer(
     gw: &Gateway,
     cache_key: Option<(CacheKey, std::time::Duration)>,
     route: &Route,
-    response: &ChatResponse,
+    response: ChatResponse,
+    sent: &Response,
 ) {
     let Some((key, ttl)) = cache_key else {
         return;
     };
     let answer = CachedAnswer {
-        response: response.clone(),
+        response,
         model: route.model.clone(),
         stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
     };
-    let cache = gw.cache.clone();
-    tokio::spawn(async move { cache.put(key, answer, ttl).await });
+    // The answer as the client got it weighs what the cached one does, give or take
+    // the wrapper: known exactly for a JSON body, so it need not be serialized again.
+    let json_len = axum::body::HttpBody::size_hint(sent.body())
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
+        .map(|n| n + answer.model.len() + 40);
+    if let Some(to_redis) = gw.cache.store(key, answer, ttl, json_len) {
+        tokio::spawn(to_redis);
+    }
 }
 
 /// Answer from the cache (`status` "hit") or with what an identical request in flight
@@ -2000,8 +2012,9 @@ impl StreamCache {
             model: self.model,
             stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
         };
-        let (cache, key, ttl) = (self.cache, self.key, self.ttl);
-        tokio::spawn(async move { cache.put(key, answer, ttl).await });
+        if let Some(to_redis) = self.cache.store(self.key, answer, self.ttl, None) {
+            tokio::spawn(to_redis);
+        }
     }
 }
 

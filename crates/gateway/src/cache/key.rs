@@ -191,14 +191,33 @@ impl io::Write for HashWriter {
 }
 
 fn hash(parts: &impl Serialize) -> Option<CacheKey> {
-    let mut w = HashWriter(Xxh3::new());
+    // serde_json writes a token at a time (a quote, a key, a colon); buffered, the
+    // hasher takes them in a few large updates. The bytes hashed, so the key, are the
+    // same either way.
+    let mut w = io::BufWriter::with_capacity(1024, HashWriter(Xxh3::new()));
     serde_json::to_writer(&mut w, parts).ok()?;
+    let w = w.into_inner().ok()?;
     Some(CacheKey(w.0.digest128()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_the_hash_of_the_whole_json_however_it_is_written() {
+        // Longer than the write buffer, so it reaches the hasher in several updates.
+        let parts = serde_json::json!({
+            "messages": [{"role": "user", "content": "é🙂 ".repeat(700)}],
+            "n": 1,
+        });
+        let whole = serde_json::to_vec(&parts).unwrap();
+        assert!(whole.len() > 4096);
+        assert_eq!(
+            hash(&parts),
+            Some(CacheKey(xxhash_rust::xxh3::xxh3_128(&whole)))
+        );
+    }
     use serde_json::json;
 
     fn req(body: Value) -> ChatRequest {

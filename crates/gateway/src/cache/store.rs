@@ -268,20 +268,55 @@ impl ResponseCache {
     }
 
     /// Store `answer` under `key` for `ttl` (zero: not stored) in both tiers. Returns when
-    /// Redis has it, or failed to take it within the `[redis]` timeout; callers on the hot
-    /// path spawn it.
+    /// Redis has it, or failed to take it within the `[redis]` timeout.
     pub async fn put(&self, key: CacheKey, answer: CachedAnswer, ttl: Duration) {
-        if ttl.is_zero() {
-            return;
+        if let Some(bytes) = self.insert_answer(key, answer, ttl, None) {
+            self.redis_put(key, bytes, ttl).await;
         }
-        let Ok(bytes) = serde_json::to_vec(&answer) else {
-            return;
+    }
+
+    /// [`put`](Self::put) for the hot path: the memory tier has the answer when this
+    /// returns; the Redis write, when there is a Redis tier, is the future returned, for
+    /// the caller to spawn. Without Redis nothing is spawned, and the answer is not
+    /// serialized only to be weighed: `json_len`, its length as JSON when the caller
+    /// knows it, is its weight, else it is counted without a buffer.
+    pub fn store(
+        self: &Arc<Self>,
+        key: CacheKey,
+        answer: CachedAnswer,
+        ttl: Duration,
+        json_len: Option<usize>,
+    ) -> Option<impl Future<Output = ()> + Send + 'static> {
+        let bytes = self.insert_answer(key, answer, ttl, json_len)?;
+        let cache = Arc::clone(self);
+        Some(async move { cache.redis_put(key, bytes, ttl).await })
+    }
+
+    /// The memory half of a store; the answer as JSON when Redis is to have it too.
+    fn insert_answer(
+        &self,
+        key: CacheKey,
+        answer: CachedAnswer,
+        ttl: Duration,
+        json_len: Option<usize>,
+    ) -> Option<Vec<u8>> {
+        if ttl.is_zero() {
+            return None;
+        }
+        let (len, bytes) = match &self.redis {
+            Some(_) => {
+                let bytes = serde_json::to_vec(&answer).ok()?;
+                (bytes.len(), Some(bytes))
+            }
+            None => (json_len.or_else(|| serialized_len(&answer))?, None),
         };
-        self.memory.insert(
-            key.0,
-            entry(Payload::Answer(Arc::new(answer)), ttl, bytes.len()),
-        );
+        self.memory
+            .insert(key.0, entry(Payload::Answer(Arc::new(answer)), ttl, len));
         self.stored("chat", 1);
+        bytes
+    }
+
+    async fn redis_put(&self, key: CacheKey, bytes: Vec<u8>, ttl: Duration) {
         if let Some(redis) = &self.redis
             && let Err(e) = redis
                 .set_many(vec![(redis.answer_key(&key), bytes)], ttl)
@@ -476,6 +511,23 @@ fn memory_tier(bytes: u64) -> Memory {
             Memory::with_weighter(usize::try_from(items).unwrap_or(32), bytes.max(1), ByWeight)
         }
     }
+}
+
+/// The length of `value` as JSON, counted as it is written, without a buffer.
+fn serialized_len<T: serde::Serialize>(value: &T) -> Option<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).ok()?;
+    Some(count.0)
 }
 
 fn entry(payload: Payload, ttl: Duration, payload_bytes: usize) -> Entry {
