@@ -768,42 +768,71 @@ impl UpstreamLimits {
     }
 
     fn from_headers_at(headers: &http::HeaderMap, now: SystemTime) -> Option<UpstreamLimits> {
-        let text = |name: &str| {
+        use http::HeaderName as N;
+        // Names built once: looking a header up by `&str` parses the name every time,
+        // and this runs on every upstream answer.
+        const OPENAI: [N; 6] = [
+            N::from_static("x-ratelimit-limit-requests"),
+            N::from_static("x-ratelimit-remaining-requests"),
+            N::from_static("x-ratelimit-reset-requests"),
+            N::from_static("x-ratelimit-limit-tokens"),
+            N::from_static("x-ratelimit-remaining-tokens"),
+            N::from_static("x-ratelimit-reset-tokens"),
+        ];
+        const ANTHROPIC_REQUESTS: [N; 3] = [
+            N::from_static("anthropic-ratelimit-requests-limit"),
+            N::from_static("anthropic-ratelimit-requests-remaining"),
+            N::from_static("anthropic-ratelimit-requests-reset"),
+        ];
+        const ANTHROPIC_TOKENS: [N; 3] = [
+            N::from_static("anthropic-ratelimit-tokens-limit"),
+            N::from_static("anthropic-ratelimit-tokens-remaining"),
+            N::from_static("anthropic-ratelimit-tokens-reset"),
+        ];
+        const ANTHROPIC_INPUT_TOKENS: [N; 3] = [
+            N::from_static("anthropic-ratelimit-input-tokens-limit"),
+            N::from_static("anthropic-ratelimit-input-tokens-remaining"),
+            N::from_static("anthropic-ratelimit-input-tokens-reset"),
+        ];
+        let text = |name: &N| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
         // Negative counts (`-1`, sent by some Azure deployments) mean "unknown".
-        let count = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
-        let until = |name: &str| {
+        let count = |name: &N| text(name).and_then(|v| v.parse::<u64>().ok());
+        let until = |name: &N| {
             text(name)
                 .and_then(parse_rfc3339)
                 .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
         };
-        let tokens = if ["limit", "remaining", "reset"]
-            .iter()
-            .any(|f| headers.contains_key(format!("anthropic-ratelimit-tokens-{f}").as_str()))
-        {
-            "anthropic-ratelimit-tokens"
-        } else {
-            "anthropic-ratelimit-input-tokens"
-        };
+        let [
+            limit_requests,
+            remaining_requests,
+            reset_requests,
+            limit_tokens,
+            remaining_tokens,
+            reset_tokens,
+        ] = &OPENAI;
+        let [a_limit_requests, a_remaining_requests, a_reset_requests] = &ANTHROPIC_REQUESTS;
+        let [a_limit_tokens, a_remaining_tokens, a_reset_tokens] =
+            if ANTHROPIC_TOKENS.iter().any(|n| headers.contains_key(n)) {
+                &ANTHROPIC_TOKENS
+            } else {
+                &ANTHROPIC_INPUT_TOKENS
+            };
         let limits = UpstreamLimits {
-            limit_requests: count("x-ratelimit-limit-requests")
-                .or_else(|| count("anthropic-ratelimit-requests-limit")),
-            remaining_requests: count("x-ratelimit-remaining-requests")
-                .or_else(|| count("anthropic-ratelimit-requests-remaining")),
-            reset_requests: text("x-ratelimit-reset-requests")
+            limit_requests: count(limit_requests).or_else(|| count(a_limit_requests)),
+            remaining_requests: count(remaining_requests).or_else(|| count(a_remaining_requests)),
+            reset_requests: text(reset_requests)
                 .and_then(parse_go_duration)
-                .or_else(|| until("anthropic-ratelimit-requests-reset")),
-            limit_tokens: count("x-ratelimit-limit-tokens")
-                .or_else(|| count(&format!("{tokens}-limit"))),
-            remaining_tokens: count("x-ratelimit-remaining-tokens")
-                .or_else(|| count(&format!("{tokens}-remaining"))),
-            reset_tokens: text("x-ratelimit-reset-tokens")
+                .or_else(|| until(a_reset_requests)),
+            limit_tokens: count(limit_tokens).or_else(|| count(a_limit_tokens)),
+            remaining_tokens: count(remaining_tokens).or_else(|| count(a_remaining_tokens)),
+            reset_tokens: text(reset_tokens)
                 .and_then(parse_go_duration)
-                .or_else(|| until(&format!("{tokens}-reset"))),
+                .or_else(|| until(a_reset_tokens)),
         };
         (limits != UpstreamLimits::default()).then_some(limits)
     }

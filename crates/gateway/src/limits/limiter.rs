@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use tokio_util::sync::CancellationToken;
 
 use super::backend::{
@@ -55,21 +55,29 @@ impl RateHeaders {
         out
     }
 
-    /// Set the headers OpenAI sends (`x-ratelimit-limit-requests`, ...).
+    /// Set the headers OpenAI sends (`x-ratelimit-limit-requests`, ...). The names are
+    /// static and the numbers go through `HeaderValue::from(u64)`: this runs on every
+    /// limited request.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        for (unit, state) in [("requests", self.requests), ("tokens", self.tokens)] {
+        const NAMES: [[&str; 3]; 2] = [
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ];
+        for (names, state) in NAMES.iter().zip([self.requests, self.tokens]) {
             let Some(s) = state else { continue };
-            for (name, value) in [
-                ("limit", s.limit.to_string()),
-                ("remaining", s.remaining.to_string()),
-                ("reset", format_reset(s.reset)),
-            ] {
-                if let (Ok(n), Ok(v)) = (
-                    axum::http::HeaderName::try_from(format!("x-ratelimit-{name}-{unit}")),
-                    HeaderValue::from_str(&value),
-                ) {
-                    headers.insert(n, v);
-                }
+            let [limit, remaining, reset] = names.map(HeaderName::from_static);
+            headers.insert(limit, HeaderValue::from(s.limit));
+            headers.insert(remaining, HeaderValue::from(s.remaining));
+            if let Ok(v) = HeaderValue::from_str(&format_reset(s.reset)) {
+                headers.insert(reset, v);
             }
         }
     }
@@ -567,11 +575,13 @@ fn plan(subject: &Subject<'_>, tier: Option<&Tier>, penalty_key: Option<String>)
 }
 
 fn add_scope(check: &mut Check, prefix: &str, rates: &Rates, subject: &Subject<'_>) {
+    // `{prefix}:{suffix}`, without the formatting machinery: several per request.
+    let key = |suffix: &str| [prefix, ":", suffix].concat();
     let mut rate = |suffix: &str, limit: Option<u64>, period, cost, unit| {
         if let Some(limit) = limit {
             check.charges.push(Charge {
                 bucket: Bucket {
-                    key: format!("{prefix}:{suffix}"),
+                    key: key(suffix),
                     limit,
                     period,
                 },
@@ -597,7 +607,7 @@ fn add_scope(check: &mut Check, prefix: &str, rates: &Rates, subject: &Subject<'
     );
     if let Some(max) = rates.concurrent {
         check.leases.push(Lease {
-            key: format!("{prefix}:conc"),
+            key: key("conc"),
             max,
             id: subject.request_id.to_string(),
             ttl: LEASE_TTL,
