@@ -781,13 +781,13 @@ async fn chat_pipeline(
         }
     };
     let mut cache = plan(&request, &chain);
-    let admitted = admit(
+    let admitted = Box::pin(admit(
         &gw,
         &mut record,
         (&principal, user.as_deref(), tier.as_ref()),
         demand.tokens,
         lookup(cache.as_ref()),
-    )
+    ))
     .await;
     let (rate_headers, found) = match admitted {
         Ok((headers, Some(to), _)) if to != request.model => {
@@ -796,7 +796,7 @@ async fn chat_pipeline(
                     request.model = to;
                     chain = with_fallback(c);
                     cache = plan(&request, &chain);
-                    (headers, lookup(cache.as_ref()).await)
+                    (headers, Box::pin(lookup(cache.as_ref())).await)
                 }
                 Err(e) => return fail(record, e),
             }
@@ -833,10 +833,10 @@ async fn chat_pipeline(
     let mut response = match (request.is_stream(), &rule) {
         // Actions that must see the whole answer buffer the stream (see OnFail).
         (true, Some(r)) if r.on_fail.needs_whole_answer() => {
-            complete_chat(gw, record, request, plan, true).await
+            Box::pin(complete_chat(gw, record, request, plan, true)).await
         }
-        (true, _) => stream_chat(gw, record, request, plan).await,
-        (false, _) => complete_chat(gw, record, request, plan, false).await,
+        (true, _) => Box::pin(stream_chat(gw, record, request, plan)).await,
+        (false, _) => Box::pin(complete_chat(gw, record, request, plan, false)).await,
     };
     if stored && !response.headers().contains_key(HEADER_CACHE) {
         set_header(&mut response, HEADER_CACHE, "miss");
