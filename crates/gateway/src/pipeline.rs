@@ -1292,7 +1292,11 @@ fn respond_completion(
 ) -> Response {
     let outcome = flagged.unwrap_or(Outcome::Ok);
     if !as_sse {
-        let mut http = respond_json(record, route, fallback, response, outcome);
+        // The upstream's own bytes when it sent JSON that needed no translation.
+        let mut http = match &response.raw {
+            Some(raw) => respond_body(record, route, fallback, raw.clone(), outcome),
+            None => respond_json(record, route, fallback, response, outcome),
+        };
         if flagged.is_some() {
             set_header(&mut http, HEADER_OUTPUT, "flagged");
         }
@@ -1460,13 +1464,18 @@ fn store_answer(
     let Some((key, ttl)) = cache_key else {
         return;
     };
+    // The cache keeps the parsed answer only (a hit is sent with a new id).
     let answer = CachedAnswer {
-        response,
+        response: ChatResponse {
+            raw: None,
+            ..response
+        },
         model: route.model.clone(),
         stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
     };
-    // The answer as the client got it weighs what the cached one does, give or take
-    // the wrapper: known exactly for a JSON body, so it need not be serialized again.
+    // The answer as the client got it weighs about what the cached one does (give or
+    // take the wrapper, and the upstream's whitespace when its bytes were passed on):
+    // known exactly for a JSON body, so it need not be serialized again.
     let json_len = axum::body::HttpBody::size_hint(sent.body())
         .exact()
         .and_then(|n| usize::try_from(n).ok())
@@ -1488,6 +1497,7 @@ fn respond_cached(
     status: &'static str,
 ) -> Response {
     let mut response = hit.response.clone();
+    response.raw = None;
     response.id = format!("chatcmpl-{}", record.request_id());
     response.created = unix_now();
     let usage = response.usage.unwrap_or_default();
@@ -1651,10 +1661,27 @@ fn estimate_chat(request: &ChatRequest, response: &ChatResponse) -> Usage {
 }
 
 fn respond_json<T: serde::Serialize>(
-    mut record: RecordGuard,
+    record: RecordGuard,
     route: &Route,
     fallback: Option<FallbackKind>,
     body: &T,
+    outcome: Outcome,
+) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => respond_body(record, route, fallback, bytes.into(), outcome),
+        Err(e) => fail(
+            record,
+            ApiError::Internal(format!("cannot encode response: {e}")),
+        ),
+    }
+}
+
+/// [`respond_json`] for a body already in JSON.
+fn respond_body(
+    mut record: RecordGuard,
+    route: &Route,
+    fallback: Option<FallbackKind>,
+    json: Bytes,
     outcome: Outcome,
 ) -> Response {
     record.update(|r| {
@@ -1662,15 +1689,7 @@ fn respond_json<T: serde::Serialize>(
         r.provider = Some(route.provider_name.clone());
         r.fallback = fallback;
     });
-    let mut response = match serde_json::to_vec(body) {
-        Ok(bytes) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        Err(e) => {
-            return fail(
-                record,
-                ApiError::Internal(format!("cannot encode response: {e}")),
-            );
-        }
-    };
+    let mut response = ([(header::CONTENT_TYPE, "application/json")], json).into_response();
     finish_ok(record, &mut response, &route.model, fallback, outcome);
     response
 }
@@ -1758,6 +1777,7 @@ fn template_completion(model: &str, text: &str, request_id: &str) -> ChatRespons
         }],
         usage: Some(Usage::new(0, 0)),
         extra: Default::default(),
+        raw: None,
     }
 }
 
@@ -2006,6 +2026,7 @@ impl StreamCache {
             }],
             usage,
             extra: Default::default(),
+            raw: None,
         };
         let answer = CachedAnswer {
             response,

@@ -196,6 +196,12 @@ pub struct ChatResponse {
     pub usage: Option<Usage>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// The upstream's JSON body this was parsed from, kept by providers whose answer
+    /// needs no translation: a client is sent these bytes as they came, not the answer
+    /// serialized again. Whatever changes a response it did not build clears this
+    /// (the cache does: a hit carries a new id).
+    #[serde(skip)]
+    pub raw: Option<bytes::Bytes>,
 }
 
 fn chat_completion_object() -> String {

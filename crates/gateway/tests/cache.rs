@@ -522,3 +522,84 @@ async fn a_refused_request_counts_no_cache_lookup() {
     let stats = h.gateway.cache.stats();
     assert_eq!((stats.misses, stats.memory_hits), (1, 0), "{stats:?}");
 }
+
+/// An upstream that answers every chat request with the same bytes.
+async fn fixed_upstream(body: &'static str) -> String {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+#[tokio::test]
+async fn an_answer_reaches_the_client_byte_for_byte_and_a_hit_under_its_own_id() {
+    // Laid out as the OpenAI API lays it out: indented, its own field order, fields the
+    // gateway has no struct field for.
+    const UPSTREAM: &str = r#"{
+  "id": "chatcmpl-upstream-1",
+  "object": "chat.completion",
+  "created": 1741569952,
+  "model": "gpt-4o-2024-08-06",
+  "choices": [
+    {
+      "index": 0,
+      "message": {
+        "role": "assistant",
+        "content": "Hello! How can I assist you today?",
+        "refusal": null,
+        "annotations": []
+      },
+      "logprobs": null,
+      "finish_reason": "stop"
+    }
+  ],
+  "usage": {
+    "prompt_tokens": 19,
+    "completion_tokens": 10,
+    "total_tokens": 29
+  },
+  "service_tier": "default"
+}
+"#;
+    let url = fixed_upstream(UPSTREAM).await;
+    let mut h = harness(&format!(
+        r#"
+        [[providers]]
+        name = "fixed"
+        kind = "openai"
+        base_url = "{url}"
+        [[models]]
+        name = "fixed-model"
+        provider = "fixed"
+        upstream = "gpt-4o"
+        "#
+    ))
+    .await;
+    let body = json!({"model": "fixed-model", "temperature": 0,
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let first = h.send("/v1/chat/completions", body.clone(), &[]).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.text, UPSTREAM, "passed on as it came");
+    assert_eq!(cache_header(&first), Some("miss"));
+    assert_eq!(first.record.prompt_tokens, 19);
+
+    // The cache keeps the parsed answer: a hit is the same answer under its own id.
+    let hit = h.send("/v1/chat/completions", body, &[]).await;
+    assert_eq!(cache_header(&hit), Some("hit"));
+    assert_eq!(
+        hit.body["id"],
+        format!("chatcmpl-{}", hit.record.request_id)
+    );
+    assert_eq!(hit.body["choices"], first.body["choices"]);
+    assert_eq!(hit.body["usage"], first.body["usage"]);
+    assert_eq!(hit.body["service_tier"], "default");
+}

@@ -629,6 +629,7 @@ mod tests {
                 }],
                 usage: Some(Usage::new(10, 5)),
                 extra: Default::default(),
+                raw: None,
             },
             model: "gpt-4o-mini".into(),
             stored_at: 0,

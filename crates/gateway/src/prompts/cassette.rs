@@ -153,6 +153,7 @@ impl Provider for ReplayProvider {
             }],
             usage: Some(Usage::new(r.prompt_tokens, r.completion_tokens)),
             extra: Default::default(),
+            raw: None,
         })
     }
 

@@ -559,6 +559,7 @@ pub(crate) fn chat_response(message: Message, created: u64) -> ChatResponse {
         }],
         usage: Some(usage),
         extra: Map::new(),
+        raw: None,
     }
 }
 

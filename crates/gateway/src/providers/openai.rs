@@ -98,7 +98,10 @@ impl Provider for OpenAiProvider {
         )
         .await?;
         let bytes = body_bytes(KIND, response, call.timeouts.total).await?;
-        serde_json::from_slice(&bytes).map_err(|e| invalid_response(KIND, "chat completion", e))
+        let mut answer: ChatResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid_response(KIND, "chat completion", e))?;
+        answer.raw = Some(bytes);
+        Ok(answer)
     }
 
     async fn chat_stream(&self, call: ChatCall<'_>) -> Result<ChunkStream, UpstreamError> {
