@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Instructions per request of one or more `sluice` binaries on one of bench/run.sh's
+# gateway configs, counted by callgrind: the same figure run after run for the same
+# binary and load, however busy or slow the VM is (ab.sh's CPU per request moves by
+# ±10 % here). It counts user-space instructions only, every thread of the gateway
+# (the request log's SQLite writer too), not the kernel's work for the sockets, and a
+# big memcpy counts by its bytes, so read it beside ab.sh, not instead of it.
+#
+#   OUT=/tmp/cfg SOAK=0 STREAMS=0 ROUNDS=0 FLOOR=0 READY_RUNS=0 STREAM=0 bench/run.sh
+#   bench/instructions.sh /tmp/cfg full /tmp/sluice-before target/release/sluice
+#
+# Arguments: the OUT directory of an earlier bench/run.sh, the target (default, full or
+# full-redis), and the binaries. Each gateway runs under callgrind with instrumentation
+# off until a 2 s warm-up has passed, then counts while loadgen sends RATE requests a
+# second for DURATION, open loop (so every binary gets the same number of requests),
+# on at most 8 connections.
+#
+# Knobs (environment): RATE=100, DURATION=8s, KEEP= (a directory to keep each
+# callgrind.out in, for callgrind_annotate).
+set -euo pipefail
+
+if (($# < 3)); then
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+fi
+CFG_DIR=$1 TARGET=$2
+shift 2
+RATE=${RATE:-100}
+DURATION=${DURATION:-8s}
+KEEP=${KEEP:-}
+CONFIG=$CFG_DIR/$TARGET/sluice.toml
+[[ -f $CONFIG ]] || { echo "instructions.sh: no $CONFIG (run bench/run.sh with OUT=$CFG_DIR first)" >&2; exit 2; }
+command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
+  { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
+
+cd "$(dirname "$0")/.."
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+cargo build --release -p sluice-loadgen >&2
+LOADGEN=$TARGET_DIR/release/loadgen
+KEY=$(grep -m1 -o 'sk-bench-[0-9a-f]*' "$CONFIG" || true)
+AUTH=()
+[[ -n $KEY ]] && AUTH=(--api-key "$KEY")
+WORK=$(mktemp -d /tmp/sluice-instr.XXXXXX)
+PIDS=()
+PREFIXES=()
+cleanup() {
+  kill "${PIDS[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  local p
+  for p in "${PREFIXES[@]}"; do
+    redis-cli --scan --pattern "${p}*" 2>/dev/null | xargs -r -n 500 redis-cli del >/dev/null 2>&1 || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+port() { # a port nothing listens on, below the ephemeral range
+  local p
+  for _ in $(seq 50); do
+    p=$((10000 + RANDOM % 20000))
+    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
+  done
+  echo "instructions.sh: no free port" >&2
+  return 1
+}
+ready() { # url pid
+  for _ in $(seq 600); do
+    kill -0 "$2" 2>/dev/null || return 1
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+echo "| binary | requests | errors | instructions / request |"
+echo "|---|---:|---:|---:|"
+n=0
+for bin in "$@"; do
+  n=$((n + 1))
+  dir=$WORK/$n
+  mkdir -p "$dir"
+  mock_port=$(port) gw_port=$(port) prefix="sluice_instr_$RANDOM$RANDOM:"
+  PREFIXES+=("$prefix")
+  sed -E "s#127\.0\.0\.1:[0-9]+/v1#127.0.0.1:$mock_port/v1#g;
+          s#^listen = \".*\"#listen = \"127.0.0.1:$gw_port\"#;
+          s#^path = \".*\"#path = \"$dir/sluice.db\"#;
+          s#^prefix = \".*\"#prefix = \"$prefix\"#" "$CONFIG" >"$dir/sluice.toml"
+  "$bin" mock --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
+  mock=$!
+  PIDS+=("$mock")
+  env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u OPENAI_API_KEY -u ANTHROPIC_API_KEY \
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out" \
+    "$bin" serve --config "$dir/sluice.toml" >"$dir/gateway.log" 2>&1 &
+  gw=$!
+  PIDS+=("$gw")
+  ready "http://127.0.0.1:$mock_port/healthz" "$mock" && ready "http://127.0.0.1:$gw_port/readyz" "$gw" || {
+    echo "instructions.sh: $bin did not start under valgrind; its log:" >&2
+    cat "$dir/gateway.log" >&2
+    exit 1
+  }
+  args=(--url "http://127.0.0.1:$gw_port/v1/chat/completions" --unique-prompt --user bench-user-1
+    "${AUTH[@]}" --rate "$RATE" --max-connections 8 --warmup 0s --json)
+  "$LOADGEN" "${args[@]}" --duration 2s >/dev/null
+  callgrind_control -i on "$gw" >/dev/null
+  line=$("$LOADGEN" "${args[@]}" --duration "$DURATION")
+  # `-d` writes what was counted since instrumentation went on as part 1.
+  callgrind_control -d "$gw" >/dev/null
+  for _ in $(seq 100); do [[ -s $dir/callgrind.out.1 ]] && break; sleep 0.1; done
+  kill "$gw" "$mock"
+  wait "$gw" "$mock" 2>/dev/null || true
+  total=$(awk '/^summary:/ { print $2; exit }' "$dir/callgrind.out.1")
+  requests=$(jq .requests <<<"$line")
+  [[ -n $KEEP ]] && mkdir -p "$KEEP" && cp "$dir/callgrind.out.1" "$KEEP/callgrind.$TARGET.$n.out"
+  echo "| $bin | $requests | $(jq .errors <<<"$line") | $((total / requests)) |"
+done
