@@ -63,8 +63,8 @@ struct Series {
 #[derive(Default)]
 struct SeriesCache {
     /// Scratch for the lookup key, kept to save an allocation per request.
-    key: String,
-    map: HashMap<String, Arc<Series>>,
+    key: Vec<u8>,
+    map: HashMap<Vec<u8>, Arc<Series>>,
 }
 
 /// Kinds of request whose handles are kept (see [`Series`]).
@@ -189,18 +189,18 @@ impl Metrics {
         let mut cache = self.series.lock().unwrap_or_else(|e| e.into_inner());
         let SeriesCache { key, map } = &mut *cache;
         key.clear();
-        // NUL cannot occur in a label value that is also a header or JSON string the
-        // gateway accepted, so the joined key is unambiguous; `None` and `Some("")`
-        // label alike, and may share a series.
+        // Each part after its length, so no two kinds of request share a key whatever
+        // their values hold; `None` and `Some("")` label alike and may share one.
         for part in [Some(endpoint), model, feature, Some(outcome), provider] {
-            key.push_str(part.unwrap_or(""));
-            key.push('\0');
+            let part = part.unwrap_or("");
+            key.extend_from_slice(&part.len().to_le_bytes());
+            key.extend_from_slice(part.as_bytes());
         }
-        if let Some(s) = map.get(key.as_str()) {
+        if let Some(s) = map.get(key.as_slice()) {
             return s.clone();
         }
-        // Bounded like the registry's own series; past it, handles are made afresh
-        // (the registry still has every series).
+        // A bound on the handles kept: past it they start afresh (the registry keeps
+        // every series; only its handles are looked up again).
         if map.len() >= MAX_CACHED_SERIES {
             map.clear();
         }
@@ -513,5 +513,31 @@ mod tests {
             .find(|l| l.starts_with("sluice_request_duration_seconds_count"))
             .unwrap();
         assert!(count.ends_with(" 4"), "{count}");
+    }
+
+    #[test]
+    fn requests_whose_labels_join_alike_count_in_their_own_series() {
+        let metrics = Metrics::new().unwrap();
+        let labelled = |model: &str, feature: &str| RequestRecord {
+            model: Some(model.into()),
+            feature: Some(feature.into()),
+            ..record()
+        };
+        metrics.observe(&labelled("a\0", "b"));
+        metrics.observe(&labelled("a", "\0b"));
+        metrics.observe(&labelled("a", "\0b"));
+        let text = metrics.handle.render();
+        let total = |model: &str, feature: &str| {
+            let series = format!("model=\"{model}\",feature=\"{feature}\"");
+            text.lines()
+                .find(|l| l.starts_with("sluice_requests_total") && l.contains(&series))
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(total("a\0", "b"), "1");
+        assert_eq!(total("a", "\0b"), "2");
     }
 }
