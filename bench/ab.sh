@@ -33,66 +33,23 @@ DURATION=${DURATION:-8s}
 PAIRS=${PAIRS:-3}
 PIN=${PIN:-1}
 GATEWAY_CPU=${GATEWAY_CPU:-1}
-CONFIG=$CFG_DIR/$TARGET/sluice.toml
-[[ -f $CONFIG ]] || { echo "ab.sh: no $CONFIG (run bench/run.sh with OUT=$CFG_DIR first)" >&2; exit 2; }
-
-cd "$(dirname "$0")/.."
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-cargo build --release -p sluice-loadgen >&2
-LOADGEN=$TARGET_DIR/release/loadgen
+NAME=ab.sh
+# shellcheck source=bench/reuse.sh
+source "$(dirname "$0")/reuse.sh"
+reuse_setup "$CFG_DIR" "$TARGET"
 PIN_A=() PIN_B=()
 if [[ $PIN == 1 && $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
   PIN_A=(taskset -c 0) PIN_B=(taskset -c "$GATEWAY_CPU")
 fi
 if [[ -n $RATE ]]; then MODE=(--rate "$RATE"); else MODE=(--connections "$CONNS"); fi
-KEY=$(grep -m1 -o 'sk-bench-[0-9a-f]*' "$CONFIG" || true)
-AUTH=()
-[[ -n $KEY ]] && AUTH=(--api-key "$KEY")
-WORK=$(mktemp -d /tmp/sluice-ab.XXXXXX)
-PIDS=()
-PREFIXES=()
-cleanup() {
-  kill "${PIDS[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
-  local p
-  for p in "${PREFIXES[@]}"; do
-    redis-cli --scan --pattern "${p}*" 2>/dev/null | xargs -r -n 500 redis-cli del >/dev/null 2>&1 || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-port() { # a port nothing listens on, below the ephemeral range
-  local p
-  for _ in $(seq 50); do
-    p=$((10000 + RANDOM % 20000))
-    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
-  done
-  echo "ab.sh: no free port" >&2
-  return 1
-}
-ready() { # url pid
-  for _ in $(seq 200); do
-    kill -0 "$2" 2>/dev/null || return 1
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  return 1
-}
 ticks() { awk '{ sub(/^.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/proc/$1/stat"; }
 
 LAST=
 one() { # binary run-number; sets LAST to "rps p50 cpu_us"
-  local bin=$1 dir=$WORK/$2 mock_port gw_port prefix
+  local bin=$1 dir=$WORK/$2 mock_port gw_port
   mkdir -p "$dir"
-  mock_port=$(port) gw_port=$(port) prefix="sluice_ab_$RANDOM$RANDOM:"
-  PREFIXES+=("$prefix")
-  # The mock's port and the gateway's, the request log and the Redis prefix: fresh.
-  sed -E "s#127\.0\.0\.1:[0-9]+/v1#127.0.0.1:$mock_port/v1#g;
-          s#^listen = \".*\"#listen = \"127.0.0.1:$gw_port\"#;
-          s#^path = \".*\"#path = \"$dir/sluice.db\"#;
-          s#^prefix = \".*\"#prefix = \"$prefix\"#" "$CONFIG" >"$dir/sluice.toml"
+  reuse_config "$dir"
+  mock_port=$MOCK_PORT gw_port=$GW_PORT
   "${PIN_A[@]}" "$bin" mock --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
   local mock=$!
   PIDS+=("$mock")

@@ -28,50 +28,12 @@ shift 2
 RATE=${RATE:-100}
 DURATION=${DURATION:-8s}
 KEEP=${KEEP:-}
-CONFIG=$CFG_DIR/$TARGET/sluice.toml
-[[ -f $CONFIG ]] || { echo "instructions.sh: no $CONFIG (run bench/run.sh with OUT=$CFG_DIR first)" >&2; exit 2; }
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
   { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
-
-cd "$(dirname "$0")/.."
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-cargo build --release -p sluice-loadgen >&2
-LOADGEN=$TARGET_DIR/release/loadgen
-KEY=$(grep -m1 -o 'sk-bench-[0-9a-f]*' "$CONFIG" || true)
-AUTH=()
-[[ -n $KEY ]] && AUTH=(--api-key "$KEY")
-WORK=$(mktemp -d /tmp/sluice-instr.XXXXXX)
-PIDS=()
-PREFIXES=()
-cleanup() {
-  kill "${PIDS[@]}" 2>/dev/null || true
-  wait 2>/dev/null || true
-  local p
-  for p in "${PREFIXES[@]}"; do
-    redis-cli --scan --pattern "${p}*" 2>/dev/null | xargs -r -n 500 redis-cli del >/dev/null 2>&1 || true
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-port() { # a port nothing listens on, below the ephemeral range
-  local p
-  for _ in $(seq 50); do
-    p=$((10000 + RANDOM % 20000))
-    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
-  done
-  echo "instructions.sh: no free port" >&2
-  return 1
-}
-ready() { # url pid
-  for _ in $(seq 600); do
-    kill -0 "$2" 2>/dev/null || return 1
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
+NAME=instructions.sh
+# shellcheck source=bench/reuse.sh
+source "$(dirname "$0")/reuse.sh"
+reuse_setup "$CFG_DIR" "$TARGET"
 
 echo "| binary | requests | errors | instructions / request |"
 echo "|---|---:|---:|---:|"
@@ -80,12 +42,8 @@ for bin in "$@"; do
   n=$((n + 1))
   dir=$WORK/$n
   mkdir -p "$dir"
-  mock_port=$(port) gw_port=$(port) prefix="sluice_instr_$RANDOM$RANDOM:"
-  PREFIXES+=("$prefix")
-  sed -E "s#127\.0\.0\.1:[0-9]+/v1#127.0.0.1:$mock_port/v1#g;
-          s#^listen = \".*\"#listen = \"127.0.0.1:$gw_port\"#;
-          s#^path = \".*\"#path = \"$dir/sluice.db\"#;
-          s#^prefix = \".*\"#prefix = \"$prefix\"#" "$CONFIG" >"$dir/sluice.toml"
+  reuse_config "$dir"
+  mock_port=$MOCK_PORT gw_port=$GW_PORT
   "$bin" mock --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
   mock=$!
   PIDS+=("$mock")
@@ -94,7 +52,7 @@ for bin in "$@"; do
     "$bin" serve --config "$dir/sluice.toml" >"$dir/gateway.log" 2>&1 &
   gw=$!
   PIDS+=("$gw")
-  ready "http://127.0.0.1:$mock_port/healthz" "$mock" && ready "http://127.0.0.1:$gw_port/readyz" "$gw" || {
+  ready "http://127.0.0.1:$mock_port/healthz" "$mock" && ready "http://127.0.0.1:$gw_port/readyz" "$gw" 60 || {
     echo "instructions.sh: $bin did not start under valgrind; its log:" >&2
     cat "$dir/gateway.log" >&2
     exit 1
