@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instructions per request of one or more `sluice` binaries on one of bench/run.sh's
-# gateway configs, counted by callgrind: the same figure run after run for the same
+# gateway configs, counted by callgrind: within about 3 % run after run for the same
 # binary and load, however busy or slow the VM is (ab.sh's CPU per request moves by
 # ±10 % here). It counts user-space instructions only, every thread of the gateway
 # (the request log's SQLite writer too), not the kernel's work for the sockets, and a

@@ -59,21 +59,24 @@ impl RateHeaders {
     /// static and the numbers go through `HeaderValue::from(u64)`: this runs on every
     /// limited request.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        const NAMES: [[&str; 3]; 2] = [
+        // Consts, so the names are checked at compile time, not parsed per request.
+        const NAMES: [[HeaderName; 3]; 2] = [
             [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
+                HeaderName::from_static("x-ratelimit-limit-requests"),
+                HeaderName::from_static("x-ratelimit-remaining-requests"),
+                HeaderName::from_static("x-ratelimit-reset-requests"),
             ],
             [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
             ],
         ];
-        for (names, state) in NAMES.iter().zip([self.requests, self.tokens]) {
+        headers.reserve(6);
+        for ([limit, remaining, reset], state) in
+            NAMES.into_iter().zip([self.requests, self.tokens])
+        {
             let Some(s) = state else { continue };
-            let [limit, remaining, reset] = names.map(HeaderName::from_static);
             headers.insert(limit, HeaderValue::from(s.limit));
             headers.insert(remaining, HeaderValue::from(s.remaining));
             if let Ok(v) = HeaderValue::from_str(&format_reset(s.reset)) {
