@@ -8,7 +8,7 @@
     reason = "test helpers outside #[test] fns fail loudly by design"
 )]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -60,14 +60,26 @@ max_length = 10
 type = "string"
 "#;
 
-/// A fresh folder with `greet/v1.toml` and `greet/v2.toml`.
-fn prompt_dir() -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("sluice-prompts-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(dir.join("greet")).unwrap();
-    std::fs::write(dir.join("greet/v1.toml"), V1).unwrap();
-    std::fs::write(dir.join("greet/v2.toml"), V2).unwrap();
-    dir
+/// A fresh folder with `greet/v1.toml` and `greet/v2.toml`, removed when dropped.
+fn prompt_dir() -> PromptDir {
+    let dir = tempfile::Builder::new()
+        .prefix("sluice-prompts-")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir_all(dir.path().join("greet")).unwrap();
+    std::fs::write(dir.path().join("greet/v1.toml"), V1).unwrap();
+    std::fs::write(dir.path().join("greet/v2.toml"), V2).unwrap();
+    PromptDir(dir)
+}
+
+/// A test's prompt folder: a `Path` to the test, deleted with it.
+struct PromptDir(tempfile::TempDir);
+
+impl std::ops::Deref for PromptDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
 }
 
 fn config(dir: &Path, production: u32) -> String {
@@ -439,9 +451,9 @@ async fn production_is_v2(url: &str) {
 #[tokio::test]
 async fn the_watcher_follows_the_prompt_folder_when_the_config_moves_it() {
     let (first, second) = (prompt_dir(), prompt_dir());
-    let config_dir = first.with_extension("config");
-    std::fs::create_dir_all(&config_dir).unwrap();
-    let config_path = config_dir.join("sluice.toml");
+    // The config lives in a folder of its own, beside neither prompt folder.
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_path = config_dir.path().join("sluice.toml");
     std::fs::write(&config_path, config(&first, 1)).unwrap();
     let running = serve(&config_path).await;
     let url = running.url();
@@ -658,7 +670,7 @@ variants = [
 /// The test runner on `greet@2` (3 words at most, else the fallback "Hello NAME!") and
 /// `down@1` (its only model always fails), each with a case the fallback's text would
 /// pass.
-fn runner_config() -> (PathBuf, sluice_gateway::config::Config) {
+fn runner_config() -> (PromptDir, sluice_gateway::config::Config) {
     use sluice_gateway::config::{Config, ConfigSource};
     let dir = prompt_dir();
     std::fs::remove_file(dir.join("greet/v1.toml")).unwrap();
