@@ -102,7 +102,8 @@ impl Metrics {
         let outcome = r.outcome().as_str();
         // The model that answered, or the configured one; never a client's unknown name.
         let (model, feature) = (r.model.as_deref(), r.feature.as_deref());
-        let provider = r.upstream_ms.and(r.provider.as_deref());
+        // Labels the upstream time, which every request with one records.
+        let provider = r.upstream_ms.map(|_| r.provider.as_deref().unwrap_or(""));
         let series = self.series(endpoint, model, feature, outcome, provider);
         self.with(|| {
             let model = || label(model.unwrap_or(""));
