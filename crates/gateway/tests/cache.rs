@@ -534,10 +534,7 @@ async fn fixed_upstream(body: &'static str) -> String {
             )
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("http://{addr}/v1")
+    format!("http://{}/v1", support::serve(app).await)
 }
 
 #[tokio::test]

@@ -147,10 +147,7 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/hook"), got)
+    (format!("http://{}/hook", support::serve(app).await), got)
 }
 
 #[tokio::test]

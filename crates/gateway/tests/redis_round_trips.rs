@@ -60,14 +60,7 @@ async fn upstream(proxy: Arc<OutageProxy>, seen: Arc<Mutex<Vec<u64>>>) -> Socket
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("addr: {e}"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    support::serve(app).await
 }
 
 async fn ask(h: &support::Harness, question: &str, cache: &str) -> StatusCode {

@@ -516,15 +516,7 @@ async fn receiver() -> (String, Arc<AtomicU32>, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|e| panic!("local_addr: {e}"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = support::serve(app).await;
     (format!("http://{addr}/hook"), attempts, received)
 }
 
@@ -554,16 +546,7 @@ async fn a_webhook_secret_signs_each_post() {
             },
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("bind: {e}"));
-    let url = format!(
-        "http://{}/hook",
-        listener.local_addr().unwrap_or_else(|e| panic!("{e}"))
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let url = format!("http://{}/hook", support::serve(app).await);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     let policy = RetryPolicy {

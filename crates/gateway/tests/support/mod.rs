@@ -93,6 +93,20 @@ pub async fn harness(toml: &str) -> Harness {
     }
 }
 
+/// Serve `app` on a free local port for as long as the test runs; its address.
+pub async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("local_addr: {e}"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
 /// `SLUICE_TEST_REDIS_URL`, or the local server every dev and CI machine runs.
 pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
