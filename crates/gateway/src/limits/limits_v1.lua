@@ -1,7 +1,9 @@
 -- limits_v1: Sluice's rate-limit script, version 1. Its keys live under `<prefix>rl:v1:`;
 -- a change to what a key holds is a new file (limits_v2.lua) with new keys, so two
 -- versions running side by side during a rollout never read each other's numbers. An
--- operation may be added (as `settle` was) without one: the keys mean what they meant.
+-- operation may be added (as `settle` was) or dropped (as `adjust` was, a one-bucket
+-- `settle`) without one: the keys mean what they meant, and each gateway runs the
+-- script text it was built with.
 --
 -- ARGV[1] picks the operation; each is one atomic step on Redis's own clock (TIME), so
 -- any number of gateways share exact limits. Layouts (KEYS / ARGV) are documented in
@@ -135,10 +137,6 @@ if op == 'check' then
     redis.call('PEXPIRE', key, ms_until(tonumber(last[2]), now))
   end
   return out
-elseif op == 'adjust' then
-  -- KEYS: bucket key. ARGV: 'adjust', '+' (add) or '-' (refund), increment_us.
-  adjust(KEYS[1], ARGV[2], tonumber(ARGV[3]), now_us())
-  return 1
 elseif op == 'settle' then
   -- A finished request, in one call: every bucket moved the same way, every lease
   -- released. KEYS: n bucket keys, then lease keys. ARGV: 'settle', '+' or '-', n, then

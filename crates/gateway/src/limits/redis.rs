@@ -17,7 +17,6 @@
 //! | op | KEYS | ARGV after the op |
 //! | --- | --- | --- |
 //! | `check` | penalty key (when given), one bucket key per charge, one lease key per lease | `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
-//! | `adjust` | bucket key | `+` or `-`, `increment_us` |
 //! | `settle` | n bucket keys, then one key per lease | `+` or `-`, `n`, then `increment_us` per bucket, then the lease id per lease |
 //! | `signal` | counter key, penalty key | `window_ms threshold penalty period_ms` |
 //!
@@ -161,7 +160,7 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
-/// How far `delta` units move `bucket`'s TAT, in µs, for `adjust` and `settle`.
+/// How far `delta` units move `bucket`'s TAT, in µs, for `settle`.
 fn adjust_increment(bucket: &Bucket, delta: i64) -> u64 {
     let period = span_us(bucket.period);
     gcra::increment(delta.unsigned_abs(), bucket.limit, period).min(MAX_SPAN_US)
@@ -281,26 +280,14 @@ impl Backend for RedisBackend {
         verdict(&reply, check)
     }
 
+    /// A settlement of one bucket.
     async fn adjust(&self, bucket: &Bucket, delta: i64) -> Result<(), BackendError> {
-        if delta == 0 {
-            return Ok(());
-        }
-        let mut call = self.script.prepare_invoke();
-        call.arg("adjust")
-            .arg(if delta > 0 { "+" } else { "-" })
-            .arg(adjust_increment(bucket, delta))
-            .key(self.key(Kind::Bucket, &bucket.key));
-        let mut con = self.conn.handle();
-        self.within("adjust", call.invoke_async::<()>(&mut con))
-            .await
+        self.settle(std::slice::from_ref(bucket), delta, &[]).await
     }
 
+    /// A settlement of one lease.
     async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
-        let mut cmd = redis::cmd("ZREM");
-        cmd.arg(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
-        let mut con = self.conn.handle();
-        self.within("release", cmd.query_async::<()>(&mut con))
-            .await
+        self.settle(&[], 0, std::slice::from_ref(lease)).await
     }
 
     /// Every adjustment and release in one script call: one round trip (and one script
