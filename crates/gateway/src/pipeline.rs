@@ -46,6 +46,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::OptionFuture;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -569,20 +570,13 @@ fn take_limits(
                 return;
             };
             // In one task, sent together: on one Redis connection, one round trip.
-            let both = async move {
-                let settle = async {
-                    if let Some(s) = settle {
-                        s.await;
-                    }
-                };
-                let charge = async {
-                    if let Some(c) = charge {
-                        c.await;
-                    }
-                };
-                tokio::join!(settle, charge);
-            };
-            tasks.spawn_on(both, &runtime);
+            let (settle, charge) = (OptionFuture::from(settle), OptionFuture::from(charge));
+            tasks.spawn_on(
+                async move {
+                    tokio::join!(settle, charge);
+                },
+                &runtime,
+            );
         }));
     }
     Ok(headers)
