@@ -20,13 +20,6 @@
 #                 client and the mock (as run.sh's latency runs, LATENCY_CPU=shared)
 set -euo pipefail
 
-if (($# < 3)); then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-CFG_DIR=$1 TARGET=$2
-shift 2
-BINS=("$@")
 CONNS=${CONNS:-32}
 RATE=${RATE:-}
 DURATION=${DURATION:-8s}
@@ -36,7 +29,7 @@ GATEWAY_CPU=${GATEWAY_CPU:-1}
 NAME=ab.sh
 # shellcheck source=bench/reuse.sh
 source "$(dirname "$0")/reuse.sh"
-reuse_setup "$CFG_DIR" "$TARGET"
+reuse_setup "$@"
 PIN_A=() PIN_B=()
 if [[ $PIN == 1 && $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
   PIN_A=(taskset -c 0) PIN_B=(taskset -c "$GATEWAY_CPU")

@@ -19,12 +19,6 @@
 # callgrind.out in, for callgrind_annotate).
 set -euo pipefail
 
-if (($# < 3)); then
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-fi
-CFG_DIR=$1 TARGET=$2
-shift 2
 RATE=${RATE:-100}
 DURATION=${DURATION:-8s}
 KEEP=${KEEP:-}
@@ -33,12 +27,12 @@ command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
 NAME=instructions.sh
 # shellcheck source=bench/reuse.sh
 source "$(dirname "$0")/reuse.sh"
-reuse_setup "$CFG_DIR" "$TARGET"
+reuse_setup "$@"
 
 echo "| binary | requests | errors | instructions / request |"
 echo "|---|---:|---:|---:|"
 n=0
-for bin in "$@"; do
+for bin in "${BINS[@]}"; do
   n=$((n + 1))
   dir=$WORK/$n
   mkdir -p "$dir"

@@ -1,18 +1,28 @@
 # Sourced by ab.sh and instructions.sh: one of an earlier bench/run.sh's gateway configs,
 # run again on fresh ports, a fresh request log and a fresh Redis prefix.
 #
-#   NAME=ab.sh; reuse_setup "$CFG_DIR" "$TARGET"
+#   NAME=ab.sh; reuse_setup "$@"   # the script's arguments: cfg-dir target binary...
 #   reuse_config "$dir"       # sets MOCK_PORT and GW_PORT, writes $dir/sluice.toml
 #
-# reuse_setup checks the config, changes to the repository root, builds loadgen, and sets
-# CONFIG, LOADGEN, AUTH (the config's key, as loadgen arguments) and WORK (a temp dir).
+# reuse_setup prints the calling script's usage (its header, lines 2-12) when given fewer
+# than three arguments; else it checks the config, changes to the repository root,
+# builds loadgen, and sets TARGET, BINS (the binaries, made absolute), CONFIG, LOADGEN, AUTH (the
+# config's key, as loadgen arguments) and WORK (a temp dir).
 # On exit, every PID in PIDS is stopped, every Redis prefix in PREFIXES deleted and WORK
 # removed.
 # shellcheck shell=bash disable=SC2034  # the variables set here are the callers' to use
 
-reuse_setup() { # cfg-dir target
-  CONFIG=$1/$2/sluice.toml
+reuse_setup() { # cfg-dir target binary...
+  if (($# < 3)); then
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+  fi
+  TARGET=$2 CONFIG=$1/$2/sluice.toml
   [[ -f $CONFIG ]] || { echo "$NAME: no $CONFIG (run bench/run.sh with OUT=$1 first)" >&2; exit 2; }
+  shift 2
+  BINS=()
+  local bin
+  for bin in "$@"; do BINS+=("$(realpath "$bin")"); done
   cd "$(dirname "${BASH_SOURCE[0]}")/.."
   local target_dir key
   target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
