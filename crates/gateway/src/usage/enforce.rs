@@ -293,12 +293,7 @@ impl Budgets {
     /// [`Budgets::charge`] from a finished record: its exact cost (`cost_nanos`, else
     /// `cost_micros`), at its start time.
     pub async fn charge_record(&self, record: &RequestRecord) {
-        let nanos = record.cost_nanos.or_else(|| {
-            record
-                .cost_micros
-                .map(|m| m.saturating_mul(NANOS_PER_MICRO))
-        });
-        let Some(nanos) = nanos else {
+        let Some(nanos) = record_cost_nanos(record) else {
             return;
         };
         let at = i64::try_from(record.started_at_ms).unwrap_or(i64::MAX);
@@ -317,12 +312,7 @@ impl Budgets {
         if !self.is_enabled() {
             return None;
         }
-        let nanos = record.cost_nanos.or_else(|| {
-            record
-                .cost_micros
-                .map(|m| m.saturating_mul(NANOS_PER_MICRO))
-        });
-        let nanos = nanos.filter(|n| *n > 0)?;
+        let nanos = record_cost_nanos(record).filter(|n| *n > 0)?;
         let owned = RequestRecord {
             started_at_ms: record.started_at_ms,
             endpoint: record.endpoint,
@@ -564,6 +554,15 @@ fn counter_prefix(rule: &BudgetRule, period: &Span) -> String {
         ":",
     ]
     .concat()
+}
+
+/// A record's exact cost in nano-dollars: `cost_nanos`, else `cost_micros`.
+fn record_cost_nanos(record: &RequestRecord) -> Option<i64> {
+    record.cost_nanos.or_else(|| {
+        record
+            .cost_micros
+            .map(|m| m.saturating_mul(NANOS_PER_MICRO))
+    })
 }
 
 /// `{owner length}:{owner}:{user}`: unambiguous whatever the two hold.
