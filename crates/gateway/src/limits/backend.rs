@@ -132,7 +132,18 @@ pub trait Backend: Send + Sync + 'static {
         delta: i64,
         leases: &[Lease],
     ) -> Result<(), BackendError> {
-        settle_one_by_one(self, buckets, delta, leases).await
+        let mut first = Ok(());
+        if delta != 0 {
+            for bucket in buckets {
+                let done = self.adjust(bucket, delta).await;
+                first = first.and(done);
+            }
+        }
+        for lease in leases {
+            let done = self.release(lease).await;
+            first = first.and(done);
+        }
+        first
     }
     /// Count a signal; `true` when this signal started the penalty.
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError>;
@@ -140,25 +151,4 @@ pub trait Backend: Send + Sync + 'static {
     /// Lift a penalty early (admin).
     async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError>;
     async fn ping(&self) -> Result<(), BackendError>;
-}
-
-/// [`Backend::settle`] as single calls: every part tried, the first error returned.
-pub(crate) async fn settle_one_by_one<B: Backend + ?Sized>(
-    backend: &B,
-    buckets: &[Bucket],
-    delta: i64,
-    leases: &[Lease],
-) -> Result<(), BackendError> {
-    let mut first = Ok(());
-    if delta != 0 {
-        for bucket in buckets {
-            let done = backend.adjust(bucket, delta).await;
-            first = first.and(done);
-        }
-    }
-    for lease in leases {
-        let done = backend.release(lease).await;
-        first = first.and(done);
-    }
-    first
 }
