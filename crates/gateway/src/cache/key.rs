@@ -203,11 +203,12 @@ fn hash(parts: &impl Serialize) -> Option<CacheKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_key_is_the_hash_of_the_whole_json_however_it_is_written() {
         // Longer than the write buffer, so it reaches the hasher in several updates.
-        let parts = serde_json::json!({
+        let parts = json!({
             "messages": [{"role": "user", "content": "é🙂 ".repeat(700)}],
             "n": 1,
         });
@@ -218,7 +219,6 @@ mod tests {
             Some(CacheKey(xxhash_rust::xxh3::xxh3_128(&whole)))
         );
     }
-    use serde_json::json;
 
     fn req(body: Value) -> ChatRequest {
         serde_json::from_value(body).unwrap()
