@@ -218,6 +218,12 @@ cpu_s() { # pid
   # Fields after the `(comm)`: state is the 1st, utime the 12th, stime the 13th.
   awk -v tck="$CLK_TCK" '{ sub(/^.*\) /, ""); split($0, f, " "); printf "%.2f\n", (f[12] + f[13]) / tck }' "/proc/$1/stat"
 }
+# The Redis server's CPU time (user + system, every thread) in seconds: full-redis's
+# requests cost it as well as the gateway.
+redis_cpu_s() {
+  redis-cli -u "$REDIS_URL" info cpu 2>/dev/null |
+    awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.2f\n", s }'
+}
 rss_kb() { # pid
   awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
@@ -418,17 +424,21 @@ load() { # scenario target url pid loadgen-args...
   local scenario=$1 target=$2 url=$3 pid=$4
   shift 4
   echo "== $scenario / $target" >&2
-  local line cpu0 cpu1
+  local line cpu0 cpu1 redis0=0 redis1=0
   cpu0=$(cpu_s "$pid")
+  [[ $target == full-redis ]] && redis0=$(redis_cpu_s)
   if line=$("${PIN_GEN[@]}" "$LOADGEN" --json --label "$scenario/$target" --url "$url" \
     --duration "$DURATION" --warmup "$WARMUP" "$@"); then :; else
     FAILED=1
     echo "   (more than 1% errors)" >&2
   fi
   cpu1=$(cpu_s "$pid")
+  [[ $target == full-redis ]] && redis1=$(redis_cpu_s)
   if [[ -n $line ]]; then
     jq -c --arg s "$scenario" --arg t "$target" --argjson c0 "$cpu0" --argjson c1 "$cpu1" \
-      '. + {scenario: $s, target: $t, server_cpu_s: (($c1 - $c0) * 100 | round / 100)}' \
+      --argjson r0 "$redis0" --argjson r1 "$redis1" \
+      '. + {scenario: $s, target: $t, server_cpu_s: (($c1 - $c0) * 100 | round / 100)}
+         + (if $t == "full-redis" then {redis_cpu_s: (($r1 - $r0) * 100 | round / 100)} else {} end)' \
       <<<"$line" >>"$RESULTS"
     jq -r '"   \(.requests) ok, \(.errors) errors, \(.rps) req/s, p50 \(.latency.p50_us) µs, p99 \(.latency.p99_us) µs"' <<<"$line" >&2
   fi
@@ -647,7 +657,7 @@ lat_rows() { # scenario title [base-scenario]
     one "$s" "$t" | jq -r --argjson d "$d" --arg title "$title" --arg t "$t" '
       if . == null then empty else
       def added(f): if $d == null or $t == "direct" then "" else ((.latency[f] - $d.latency[f]) | tostring) end;
-      "| \($title) | \($t) | \(.rps) | \(.latency.p50_us) | \(.latency.p90_us) | \(.latency.p99_us) | \(.latency.p999_us) | \(added("p50_us")) | \(added("p99_us")) | \(if $t == "floor" then "–" elif .requests_total > 0 then (.server_cpu_s / .requests_total * 1000 * 1000 | round / 1000) else "–" end) | \(.errors) |"
+      "| \($title) | \($t) | \(.rps) | \(.latency.p50_us) | \(.latency.p90_us) | \(.latency.p99_us) | \(.latency.p999_us) | \(added("p50_us")) | \(added("p99_us")) | \(if $t == "floor" then "–" elif .requests_total > 0 then (.server_cpu_s / .requests_total * 1000 * 1000 | round / 1000 | tostring) + (if .redis_cpu_s then " + \(.redis_cpu_s / .requests_total * 1000 * 1000 | round / 1000) Redis" else "" end) else "–" end) | \(.errors) |"
       end'
   done
 }
