@@ -279,6 +279,31 @@ async fn sequence(b: &dyn Backend) -> Vec<String> {
         "the whole bucket after a refund past empty",
         ok(b.check(&charges(vec![charge("t", 1000, DAY, 1000)])).await),
     );
+    // A settlement naming buckets twice: the second adjustment sees the first.
+    let (s, u) = (charge("s", 1000, DAY, 500), charge("u", 1000, DAY, 100));
+    log.note(
+        "500 and 100 tokens",
+        ok(b.check(&charges(vec![s.clone(), u.clone()])).await),
+    );
+    let twice = [s.bucket.clone(), s.bucket.clone(), u.bucket.clone()];
+    ok(b.settle(&twice, -200, &[]).await);
+    log.note(
+        "after refunding 200 twice and 200 once",
+        ok(b.check(&charges(vec![
+            charge("s", 1000, DAY, 1),
+            charge("u", 1000, DAY, 1),
+        ]))
+        .await),
+    );
+    ok(b.settle(&twice, 300, &[]).await);
+    log.note(
+        "after adding 300 twice and 300 once",
+        ok(b.check(&charges(vec![
+            charge("s", 1000, DAY, 1),
+            charge("u", 1000, DAY, 1),
+        ]))
+        .await),
+    );
 
     // Signals: the third starts the penalty, the fourth finds it set.
     let signal = Signal {
@@ -344,6 +369,9 @@ async fn answers_as_the_memory_store_does() {
         "800 after refunding 700: allowed [100]",
         "1 after adding 50: allowed [49]",
         "the whole bucket after a refund past empty: allowed [0]",
+        "500 and 100 tokens: allowed [500, 900]",
+        "after refunding 200 twice and 200 once: allowed [899, 999]",
+        "after adding 300 twice and 300 once: allowed [298, 698]",
         "signal 3: true",
         "signal 4: false",
         "a penalized check: penalized: block []",
