@@ -16,20 +16,31 @@
 # on at most 8 connections.
 #
 # Knobs (environment): RATE=100, DURATION=8s, KEEP= (a directory to keep each
-# callgrind.out in, for callgrind_annotate).
+# callgrind.out in, for callgrind_annotate), COUNT=gateway; COUNT=redis counts a
+# private redis-server's instructions instead (full-redis only): the config's [redis]
+# url is pointed at it, the gateway runs natively, and the figure is what each request
+# costs Redis (its scripts, the cache and budget commands).
 set -euo pipefail
 
 RATE=${RATE:-100}
 DURATION=${DURATION:-8s}
 KEEP=${KEEP:-}
+COUNT=${COUNT:-gateway}
+case $COUNT in gateway | redis) ;; *) echo "instructions.sh: COUNT is gateway or redis" >&2; exit 2 ;; esac
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
   { echo "instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 NAME=instructions.sh
 # shellcheck source=bench/reuse.sh
 source "$(dirname "$0")/reuse.sh"
 reuse_setup "$@"
+if [[ $COUNT == redis ]]; then
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
+    { echo "instructions.sh: COUNT=redis needs redis-server and redis-cli" >&2; exit 2; }
+  grep -q '^url = "redis' "$CONFIG" ||
+    { echo "instructions.sh: COUNT=redis needs a config with [redis] (full-redis)" >&2; exit 2; }
+fi
 
-echo "| binary | requests | errors | instructions / request |"
+echo "| binary | requests | errors | instructions / request ($COUNT) |"
 echo "|---|---:|---:|---:|"
 n=0
 for bin in "${BINS[@]}"; do
@@ -41,28 +52,42 @@ for bin in "${BINS[@]}"; do
   "$bin" mock --listen "127.0.0.1:$mock_port" >"$dir/mock.log" 2>&1 &
   mock=$!
   PIDS+=("$mock")
+  callgrind=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out")
+  gateway=("${callgrind[@]}")
+  if [[ $COUNT == redis ]]; then
+    redis_port=$(port)
+    # Under callgrind Redis answers tens of times slower: a long timeout, so no call
+    # fails over to the closed-on-failure path.
+    sed -i -E "s#^url = \"redis://[^\"]*\"#url = \"redis://127.0.0.1:$redis_port\"\ntimeout = \"10s\"#" "$dir/sluice.toml"
+    "${callgrind[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' \
+      --appendonly no >"$dir/redis.log" 2>&1 &
+    counted=$!
+    PIDS+=("$counted")
+    for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    gateway=()
+  fi
   env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u OPENAI_API_KEY -u ANTHROPIC_API_KEY \
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$dir/callgrind.out" \
-    "$bin" serve --config "$dir/sluice.toml" >"$dir/gateway.log" 2>&1 &
+    "${gateway[@]}" "$bin" serve --config "$dir/sluice.toml" >"$dir/gateway.log" 2>&1 &
   gw=$!
   PIDS+=("$gw")
+  [[ $COUNT == gateway ]] && counted=$gw
   ready "http://127.0.0.1:$mock_port/healthz" "$mock" && ready "http://127.0.0.1:$gw_port/readyz" "$gw" 60 || {
-    echo "instructions.sh: $bin did not start under valgrind; its log:" >&2
+    echo "instructions.sh: $bin did not start (under valgrind: COUNT=$COUNT); its log:" >&2
     cat "$dir/gateway.log" >&2
     exit 1
   }
   args=(--url "http://127.0.0.1:$gw_port/v1/chat/completions" --unique-prompt --user bench-user-1
     "${AUTH[@]}" --rate "$RATE" --max-connections 8 --warmup 0s --json)
   "$LOADGEN" "${args[@]}" --duration 2s >/dev/null
-  callgrind_control -i on "$gw" >/dev/null
+  callgrind_control -i on "$counted" >/dev/null
   line=$("$LOADGEN" "${args[@]}" --duration "$DURATION")
   # `-d` writes what was counted since instrumentation went on as part 1.
-  callgrind_control -d "$gw" >/dev/null
+  callgrind_control -d "$counted" >/dev/null
   for _ in $(seq 100); do [[ -s $dir/callgrind.out.1 ]] && break; sleep 0.1; done
-  kill "$gw" "$mock"
-  wait "$gw" "$mock" 2>/dev/null || true
+  kill "$gw" "$mock" "$counted" 2>/dev/null || true
+  wait "$gw" "$mock" "$counted" 2>/dev/null || true
   total=$(awk '/^summary:/ { print $2; exit }' "$dir/callgrind.out.1")
   requests=$(jq .requests <<<"$line")
-  [[ -n $KEEP ]] && mkdir -p "$KEEP" && cp "$dir/callgrind.out.1" "$KEEP/callgrind.$TARGET.$n.out"
+  [[ -n $KEEP ]] && mkdir -p "$KEEP" && cp "$dir/callgrind.out.1" "$KEEP/callgrind.$TARGET.$COUNT.$n.out"
   echo "| $bin | $requests | $(jq .errors <<<"$line") | $((total / requests)) |"
 done
