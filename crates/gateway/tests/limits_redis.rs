@@ -286,23 +286,16 @@ async fn sequence(b: &dyn Backend) -> Vec<String> {
         ok(b.check(&charges(vec![s.clone(), u.clone()])).await),
     );
     let twice = [s.bucket.clone(), s.bucket.clone(), u.bucket.clone()];
+    let one_each = charges(vec![charge("s", 1000, DAY, 1), charge("u", 1000, DAY, 1)]);
     ok(b.settle(&twice, -200, &[]).await);
     log.note(
         "after refunding 200 twice and 200 once",
-        ok(b.check(&charges(vec![
-            charge("s", 1000, DAY, 1),
-            charge("u", 1000, DAY, 1),
-        ]))
-        .await),
+        ok(b.check(&one_each).await),
     );
     ok(b.settle(&twice, 300, &[]).await);
     log.note(
         "after adding 300 twice and 300 once",
-        ok(b.check(&charges(vec![
-            charge("s", 1000, DAY, 1),
-            charge("u", 1000, DAY, 1),
-        ]))
-        .await),
+        ok(b.check(&one_each).await),
     );
 
     // Signals: the third starts the penalty, the fourth finds it set.
