@@ -64,6 +64,11 @@ for bin in "${BINS[@]}"; do
     counted=$!
     PIDS+=("$counted")
     for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -p "$redis_port" ping >/dev/null 2>&1 || {
+      echo "instructions.sh: redis-server did not start under valgrind; its log:" >&2
+      cat "$dir/redis.log" >&2
+      exit 1
+    }
     gateway=()
   fi
   env -u SLUICE_MASTER_KEY -u SLUICE_CONFIG -u OPENAI_API_KEY -u ANTHROPIC_API_KEY \
