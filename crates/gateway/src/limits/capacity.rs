@@ -771,14 +771,6 @@ impl UpstreamLimits {
         use http::HeaderName as N;
         // Names built once: looking a header up by `&str` parses the name every time,
         // and this runs on every upstream answer.
-        const OPENAI: [N; 6] = [
-            N::from_static("x-ratelimit-limit-requests"),
-            N::from_static("x-ratelimit-remaining-requests"),
-            N::from_static("x-ratelimit-reset-requests"),
-            N::from_static("x-ratelimit-limit-tokens"),
-            N::from_static("x-ratelimit-remaining-tokens"),
-            N::from_static("x-ratelimit-reset-tokens"),
-        ];
         const ANTHROPIC_REQUESTS: [N; 3] = [
             N::from_static("anthropic-ratelimit-requests-limit"),
             N::from_static("anthropic-ratelimit-requests-remaining"),
@@ -808,13 +800,9 @@ impl UpstreamLimits {
                 .map(|at| at.duration_since(now).unwrap_or(Duration::ZERO))
         };
         let [
-            limit_requests,
-            remaining_requests,
-            reset_requests,
-            limit_tokens,
-            remaining_tokens,
-            reset_tokens,
-        ] = &OPENAI;
+            [limit_requests, remaining_requests, reset_requests],
+            [limit_tokens, remaining_tokens, reset_tokens],
+        ] = &super::limiter::OPENAI_RATE_HEADERS;
         let [a_limit_requests, a_remaining_requests, a_reset_requests] = &ANTHROPIC_REQUESTS;
         let [a_limit_tokens, a_remaining_tokens, a_reset_tokens] =
             if ANTHROPIC_TOKENS.iter().any(|n| headers.contains_key(n)) {

@@ -59,22 +59,10 @@ impl RateHeaders {
     /// static and the numbers go through `HeaderValue::from(u64)`: this runs on every
     /// limited request.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        // Consts, so the names are checked at compile time, not parsed per request.
-        const NAMES: [[HeaderName; 3]; 2] = [
-            [
-                HeaderName::from_static("x-ratelimit-limit-requests"),
-                HeaderName::from_static("x-ratelimit-remaining-requests"),
-                HeaderName::from_static("x-ratelimit-reset-requests"),
-            ],
-            [
-                HeaderName::from_static("x-ratelimit-limit-tokens"),
-                HeaderName::from_static("x-ratelimit-remaining-tokens"),
-                HeaderName::from_static("x-ratelimit-reset-tokens"),
-            ],
-        ];
         headers.reserve(6);
-        for ([limit, remaining, reset], state) in
-            NAMES.into_iter().zip([self.requests, self.tokens])
+        for ([limit, remaining, reset], state) in OPENAI_RATE_HEADERS
+            .into_iter()
+            .zip([self.requests, self.tokens])
         {
             let Some(s) = state else { continue };
             headers.insert(limit, HeaderValue::from(s.limit));
@@ -85,6 +73,23 @@ impl RateHeaders {
         }
     }
 }
+
+/// OpenAI's rate-limit headers, `[limit, remaining, reset]` for requests, then tokens:
+/// what the gateway sends its clients, and what it reads from an OpenAI-style upstream
+/// (`capacity`). Consts, so the names are checked at compile time, not parsed per
+/// request.
+pub const OPENAI_RATE_HEADERS: [[HeaderName; 3]; 2] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+];
 
 /// A duration the way OpenAI's reset headers write it: `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
 pub fn format_reset(d: Duration) -> String {
