@@ -775,7 +775,7 @@ fn build(
                 ProviderKind::Sim => String::new(),
             });
             if p.kind != ProviderKind::Sim {
-                match reqwest::Url::parse(&base_url) {
+                match url::Url::parse(&base_url) {
                     Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                     Ok(u) => problems.push(
                         format!("{path}.base_url"),

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::http::{
-    ErrorBody, body_bytes, client, invalid_response, secret_header, send, sse_events,
+    ErrorBody, Upstream, UpstreamResponse, body_bytes, invalid_response, secret_header, send,
+    sse_events, upstream_uri,
 };
 use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
 use crate::config::ProviderConfig;
@@ -31,8 +32,8 @@ const API_VERSION: &str = "2023-06-01";
 const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 pub struct AnthropicProvider {
-    client: reqwest::Client,
-    messages_url: String,
+    upstream: Upstream,
+    messages_url: ::http::Uri,
 }
 
 impl AnthropicProvider {
@@ -45,30 +46,25 @@ impl AnthropicProvider {
             "anthropic-version",
             ::http::HeaderValue::from_static(API_VERSION),
         );
+        let messages_url = upstream_uri(&config.base_url, "/v1/messages")?;
         Ok(Self {
-            client: client(config, headers)?,
-            messages_url: format!("{}/v1/messages", config.base_url),
+            upstream: Upstream::new(config, headers, &messages_url)?,
+            messages_url,
         })
-    }
-
-    fn post(&self, body: Vec<u8>) -> reqwest::RequestBuilder {
-        self.client
-            .post(&self.messages_url)
-            .header(::http::header::CONTENT_TYPE, "application/json")
-            .body(body)
     }
 
     async fn send(
         &self,
         call: &ChatCall<'_>,
         stream: bool,
-    ) -> Result<reqwest::Response, UpstreamError> {
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let body = messages_body(call.request, call.upstream_model, stream)?;
         let bytes = serde_json::to_vec(&body)
             .map_err(|e| bad_request(format!("cannot encode request: {e}")))?;
         send(
             KIND,
-            self.post(bytes),
+            &self.upstream,
+            self.upstream.post(&self.messages_url, bytes),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,

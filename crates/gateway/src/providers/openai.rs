@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 
 use super::http::{
-    ErrorBody, body_bytes, client, invalid_response, secret_header, send, sse_events,
+    ErrorBody, Upstream, body_bytes, invalid_response, secret_header, send, sse_events,
+    upstream_uri,
 };
 use super::{ChatCall, ChunkStream, ErrorClass, Provider, Timeouts, UpstreamError};
 use crate::config::ProviderConfig;
@@ -20,10 +21,9 @@ use crate::wire::{
 const KIND: &str = "openai";
 
 pub struct OpenAiProvider {
-    client: reqwest::Client,
-    // Parsed once: reqwest would re-parse a string URL on every request.
-    chat_url: reqwest::Url,
-    embeddings_url: reqwest::Url,
+    upstream: Upstream,
+    chat_url: ::http::Uri,
+    embeddings_url: ::http::Uri,
 }
 
 impl OpenAiProvider {
@@ -32,18 +32,12 @@ impl OpenAiProvider {
         if let Some(v) = secret_header(config, "Bearer ")? {
             headers.insert(AUTHORIZATION, v);
         }
+        let chat_url = upstream_uri(&config.base_url, "/chat/completions")?;
         Ok(Self {
-            client: client(config, headers)?,
-            chat_url: reqwest::Url::parse(&format!("{}/chat/completions", config.base_url))?,
-            embeddings_url: reqwest::Url::parse(&format!("{}/embeddings", config.base_url))?,
+            upstream: Upstream::new(config, headers, &chat_url)?,
+            embeddings_url: upstream_uri(&config.base_url, "/embeddings")?,
+            chat_url,
         })
-    }
-
-    fn post(&self, url: &reqwest::Url, body: Vec<u8>) -> reqwest::RequestBuilder {
-        self.client
-            .post(url.clone())
-            .header(::http::header::CONTENT_TYPE, "application/json")
-            .body(body)
     }
 }
 
@@ -91,7 +85,8 @@ impl Provider for OpenAiProvider {
         })?;
         let response = send(
             KIND,
-            self.post(&self.chat_url, body),
+            &self.upstream,
+            self.upstream.post(&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,
@@ -117,7 +112,8 @@ impl Provider for OpenAiProvider {
         })?;
         let response = send(
             KIND,
-            self.post(&self.chat_url, body),
+            &self.upstream,
+            self.upstream.post(&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,
@@ -139,7 +135,8 @@ impl Provider for OpenAiProvider {
         })?;
         let response = send(
             KIND,
-            self.post(&self.embeddings_url, body),
+            &self.upstream,
+            self.upstream.post(&self.embeddings_url, body),
             timeouts.first_byte,
             parse_error,
             capacity,

@@ -221,7 +221,7 @@ pub fn build(
         other => other.map(SecretString::from),
     };
     if let Some(url) = raw.webhook {
-        match reqwest::Url::parse(&url) {
+        match url::Url::parse(&url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {
                 out.webhook = Some(super::alerts::Webhook {
                     url: SecretString::from(url),
