@@ -72,6 +72,14 @@ impl Upstream {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
+        // Pooled connections sit idle between bursts; probes find one a NAT or load
+        // balancer dropped silently, and an unacknowledged write gives up after 30 s
+        // (reqwest's defaults, kept).
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
+        #[cfg(target_os = "linux")]
+        http.set_tcp_user_timeout(Some(Duration::from_secs(30)));
         // https URLs pass through this connector on their way to TLS.
         http.enforce_http(false);
         let route = match proxies.intercept(base) {
