@@ -62,6 +62,23 @@ impl Upstream {
         base: &Uri,
         proxies: &Matcher,
     ) -> anyhow::Result<Upstream> {
+        let tls = rustls::ClientConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()?;
+        let tls =
+            hyper_rustls::ConfigBuilderExt::try_with_platform_verifier(tls)?.with_no_client_auth();
+        Upstream::with_tls(config, default_headers, base, proxies, tls)
+    }
+
+    /// The client, trusting what `tls` trusts (the platform's roots outside tests).
+    fn with_tls(
+        config: &ProviderConfig,
+        default_headers: HeaderMap,
+        base: &Uri,
+        proxies: &Matcher,
+        tls: rustls::ClientConfig,
+    ) -> anyhow::Result<Upstream> {
         let mut headers = default_headers;
         for (name, value) in &config.headers {
             headers.insert(
@@ -110,12 +127,6 @@ impl Upstream {
                 }
             }
         };
-        let tls = rustls::ClientConfig::builder_with_provider(
-            rustls::crypto::ring::default_provider().into(),
-        )
-        .with_safe_default_protocol_versions()?;
-        let tls =
-            hyper_rustls::ConfigBuilderExt::try_with_platform_verifier(tls)?.with_no_client_auth();
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -546,6 +557,105 @@ mod tests {
             !head.to_ascii_lowercase().contains("proxy-authorization"),
             "{head}"
         );
+    }
+
+    /// A TLS server for `localhost` with a fresh self-signed certificate, offering
+    /// `alpn`; it answers every request with the HTTP version it arrived in. Returns its
+    /// port and the certificate to trust.
+    async fn tls_server(alpn: &[&[u8]]) -> (u16, rustls::pki_types::CertificateDer<'static>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (socket, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let service =
+                        hyper::service::service_fn(|request: Request<Incoming>| async move {
+                            let version = format!("{:?}", request.version());
+                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                                Bytes::from(version),
+                            )))
+                        });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        (port, der)
+    }
+
+    fn trusting(cert: rustls::pki_types::CertificateDer<'static>) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
+    #[tokio::test]
+    async fn https_upstreams_speak_http2_when_the_server_offers_it_and_http1_otherwise() {
+        for (alpn, expected) in [
+            (&[&b"h2"[..], b"http/1.1"][..], "HTTP/2.0"),
+            (&[&b"http/1.1"[..]][..], "HTTP/1.1"),
+        ] {
+            let (port, cert) = tls_server(alpn).await;
+            let uri: Uri = format!("https://localhost:{port}/v1/chat/completions")
+                .parse()
+                .unwrap();
+            let upstream = Upstream::with_tls(
+                &config(),
+                HeaderMap::new(),
+                &uri,
+                &Matcher::builder().build(),
+                trusting(cert),
+            )
+            .unwrap();
+            // Twice: the second request reuses the pooled connection.
+            for _ in 0..2 {
+                let (status, body) = post(&upstream, &uri).await.unwrap();
+                assert_eq!((status, &body[..]), (200, expected.as_bytes()));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_certificate_is_a_connection_error() {
+        let (port, _) = tls_server(&[b"http/1.1"]).await;
+        let (_, other) = tls_server(&[b"http/1.1"]).await;
+        let uri: Uri = format!("https://localhost:{port}/v1/chat/completions")
+            .parse()
+            .unwrap();
+        let upstream = Upstream::with_tls(
+            &config(),
+            HeaderMap::new(),
+            &uri,
+            &Matcher::builder().build(),
+            trusting(other),
+        )
+        .unwrap();
+        let error = post(&upstream, &uri).await.unwrap_err();
+        assert_eq!(error.class, ErrorClass::Connection, "{error:?}");
+        assert!(error.message.contains("certificate"), "{}", error.message);
     }
 
     #[test]
