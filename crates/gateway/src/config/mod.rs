@@ -776,6 +776,12 @@ fn build(
             });
             if p.kind != ProviderKind::Sim {
                 match url::Url::parse(&base_url) {
+                    // The URL's user and password would be dropped, not sent: say so.
+                    Ok(u) if !u.username().is_empty() || u.password().is_some() => problems.push(
+                        format!("{path}.base_url"),
+                        "holds a user or password, which Sluice does not send: put the \
+                             credentials in `api_key` or in `headers` (`Authorization`)",
+                    ),
                     Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                     Ok(u) => problems.push(
                         format!("{path}.base_url"),
@@ -1157,6 +1163,36 @@ mod tests {
                 "models[0].fallbacks[1]"
             ]
         );
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_is_refused_with_its_path() {
+        for url in [
+            "https://user:secret@api.example.com/v1",
+            "http://user@127.0.0.1:9/v1",
+        ] {
+            let text = format!(
+                r#"
+                [[providers]]
+                name = "up"
+                kind = "openai"
+                base_url = "{url}"
+                [[models]]
+                name = "a"
+                provider = "up"
+            "#
+            );
+            let err =
+                Config::from_toml(&text, &NO_ENV, ConfigSource::Embedded { simulated: false })
+                    .unwrap_err();
+            let problem = err
+                .problems
+                .iter()
+                .find(|p| p.path == "providers[0].base_url")
+                .unwrap_or_else(|| panic!("no base_url problem for {url}: {err}"));
+            assert!(problem.message.contains("`api_key`"), "{}", problem.message);
+            assert!(!problem.message.contains("secret"), "{}", problem.message);
+        }
     }
 
     #[test]
