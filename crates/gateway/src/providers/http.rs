@@ -355,8 +355,7 @@ pub(crate) fn transport_error(
     e: &(dyn StdError + 'static),
 ) -> UpstreamError {
     let mut class = ErrorClass::Connection;
-    let mut message = e.to_string();
-    let mut source = e.source();
+    let mut message = String::new();
     let mut cause: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(c) = cause {
         if c.downcast_ref::<std::io::Error>()
@@ -364,12 +363,11 @@ pub(crate) fn transport_error(
         {
             class = ErrorClass::Timeout;
         }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&c.to_string());
         cause = c.source();
-    }
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
     }
     UpstreamError::new(class, provider, message)
 }
@@ -673,6 +671,40 @@ mod tests {
             assert!(message.contains("must be an http:// URL"), "{message}");
             assert!(message.contains("provider `up`"), "{message}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_outlasts_the_connect_timeout_is_a_timeout() {
+        // A listener that never accepts, its backlog full: further SYNs go unanswered.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(addr)).await
+            {
+                held.push(s);
+            }
+        }
+        let config = ProviderConfig {
+            connect_timeout: Duration::from_millis(300),
+            ..config()
+        };
+        let uri: Uri = format!("http://{addr}/v1/chat/completions")
+            .parse()
+            .unwrap();
+        let upstream =
+            Upstream::with_proxies(&config, HeaderMap::new(), &uri, &Matcher::builder().build())
+                .unwrap();
+        let started = std::time::Instant::now();
+        let error = post(&upstream, &uri).await.unwrap_err();
+        assert_eq!(error.class, ErrorClass::Timeout, "{error:?}");
+        // The connect timeout, not the 5 s first-byte one.
+        assert!(started.elapsed() < Duration::from_secs(3), "{error:?}");
+        assert!(error.message.contains("connect"), "{}", error.message);
+        drop(listener);
     }
 
     #[tokio::test]
