@@ -15,7 +15,8 @@
 # second for DURATION, open loop (so every binary gets the same number of requests),
 # on at most 8 connections.
 #
-# Knobs (environment): RATE=100, DURATION=8s, KEEP= (a directory to keep each
+# Knobs (environment): RATE=100, DURATION=8s, STREAM=0 (1: every request asks for a
+# streamed answer, so the SSE path is what is counted), KEEP= (a directory to keep each
 # callgrind.out in, for callgrind_annotate), COUNT=gateway; COUNT=redis counts a
 # private redis-server's instructions instead (full-redis only): the config's [redis]
 # url is pointed at it, the gateway runs natively, and the figure is what each request
@@ -25,6 +26,9 @@ set -euo pipefail
 RATE=${RATE:-100}
 DURATION=${DURATION:-8s}
 KEEP=${KEEP:-}
+STREAM=${STREAM:-0}
+SUFFIX=
+[[ $STREAM == 1 ]] && SUFFIX=.stream
 COUNT=${COUNT:-gateway}
 case $COUNT in gateway | redis) ;; *) echo "instructions.sh: COUNT is gateway or redis" >&2; exit 2 ;; esac
 command -v valgrind >/dev/null && command -v callgrind_control >/dev/null ||
@@ -83,6 +87,7 @@ for bin in "${BINS[@]}"; do
   }
   args=(--url "http://127.0.0.1:$gw_port/v1/chat/completions" --unique-prompt --user bench-user-1
     "${AUTH[@]}" --rate "$RATE" --max-connections 8 --warmup 0s --json)
+  [[ $STREAM == 1 ]] && args+=(--stream)
   "$LOADGEN" "${args[@]}" --duration 2s >/dev/null
   callgrind_control -i on "$counted" >/dev/null
   line=$("$LOADGEN" "${args[@]}" --duration "$DURATION")
@@ -93,6 +98,6 @@ for bin in "${BINS[@]}"; do
   wait "$gw" "$mock" "$counted" 2>/dev/null || true
   total=$(awk '/^summary:/ { print $2; exit }' "$dir/callgrind.out.1")
   requests=$(jq .requests <<<"$line")
-  [[ -n $KEEP ]] && mkdir -p "$KEEP" && cp "$dir/callgrind.out.1" "$KEEP/callgrind.$TARGET.$COUNT.$n.out"
+  [[ -n $KEEP ]] && mkdir -p "$KEEP" && cp "$dir/callgrind.out.1" "$KEEP/callgrind.$TARGET.$COUNT$SUFFIX.$n.out"
   echo "| $bin | $requests | $(jq .errors <<<"$line") | $((total / requests)) |"
 done
