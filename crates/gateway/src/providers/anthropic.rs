@@ -64,7 +64,7 @@ impl AnthropicProvider {
         send(
             KIND,
             &self.upstream,
-            self.upstream.post(&self.messages_url, bytes),
+            (&self.messages_url, bytes),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,

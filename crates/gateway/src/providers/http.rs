@@ -141,7 +141,7 @@ impl Upstream {
     }
 
     /// A JSON `POST` of `body` to `uri`, with the default headers.
-    pub(crate) fn post(&self, uri: &Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
+    fn post(&self, uri: &Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = ::http::Method::POST;
         *request.uri_mut() = uri.clone();
@@ -284,17 +284,18 @@ pub(crate) fn secret_header(
     }
 }
 
-/// Send and wait for the response headers within `first_byte`; a non-2xx answer becomes
-/// a classified error, its body read by `parse_error`. Every answer's rate-limit
-/// headers and status go to `capacity`.
+/// POST the JSON `body` to `uri` and wait for the response headers within
+/// `first_byte`; a non-2xx answer becomes a classified error, its body read by
+/// `parse_error`. Every answer's rate-limit headers and status go to `capacity`.
 pub(crate) async fn send(
     provider: &'static str,
     upstream: &Upstream,
-    request: Request<Full<Bytes>>,
+    (uri, body): (&Uri, Vec<u8>),
     first_byte: Duration,
     parse_error: fn(&serde_json::Value) -> ErrorBody,
     capacity: Option<&Capacity>,
 ) -> Result<UpstreamResponse, UpstreamError> {
+    let request = upstream.post(uri, body);
     let response = match tokio::time::timeout(first_byte, upstream.client.request(request)).await {
         Err(_) => {
             return Err(UpstreamError::timeout(
@@ -459,12 +460,11 @@ mod tests {
     }
 
     async fn post(upstream: &Upstream, uri: &Uri) -> Result<(u16, Bytes), UpstreamError> {
-        let request = upstream.post(uri, b"{}".to_vec());
         let first_byte = Duration::from_secs(5);
         let response = send(
             "up",
             upstream,
-            request,
+            (uri, b"{}".to_vec()),
             first_byte,
             |_| ErrorBody::default(),
             None,

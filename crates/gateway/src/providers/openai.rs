@@ -86,7 +86,7 @@ impl Provider for OpenAiProvider {
         let response = send(
             KIND,
             &self.upstream,
-            self.upstream.post(&self.chat_url, body),
+            (&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,
@@ -113,7 +113,7 @@ impl Provider for OpenAiProvider {
         let response = send(
             KIND,
             &self.upstream,
-            self.upstream.post(&self.chat_url, body),
+            (&self.chat_url, body),
             call.timeouts.first_byte,
             parse_error,
             call.capacity,
@@ -136,7 +136,7 @@ impl Provider for OpenAiProvider {
         let response = send(
             KIND,
             &self.upstream,
-            self.upstream.post(&self.embeddings_url, body),
+            (&self.embeddings_url, body),
             timeouts.first_byte,
             parse_error,
             capacity,
