@@ -610,6 +610,21 @@ mod tests {
             .with_no_client_auth()
     }
 
+    /// A client for `https://localhost:{port}` that trusts only `cert`.
+    fn tls_upstream(
+        port: u16,
+        cert: rustls::pki_types::CertificateDer<'static>,
+    ) -> (Upstream, Uri) {
+        let uri: Uri = format!("https://localhost:{port}/v1/chat/completions")
+            .parse()
+            .unwrap();
+        let no_proxy = Matcher::builder().build();
+        let upstream =
+            Upstream::with_tls(&config(), HeaderMap::new(), &uri, &no_proxy, trusting(cert))
+                .unwrap();
+        (upstream, uri)
+    }
+
     #[tokio::test]
     async fn https_upstreams_speak_http2_when_the_server_offers_it_and_http1_otherwise() {
         for (alpn, expected) in [
@@ -617,17 +632,7 @@ mod tests {
             (&[&b"http/1.1"[..]][..], "HTTP/1.1"),
         ] {
             let (port, cert) = tls_server(alpn).await;
-            let uri: Uri = format!("https://localhost:{port}/v1/chat/completions")
-                .parse()
-                .unwrap();
-            let upstream = Upstream::with_tls(
-                &config(),
-                HeaderMap::new(),
-                &uri,
-                &Matcher::builder().build(),
-                trusting(cert),
-            )
-            .unwrap();
+            let (upstream, uri) = tls_upstream(port, cert);
             // Twice: the second request reuses the pooled connection.
             for _ in 0..2 {
                 let (status, body) = post(&upstream, &uri).await.unwrap();
@@ -640,17 +645,7 @@ mod tests {
     async fn an_untrusted_certificate_is_a_connection_error() {
         let (port, _) = tls_server(&[b"http/1.1"]).await;
         let (_, other) = tls_server(&[b"http/1.1"]).await;
-        let uri: Uri = format!("https://localhost:{port}/v1/chat/completions")
-            .parse()
-            .unwrap();
-        let upstream = Upstream::with_tls(
-            &config(),
-            HeaderMap::new(),
-            &uri,
-            &Matcher::builder().build(),
-            trusting(other),
-        )
-        .unwrap();
+        let (upstream, uri) = tls_upstream(port, other);
         let error = post(&upstream, &uri).await.unwrap_err();
         assert_eq!(error.class, ErrorClass::Connection, "{error:?}");
         assert!(error.message.contains("certificate"), "{}", error.message);
