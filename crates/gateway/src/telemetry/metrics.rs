@@ -38,33 +38,14 @@ pub struct Metrics {
     /// Upkeeps run (see [`Metrics::upkeep`]).
     upkeeps: AtomicU64,
     series: Mutex<SeriesCache>,
-    /// Handles of the per-request metrics whose labels are all fixed strings (the cache
-    /// tiers'), by name and labels: a `counter!` call costs ~2k instructions, a lookup
-    /// here a tenth of that.
-    fixed: Mutex<HashMap<FixedKey, Fixed>>,
+    /// Handles of the cache tiers' counters, whose labels are all fixed strings, by name
+    /// and labels: a `counter!` call costs ~2k instructions, a lookup here a tenth.
+    fixed: Mutex<HashMap<FixedKey, Counter>>,
+    cache_memory: OnceLock<metrics::Gauge>,
 }
 
-/// A metric name and up to three `&'static str` label values.
+/// A counter's name and up to three `&'static str` label values.
 type FixedKey = (&'static str, [&'static str; 3]);
-
-enum Fixed {
-    Counter(Counter),
-    Gauge(metrics::Gauge),
-}
-
-impl Fixed {
-    fn counter(&self, by: u64) {
-        if let Fixed::Counter(c) = self {
-            c.increment(by);
-        }
-    }
-
-    fn gauge(&self, value: f64) {
-        if let Fixed::Gauge(g) = self {
-            g.set(value);
-        }
-    }
-}
 
 /// Handles of the metrics every finished request updates, by the kind of request. A
 /// `counter!` or `histogram!` call builds a labelled key and looks it up in the registry
@@ -108,6 +89,7 @@ impl Metrics {
             upkeeps: AtomicU64::new(0),
             series: Mutex::default(),
             fixed: Mutex::default(),
+            cache_memory: OnceLock::new(),
         };
         metrics.with(describe);
         Ok(Arc::new(metrics))
@@ -269,30 +251,30 @@ impl Metrics {
     /// One cache tier consulted (`kind`: chat, embedding; `tier`: memory, redis;
     /// `result`: hit, miss, error).
     pub fn cache_lookup(&self, kind: &'static str, tier: &'static str, result: &'static str) {
-        self.fixed(("sluice_cache_lookups_total", [kind, tier, result]), || {
-            Fixed::Counter(counter!("sluice_cache_lookups_total", "kind" => kind, "tier" => tier, "result" => result))
-        }, |m| m.counter(1));
+        self.fixed_counter(("sluice_cache_lookups_total", [kind, tier, result]), 1, || {
+            counter!("sluice_cache_lookups_total", "kind" => kind, "tier" => tier, "result" => result)
+        });
     }
 
     /// Entries written to the cache, and the in-process tier's size after the write.
     pub fn cache_stored(&self, kind: &'static str, entries: u64, memory_bytes: u64) {
-        self.fixed(
+        self.fixed_counter(
             ("sluice_cache_stores_total", [kind, "", ""]),
-            || Fixed::Counter(counter!("sluice_cache_stores_total", "kind" => kind)),
-            |m| m.counter(entries),
+            entries,
+            || counter!("sluice_cache_stores_total", "kind" => kind),
         );
-        self.fixed(
-            ("sluice_cache_memory_bytes", ["", "", ""]),
-            || Fixed::Gauge(gauge!("sluice_cache_memory_bytes")),
-            |m| m.gauge(memory_bytes as f64),
-        );
+        self.cache_memory
+            .get_or_init(|| self.with(|| gauge!("sluice_cache_memory_bytes")))
+            .set(memory_bytes as f64);
     }
 
-    /// Update the metric `key` names, its handle made by `make` on first use.
-    fn fixed(&self, key: FixedKey, make: impl FnOnce() -> Fixed, update: impl FnOnce(&Fixed)) {
+    /// Add `by` to the counter `key` names, its handle made by `make` on first use.
+    fn fixed_counter(&self, key: FixedKey, by: u64, make: impl FnOnce() -> Counter) {
         let mut fixed = self.fixed.lock().unwrap_or_else(|e| e.into_inner());
-        let handle = fixed.entry(key).or_insert_with(|| self.with(make));
-        update(handle);
+        fixed
+            .entry(key)
+            .or_insert_with(|| self.with(make))
+            .increment(by);
     }
 
     /// A Redis cache call that failed (served as a miss / not shared; `op`: get, put).
