@@ -35,6 +35,9 @@
 #   REDIS_URL=redis://127.0.0.1:6379   the full-feature gateway again with limits and
 #                   cache on Redis (a random key prefix, deleted on exit); REDIS_URL=
 #                   (empty) skips it; skipped too when Redis does not answer
+#   REDIS_SYNC=50ms the full-redis gateway once more with `[limits] redis_sync` at this
+#                   interval (full-redis-sync: limits counted locally, reconciled with
+#                   Redis every interval); REDIS_SYNC= (empty) skips it
 #   PIN=1           1 pins with taskset: loadgen + mocks on CPU 0, gateway on CPU 1
 #                   (only when there are at least 2 CPUs); 0 leaves placement to Linux
 #   LATENCY_CPU=shared  with PIN=1, where the gateway (and the floor) run for the
@@ -73,6 +76,7 @@ ROUNDS=${ROUNDS:-5}
 FLOOR=${FLOOR:-1}
 CACHE_MB=${CACHE_MB:-16}
 REDIS_URL=${REDIS_URL-redis://127.0.0.1:6379}
+REDIS_SYNC=${REDIS_SYNC-50ms}
 PIN=${PIN:-1}
 LATENCY_CPU=${LATENCY_CPU:-shared}
 LOG_LEVEL=${LOG_LEVEL:-warn}
@@ -316,7 +320,7 @@ EOF
 # request log; /metrics is always on.
 MASTER_KEY="sk-bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 BIG=1000000000
-full_config() { # port dir [redis]
+full_config() { # port dir [redis|redis-sync]
   local price='prices = { input = 0.15, output = 0.60, cached_input = 0.075 }'
   cat <<EOF
 $(common_config "$1" "$2" "master_key = \"$MASTER_KEY\"")
@@ -344,6 +348,7 @@ on_fail = "flag"
 
 [limits]
 default_tier = "bench"
+$([[ ${3:-} == redis-sync ]] && echo "redis_sync = \"$REDIS_SYNC\"")
 
 [[tiers]]
 name = "bench"
@@ -370,7 +375,7 @@ enabled = true
 memory_bytes = "${CACHE_MB}MiB"
 only_deterministic = false
 EOF
-  if [[ ${3:-} == redis ]]; then
+  if [[ ${3:-} == redis* ]]; then
     cat <<EOF
 
 [redis]
@@ -426,19 +431,19 @@ load() { # scenario target url pid loadgen-args...
   echo "== $scenario / $target" >&2
   local line cpu0 cpu1 redis0=0 redis1=0
   cpu0=$(cpu_s "$pid")
-  [[ $target == full-redis ]] && redis0=$(redis_cpu_s)
+  [[ $target == full-redis* ]] && redis0=$(redis_cpu_s)
   if line=$("${PIN_GEN[@]}" "$LOADGEN" --json --label "$scenario/$target" --url "$url" \
     --duration "$DURATION" --warmup "$WARMUP" "$@"); then :; else
     FAILED=1
     echo "   (more than 1% errors)" >&2
   fi
   cpu1=$(cpu_s "$pid")
-  [[ $target == full-redis ]] && redis1=$(redis_cpu_s)
+  [[ $target == full-redis* ]] && redis1=$(redis_cpu_s)
   if [[ -n $line ]]; then
     jq -c --arg s "$scenario" --arg t "$target" --argjson c0 "$cpu0" --argjson c1 "$cpu1" \
       --argjson r0 "$redis0" --argjson r1 "$redis1" \
       '. + {scenario: $s, target: $t, server_cpu_s: (($c1 - $c0) * 100 | round / 100)}
-         + (if $t == "full-redis" then {redis_cpu_s: (($r1 - $r0) * 100 | round / 100)} else {} end)' \
+         + (if ($t | startswith("full-redis")) then {redis_cpu_s: (($r1 - $r0) * 100 | round / 100)} else {} end)' \
       <<<"$line" >>"$RESULTS"
     jq -r '"   \(.requests) ok, \(.errors) errors, \(.rps) req/s, p50 \(.latency.p50_us) µs, p99 \(.latency.p99_us) µs"' <<<"$line" >&2
   fi
@@ -595,6 +600,9 @@ else
   REDIS_USED=1
   REDIS_NOTE="$REDIS_URL, key prefix \`$REDIS_PREFIX\` (deleted on exit)"
   run_gateway full-redis full_config redis
+  if [[ -n $REDIS_SYNC ]]; then
+    run_gateway full-redis-sync full_config redis-sync
+  fi
 fi
 
 # ---- start to ready: the embedded default, no config, a fresh temp dir each time ----
@@ -613,6 +621,7 @@ fi
 # ---- report ----
 TARGETS=(direct default full)
 [[ $REDIS_USED == 1 ]] && TARGETS+=(full-redis)
+[[ $REDIS_USED == 1 && -n $REDIS_SYNC ]] && TARGETS+=(full-redis-sync)
 # The floor has latency rows only (its CPU is in socat's children, not measured).
 LAT_TARGETS=(direct)
 [[ -n $FLOOR_URL ]] && LAT_TARGETS+=(floor)
@@ -772,6 +781,10 @@ BUSY_AFTER=$(cpu_busy)
   echo "  **full** = API key, tier limits per key / per user / total, input guard detectors,"
   echo "  output rule, budgets, prices, response cache (${CACHE_MB} MiB), SQLite request log,"
   echo "  metrics; **full-redis** = full with limits and cache on Redis: ${REDIS_NOTE}"
+  if [[ $REDIS_USED == 1 && -n $REDIS_SYNC ]]; then
+    echo "  **full-redis-sync** = full-redis with \`[limits] redis_sync = \"$REDIS_SYNC\"\`: each"
+    echo "  instance counts limits itself and reconciles with Redis every $REDIS_SYNC"
+  fi
   echo "- **floor** = $FLOOR_NOTE: what any proxy process costs here for the extra"
   echo "  loopback hop and its wake-ups, with no HTTP work at all"
   echo "- every request is distinct (numbered prompt: the cache misses) and sends \`user\`;"

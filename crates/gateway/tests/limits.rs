@@ -496,6 +496,41 @@ async fn limits_config_problems_are_reported_with_paths() {
 }
 
 #[tokio::test]
+async fn redis_sync_needs_redis_and_a_sane_interval() {
+    use sluice_gateway::config::{Config, ConfigSource};
+    let parse =
+        |text: &str| Config::from_toml(text, &[], ConfigSource::Embedded { simulated: false });
+    let problems = |text: &str| -> Vec<String> {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect(),
+        }
+    };
+    let without_redis = problems("[limits]\nredis_sync = \"50ms\"\n");
+    assert_eq!(
+        without_redis,
+        ["limits.redis_sync: syncs limits with Redis every 50ms, but there is no [redis] section"]
+    );
+    let redis = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+    for bad in ["0s", "11s"] {
+        assert_eq!(
+            problems(&format!("[limits]\nredis_sync = \"{bad}\"\n{redis}")),
+            ["limits.redis_sync: must be between 1ms and 10s"],
+            "{bad}"
+        );
+    }
+    let good = parse(&format!("[limits]\nredis_sync = \"50ms\"\n{redis}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(good.limits.redis_sync, Some(Duration::from_millis(50)));
+    let exact = parse(redis).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(exact.limits.redis_sync, None, "exact limits unless asked");
+}
+
+#[tokio::test]
 async fn embeddings_are_charged_their_tokens() {
     let mut h = harness(&format!(
         r#"

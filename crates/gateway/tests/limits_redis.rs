@@ -530,20 +530,6 @@ async fn every_key_lives_under_the_prefix_with_a_ttl() {
     }
 }
 
-/// The test Redis's address, for a proxy in front of it.
-fn redis_addr() -> std::net::SocketAddr {
-    let hostport = support::redis_url()
-        .trim_start_matches("redis://")
-        .split(['/', '?'])
-        .next()
-        .map(|a| a.rsplit('@').next().unwrap_or(a).to_string())
-        .unwrap_or_default();
-    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
-        .ok()
-        .and_then(|mut a| a.next())
-        .unwrap_or_else(|| panic!("cannot resolve the test Redis at {hostport}"))
-}
-
 /// Poll `check` until it succeeds, for at most `within`.
 async fn recovers(b: &RedisBackend, check: &Check, within: Duration) -> Duration {
     let started = Instant::now();
@@ -586,7 +572,7 @@ async fn survives_redis_going_away_and_coming_back() {
     assert!(!format!("{down:?}").contains("hunter2"));
 
     // Through a proxy that is down when the store is made.
-    let proxy = OutageProxy::start(redis_addr())
+    let proxy = OutageProxy::start(support::redis_addr())
         .await
         .unwrap_or_else(|e| panic!("proxy: {e}"));
     proxy.cut().await;
@@ -640,7 +626,7 @@ async fn survives_redis_going_away_and_coming_back() {
 #[tokio::test]
 async fn a_check_and_a_settlement_cost_one_round_trip_each() {
     support::redis_raw().await;
-    let proxy = OutageProxy::start(redis_addr())
+    let proxy = OutageProxy::start(support::redis_addr())
         .await
         .unwrap_or_else(|e| panic!("proxy: {e}"));
     let b = RedisBackend::new(&config(

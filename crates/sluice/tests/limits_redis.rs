@@ -184,6 +184,72 @@ async fn three_instances_share_request_and_token_limits_exactly() {
     );
 }
 
+/// `[limits] redis_sync`: three instances count on their own and reconcile through
+/// Redis. A burst may pass the limit by what the others admitted since their last sync,
+/// never by more than each instance's own view allows; once they have synced, all of
+/// them refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn synced_instances_share_a_limit_within_what_one_sync_allows() {
+    redis_addr();
+    let prefix = unique_prefix();
+    let config = format!(
+        r#"
+        [redis]
+        url = "{url}"
+        prefix = "{prefix}"
+        timeout = "2s"
+        [limits]
+        default_tier = "free"
+        redis_sync = "20ms"
+        [[tiers]]
+        name = "free"
+        per_user = {{ requests_per_minute = 60 }}
+        {SIM}"#,
+        url = redis_url()
+    );
+    let procs = gateways(3, &config);
+    let client = client();
+    let (status, body) = get_text(&client, format!("http://{}/readyz", procs[0].addr)).await;
+    assert_eq!(status, 200, "{body}");
+    let ready: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        ready["checks"]["limits"]["backend"], "redis-synced",
+        "{ready}"
+    );
+
+    let chat = json!({"model": "gpt-4o-mini", "user": "alice",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    // Twenty on the first instance, then time for its syncs to carry them to Redis.
+    let (first, _) = burst(&procs[..1], "/v1/chat/completions", vec![chat.clone(); 20]).await;
+    assert!(first.iter().all(|s| *s == 200), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Every instance starts the burst knowing of those twenty (a new key is read from
+    // Redis first), so each admits at most the forty left on its own view.
+    let (statuses, elapsed) = burst(&procs, "/v1/chat/completions", vec![chat.clone(); 300]).await;
+    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
+    assert_eq!(
+        ok + statuses.iter().filter(|s| **s == 429).count() as u64,
+        300,
+        "only 200s and 429s: {statuses:?}"
+    );
+    let extra = allowed_extra(elapsed, 60);
+    assert!(
+        (40..=3 * 40 + 3 * extra).contains(&ok),
+        "accepted {ok} of 300 after 20, 3 synced instances, 60/min (burst took {elapsed:?})"
+    );
+    eprintln!("synced: accepted {ok} of 300 (exact: 40) in {elapsed:?}");
+
+    // Synced again: every instance sees the bucket spent.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (after, _) = burst(&procs, "/v1/chat/completions", vec![chat; 30]).await;
+    let late = after.iter().filter(|s| **s == 200).count();
+    assert!(
+        late <= 1,
+        "{late} of 30 accepted once every instance had synced: {after:?}"
+    );
+}
+
 async fn get_text(client: &reqwest::Client, url: String) -> (u16, String) {
     let r = client.get(url).send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())

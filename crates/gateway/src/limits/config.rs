@@ -123,6 +123,9 @@ pub struct LimitsConfig {
     /// Provider capacity: how many requests may wait, and for how long at most.
     pub queue_max: usize,
     pub queue_max_wait: Duration,
+    /// With `[redis]`: count on each instance and reconcile with Redis this often
+    /// ([`SyncedBackend`](super::synced::SyncedBackend)); `None` = every check on Redis.
+    pub redis_sync: Option<Duration>,
 }
 
 impl Default for LimitsConfig {
@@ -135,6 +138,7 @@ impl Default for LimitsConfig {
             key_refresh: DEFAULT_KEY_REFRESH,
             queue_max: DEFAULT_QUEUE_MAX,
             queue_max_wait: DEFAULT_QUEUE_MAX_WAIT,
+            redis_sync: None,
         }
     }
 }
@@ -157,6 +161,8 @@ pub const DEFAULT_QUEUE_MAX: usize = 256;
 pub const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(10);
 const DEFAULT_REDIS_PREFIX: &str = "sluice:";
 const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// Past this, instances would see each other's charges too late to share a limit.
+const MAX_REDIS_SYNC: Duration = Duration::from_secs(10);
 
 // ---- raw, as written in TOML ----
 
@@ -198,6 +204,8 @@ pub struct RawLimits {
     queue_max: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     queue_max_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    redis_sync: Option<Duration>,
     abuse: Option<RawAbuse>,
 }
 
@@ -349,6 +357,17 @@ pub fn build(
     }
     out.queue_max = limits.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
     out.queue_max_wait = limits.queue_max_wait.unwrap_or(DEFAULT_QUEUE_MAX_WAIT);
+    match limits.redis_sync {
+        Some(d) if redis.is_none() => problems(
+            "limits.redis_sync".into(),
+            format!("syncs limits with Redis every {d:?}, but there is no [redis] section"),
+        ),
+        Some(d) if d.is_zero() || d > MAX_REDIS_SYNC => problems(
+            "limits.redis_sync".into(),
+            "must be between 1ms and 10s".into(),
+        ),
+        _ => out.redis_sync = limits.redis_sync,
+    }
     if let Some(redis) = redis {
         match redis.url.filter(|u| !u.trim().is_empty()) {
             None => problems(

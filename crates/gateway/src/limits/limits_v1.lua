@@ -1,7 +1,7 @@
 -- limits_v1: Sluice's rate-limit script, version 1. Its keys live under `<prefix>rl:v1:`;
 -- a change to what a key holds is a new file (limits_v2.lua) with new keys, so two
 -- versions running side by side during a rollout never read each other's numbers. An
--- operation may be added (as `settle` was) or dropped (as `adjust` was, a one-bucket
+-- operation may be added (as `settle` and `sync` were) or dropped (as `adjust` was, a one-bucket
 -- `settle`) without one: the keys mean what they meant, and each gateway runs the
 -- script text it was built with.
 --
@@ -163,6 +163,74 @@ elseif op == 'settle' then
     redis.call('ZREM', KEYS[j], ARGV[3 + j])
   end
   return 1
+elseif op == 'sync' then
+  -- One instance's reconciliation (`[limits] redis_sync`): what it charged and
+  -- refunded on its own since its last sync goes in, everybody's state comes back.
+  -- KEYS: n bucket keys, m synced-lease hashes, p penalty keys.
+  -- ARGV: 'sync', n, m, p, instance id, lease_ttl_ms, then net_us per bucket (the
+  --       TAT moves this instance made, signed; 0 = only read), then the leases this
+  --       instance holds per hash.
+  -- A synced-lease hash holds, per instance, `<id>` = leases held and `<id>@` = until
+  -- when (ms on Redis's clock) that count stands without a newer sync.
+  -- Returns {now_us, tat per bucket (0 = idle)..., other instances' leases per hash...,
+  --          then per penalty key: value (false when none), pttl_ms}.
+  local now = now_us()
+  local n, m, p = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+  local me, ttl = ARGV[5], tonumber(ARGV[6])
+  local out = {now}
+  local read = n > 0 and redis.call('MGET', unpack(KEYS, 1, n)) or {}
+  local tats = {}
+  for i = 1, n do
+    local key = KEYS[i]
+    local tat = tats[key] or tonumber(read[i]) or 0
+    local net = tonumber(ARGV[6 + i])
+    if net > 0 then
+      tat = adjust(key, tat, '+', net, now)
+    elseif net < 0 then
+      tat = adjust(key, tat, '-', -net, now)
+    end
+    tats[key] = tat
+    out[#out + 1] = tat > now and tat or 0
+  end
+  local now_ms = math.floor(now / 1000)
+  for j = 1, m do
+    local key = KEYS[n + j]
+    local held = tonumber(ARGV[6 + n + j])
+    if held > 0 then
+      redis.call('HSET', key, me, held, me .. '@', int(now_ms + ttl))
+    else
+      redis.call('HDEL', key, me, me .. '@')
+    end
+    local all = redis.call('HGETALL', key)
+    local counts, untils = {}, {}
+    for f = 1, #all, 2 do
+      local field, value = all[f], all[f + 1]
+      if string.sub(field, -1) == '@' then
+        untils[string.sub(field, 1, -2)] = tonumber(value)
+      else
+        counts[field] = tonumber(value)
+      end
+    end
+    local others = 0
+    for id, count in pairs(counts) do
+      local until_ms = untils[id] or 0
+      if until_ms < now_ms then
+        redis.call('HDEL', key, id, id .. '@')
+      elseif id ~= me then
+        others = others + count
+      end
+    end
+    if held > 0 then
+      redis.call('PEXPIRE', key, int(ttl))
+    end
+    out[#out + 1] = others
+  end
+  for k = 1, p do
+    local key = KEYS[n + m + k]
+    out[#out + 1] = redis.call('GET', key)
+    out[#out + 1] = redis.call('PTTL', key)
+  end
+  return out
 elseif op == 'signal' then
   -- KEYS: counter key, penalty key. ARGV: 'signal', window_ms, threshold, penalty,
   -- period_ms. Returns 1 when this signal started the penalty.

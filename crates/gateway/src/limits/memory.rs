@@ -15,12 +15,15 @@ use super::backend::{
 };
 use super::gcra;
 
+/// foldhash, not SipHash: the keys are the gateway's own, and a check hashes several.
+type Hasher = foldhash::fast::RandomState;
+
 pub struct MemoryBackend {
     epoch: Instant,
     /// Bucket key -> TAT in microseconds since `epoch`.
-    buckets: DashMap<String, u64>,
+    buckets: DashMap<String, u64, Hasher>,
     /// Lease key -> request ids holding a slot, with their expiry.
-    leases: DashMap<String, Vec<(String, u64)>>,
+    leases: DashMap<String, Vec<(String, u64)>, Hasher>,
     /// Signal counter key -> (window start, count).
     counters: DashMap<String, (u64, u64)>,
     /// Penalty key -> (penalty, expiry).
@@ -41,16 +44,16 @@ impl MemoryBackend {
     pub fn new() -> Self {
         Self {
             epoch: Instant::now(),
-            buckets: DashMap::new(),
-            leases: DashMap::new(),
+            buckets: DashMap::with_hasher(Hasher::default()),
+            leases: DashMap::with_hasher(Hasher::default()),
             counters: DashMap::new(),
             penalties: DashMap::new(),
         }
     }
 
-    /// Microseconds since this store started; starts at one period past zero so a
-    /// fresh bucket (TAT 0) is always idle.
-    fn now_us(&self) -> u64 {
+    /// Microseconds since this store started, the clock its TATs are on; starts past
+    /// zero so a fresh bucket (TAT 0) is always idle.
+    pub(super) fn now_us(&self) -> u64 {
         us(self.epoch.elapsed()).saturating_add(1)
     }
 
@@ -75,14 +78,26 @@ impl MemoryBackend {
     }
 
     fn check_now(&self, check: &Check) -> Verdict {
+        self.check_with(check, &|_| 0).0
+    }
+
+    /// A check where `others(lease key)` leases are held elsewhere (other instances,
+    /// for [`SyncedBackend`](super::synced::SyncedBackend)). When allowed, also returns
+    /// how far each charge moved its bucket's TAT (µs), by index into `charges`.
+    pub(super) fn check_with(
+        &self,
+        check: &Check,
+        others: &dyn Fn(&str) -> u64,
+    ) -> (Verdict, Vec<(usize, u64)>) {
         let now = self.now_us();
         if let Some(key) = &check.penalty_key
             && let Some((penalty, left)) = self.penalty(key, now)
         {
-            return Verdict::Penalized {
+            let verdict = Verdict::Penalized {
                 penalty,
                 remaining: Duration::from_micros(left),
             };
+            return (verdict, Vec::new());
         }
         let mut states = Vec::with_capacity(check.charges.len());
         let mut applied: Vec<(usize, u64)> = Vec::with_capacity(check.charges.len());
@@ -107,7 +122,7 @@ impl MemoryBackend {
             for (j, lease) in check.leases.iter().enumerate() {
                 let mut held = self.leases.entry(lease.key.clone()).or_default();
                 held.retain(|(_, exp)| *exp > now);
-                if held.len() as u64 >= lease.max {
+                if held.len() as u64 + others(&lease.key) >= lease.max {
                     refused = Some((check.charges.len() + j, 1_000_000));
                     // Give back the leases taken before this one.
                     for earlier in &check.leases[..j] {
@@ -119,18 +134,69 @@ impl MemoryBackend {
             }
         }
         match refused {
-            None => Verdict::Allowed { states },
+            None => (Verdict::Allowed { states }, applied),
             Some((index, retry_us)) => {
                 for (i, inc) in applied {
                     if let Some(mut tat) = self.buckets.get_mut(&check.charges[i].bucket.key) {
                         *tat = tat.saturating_sub(inc);
                     }
                 }
-                Verdict::Refused {
+                let verdict = Verdict::Refused {
                     index,
                     retry_after: Duration::from_micros(retry_us),
                     states,
-                }
+                };
+                (verdict, Vec::new())
+            }
+        }
+    }
+
+    /// Move a bucket's TAT for `delta` units after the fact; how far it moved (µs).
+    pub(super) fn adjust_now(&self, bucket: &Bucket, delta: i64) -> i64 {
+        let now = self.now_us();
+        let mut tat = self.buckets.entry(bucket.key.clone()).or_insert(0);
+        let before = (*tat).max(now);
+        *tat = gcra::adjust(*tat, now, delta, bucket.limit, us(bucket.period));
+        let moved = i128::from(*tat) - i128::from(before);
+        i64::try_from(moved).unwrap_or(if moved < 0 { i64::MIN } else { i64::MAX })
+    }
+
+    /// Set a bucket's TAT (on [`Self::now_us`]'s clock); 0 forgets it.
+    pub(super) fn set_tat(&self, key: &str, tat: u64) {
+        if tat == 0 {
+            self.buckets.remove(key);
+        } else {
+            self.buckets.insert(key.to_owned(), tat);
+        }
+    }
+
+    /// Leases held on `key` now.
+    pub(super) fn held(&self, key: &str) -> u64 {
+        let now = self.now_us();
+        self.leases.get_mut(key).map_or(0, |mut held| {
+            held.retain(|(_, exp)| *exp > now);
+            held.len() as u64
+        })
+    }
+
+    /// Lease keys with a lease held.
+    pub(super) fn held_keys(&self) -> Vec<String> {
+        self.leases
+            .iter()
+            .filter(|e| !e.value().is_empty())
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    /// Hold `penalty` on `key` for `remaining`, or lift it (`None`).
+    pub(super) fn set_penalty(&self, key: &str, penalty: Option<(String, Duration)>) {
+        match penalty {
+            Some((value, remaining)) => {
+                let until = self.now_us().saturating_add(us(remaining));
+                self.penalties.insert(key.to_owned(), (value, until));
+            }
+            None => {
+                self.penalties.remove(key);
             }
         }
     }
@@ -153,9 +219,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn adjust(&self, bucket: &Bucket, delta: i64) -> Result<(), BackendError> {
-        let now = self.now_us();
-        let mut tat = self.buckets.entry(bucket.key.clone()).or_insert(0);
-        *tat = gcra::adjust(*tat, now, delta, bucket.limit, us(bucket.period));
+        self.adjust_now(bucket, delta);
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Rate limiting: tiers, per key / end user / tier limits, abuse penalties, and provider
-//! capacity. One [`Backend`] trait with a memory store (one instance) and a Redis store
-//! (several instances; every check one atomic script).
+//! capacity. One [`Backend`] trait with a memory store (one instance), a Redis store
+//! (several instances; every check one atomic script) and a synced store (several
+//! instances, each counting locally and reconciling with Redis every few ms).
 
 pub mod backend;
 pub mod capacity;
@@ -9,6 +10,7 @@ pub mod gcra;
 pub mod limiter;
 pub mod memory;
 pub mod redis;
+pub mod synced;
 
 pub use backend::{
     Backend, BackendError, Bucket, BucketState, Charge, Check, Lease, Unit, Verdict,
@@ -35,7 +37,10 @@ pub fn shared_backend(
         .conn(redis_config)
         .map_err(backend::BackendError::Unavailable)?;
     let backend = redis::RedisBackend::with_conn(conn, redis_config);
-    Ok(Some(Arc::new(backend)))
+    Ok(Some(match config.redis_sync {
+        Some(interval) => synced::SyncedBackend::start(backend, interval),
+        None => Arc::new(backend),
+    }))
 }
 
 /// Feeds finished records to the limiter's abuse counters, off the request path.

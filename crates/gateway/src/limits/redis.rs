@@ -6,8 +6,9 @@
 //! [`BackendError::Unavailable`], so the limiter can fall back or refuse.
 //!
 //! Keys: `{prefix}rl:v1:{kind}:{logical key}`, where `v1` is the script's version and
-//! `kind` keeps the four kinds of state apart as the memory store's four maps do (`b`
-//! buckets, `l` leases, `c` signal counters, `p` penalties): a logical name used for a
+//! `kind` keeps the kinds of state apart as the memory store's maps do (`b` buckets, `l`
+//! leases, `c` signal counters, `p` penalties, and `s` the per-instance lease counts of
+//! [`SyncedBackend`](super::synced::SyncedBackend)): a logical name used for a
 //! bucket and a lease never meets itself as the wrong Redis type, and [`Backend::penalties`]
 //! scans exactly the penalty keys. Every key carries a TTL. Logical keys (they hold end
 //! user ids) reach Redis only as script KEYS, never inside the script's source.
@@ -19,6 +20,7 @@
 //! | `check` | penalty key (when given), one bucket key per charge, one lease key per lease | `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
 //! | `settle` | n bucket keys, then one key per lease | `+` or `-`, `n`, then `increment_us` per bucket, then the lease id per lease |
 //! | `signal` | counter key, penalty key | `window_ms threshold penalty period_ms` |
+//! | `sync` | n bucket keys, m synced-lease hashes, p penalty keys | `n m p instance lease_ttl_ms`, then the signed TAT move (µs) per bucket, then the leases held per hash |
 //!
 //! `check` answers `{0, penalty, pttl_ms}` when penalized, else `{1, now_us, refused,
 //! tat...}` with `refused` the 0-based index of the first refusing charge or lease (-1
@@ -65,6 +67,7 @@ enum Kind {
     Lease,
     Counter,
     Penalty,
+    SyncedLease,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             Kind::Lease => "l:",
             Kind::Counter => "c:",
             Kind::Penalty => "p:",
+            Kind::SyncedLease => "s:",
         }
     }
 }
@@ -238,6 +242,109 @@ fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
             })
         }
         _ => Err(bad_reply("check")),
+    }
+}
+
+/// One instance's reconciliation with Redis: the `sync` operation (see
+/// [`SyncedBackend`](super::synced::SyncedBackend)). Keys are logical.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncCall {
+    /// A bucket and the net TAT move (µs, signed) this instance made since its last
+    /// sync; 0 only reads it.
+    pub buckets: Vec<(String, i64)>,
+    /// A lease key and how many leases this instance holds on it now.
+    pub leases: Vec<(String, u64)>,
+    /// Penalty keys to read.
+    pub penalties: Vec<String>,
+}
+
+impl SyncCall {
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty() && self.leases.is_empty() && self.penalties.is_empty()
+    }
+}
+
+/// What Redis holds after a [`SyncCall`], in the call's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncReply {
+    /// Redis's clock, µs since the Unix epoch.
+    pub now_us: u64,
+    /// Each bucket's TAT on Redis's clock (0: idle).
+    pub tats: Vec<u64>,
+    /// Leases the other instances hold, per lease key.
+    pub others: Vec<u64>,
+    /// Each penalty in force and how long it still holds.
+    pub penalties: Vec<Option<(String, Duration)>>,
+}
+
+fn sync_reply(reply: &Value, call: &SyncCall) -> Result<SyncReply, BackendError> {
+    let bad = || bad_reply("sync");
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let (n, m, p) = (call.buckets.len(), call.leases.len(), call.penalties.len());
+    if items.len() != 1 + n + m + 2 * p {
+        return Err(bad());
+    }
+    let uint = |v: &Value| int(v).and_then(|i| u64::try_from(i).ok()).ok_or_else(bad);
+    let now_us = uint(&items[0])?;
+    let tats = items[1..=n].iter().map(uint).collect::<Result<_, _>>()?;
+    let others = items[1 + n..1 + n + m]
+        .iter()
+        .map(uint)
+        .collect::<Result<_, _>>()?;
+    let penalties = items[1 + n + m..]
+        .chunks_exact(2)
+        .map(|pair| match (&pair[0], int(&pair[1])) {
+            // Gone, or expiring as it was read.
+            (Value::Nil, _) | (_, None | Some(..=0)) => Ok(None),
+            (v, Some(pttl)) => redis::from_redis_value_ref::<String>(v)
+                .map(|penalty| Some((penalty, Duration::from_millis(pttl.unsigned_abs()))))
+                .map_err(|_| bad()),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(SyncReply {
+        now_us,
+        tats,
+        others,
+        penalties,
+    })
+}
+
+impl RedisBackend {
+    /// Reconcile one instance's own counting with Redis in one script call: add its
+    /// bucket moves, publish its lease counts (each standing for `lease_ttl` unless
+    /// renewed), and read back every bucket, the other instances' leases and the
+    /// penalties.
+    pub async fn sync(
+        &self,
+        instance: &str,
+        lease_ttl: Duration,
+        call: &SyncCall,
+    ) -> Result<SyncReply, BackendError> {
+        let mut invoke = self.script.prepare_invoke();
+        invoke
+            .arg("sync")
+            .arg(call.buckets.len())
+            .arg(call.leases.len())
+            .arg(call.penalties.len())
+            .arg(instance)
+            .arg(ms(lease_ttl));
+        for (key, net) in &call.buckets {
+            let clamped = i64::try_from(net.unsigned_abs().min(MAX_SPAN_US)).unwrap_or(0);
+            invoke
+                .key(self.key(Kind::Bucket, key))
+                .arg(clamped * net.signum());
+        }
+        for (key, held) in &call.leases {
+            invoke.key(self.key(Kind::SyncedLease, key)).arg(*held);
+        }
+        for key in &call.penalties {
+            invoke.key(self.key(Kind::Penalty, key));
+        }
+        let mut con = self.conn.handle();
+        let reply: Value = self.within("sync", invoke.invoke_async(&mut con)).await?;
+        sync_reply(&reply, call)
     }
 }
 

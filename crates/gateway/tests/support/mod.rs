@@ -112,6 +112,20 @@ pub fn redis_url() -> String {
     std::env::var("SLUICE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The test Redis's address, for a proxy in front of it.
+pub fn redis_addr() -> std::net::SocketAddr {
+    let hostport = redis_url()
+        .trim_start_matches("redis://")
+        .split(['/', '?'])
+        .next()
+        .map(|a| a.rsplit('@').next().unwrap_or(a).to_string())
+        .unwrap_or_default();
+    std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("cannot resolve the test Redis at {hostport}"))
+}
+
 /// A key prefix no other test uses.
 pub fn unique_redis_prefix() -> String {
     format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())

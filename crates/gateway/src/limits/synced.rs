@@ -1,0 +1,393 @@
+//! Limits counted on each instance and reconciled with Redis every few milliseconds
+//! (`[limits] redis_sync = "50ms"`): no Redis call on a request's path while its keys
+//! are fresh. The exact store ([`RedisBackend`]) costs two script calls a request (the
+//! check, the settlement), which on a busy gateway is most of Redis's work; this store
+//! trades exactness across instances for none, as Kong's `sync_rate` and Envoy's local
+//! limits in front of a global service do.
+//!
+//! How it counts:
+//! - Every check runs on an in-process [`MemoryBackend`] (the same GCRA steps, the same
+//!   all-or-nothing), and each bucket's TAT moves are added up per bucket.
+//! - Every `interval`, one `sync` script call sends those moves to Redis (each bucket
+//!   moved on Redis's clock as the exact store would) with this instance's lease counts,
+//!   and reads back every bucket it named, the leases the other instances hold and the
+//!   penalties. Each local bucket is set to Redis's TAT, moved by what was charged here
+//!   while the call was out.
+//! - A check that names a key not read from Redis within [`STALE_INTERVALS`] intervals
+//!   (new to this instance, or idle here) reads it first, on the request's path: one
+//!   round trip, as the exact store's. So an instance never starts a bucket from empty
+//!   when Redis knows it.
+//!
+//! What that promises: an instance sees the others' charges at most `interval` (plus a
+//! round trip) late, so across N instances a bucket can admit up to what the other
+//! N - 1 instances admitted in the last interval beyond its limit; one instance alone
+//! is exact. Concurrency leases count as "held here now + held elsewhere at the last
+//! sync"; an instance that dies holding leases has them counted for
+//! [`lease_ttl`] more. Abuse signals and lifting a penalty go to Redis at once; a new
+//! penalty reaches the other instances within an interval. Charges made in the last
+//! interval before a shutdown are not sent.
+//!
+//! When Redis does not answer, checks on fresh keys go on locally and their moves wait
+//! for the next sync that works; a check that needs a read fails as
+//! [`BackendError::Unavailable`], and the limiter falls back or refuses as for the
+//! exact store.
+
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use super::backend::{ActivePenalty, Backend, BackendError, Bucket, Check, Lease, Signal, Verdict};
+use super::memory::MemoryBackend;
+use super::redis::{RedisBackend, SyncCall, SyncReply};
+
+/// A key read from Redis longer ago than this many intervals is read again before a
+/// check uses it.
+pub const STALE_INTERVALS: u32 = 3;
+
+/// How often local state nobody uses is dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// How long an instance's published lease count stands without a newer sync: twenty
+/// intervals, at least two seconds (a sync that fails now and then must not drop it).
+pub fn lease_ttl(interval: Duration) -> Duration {
+    (interval * 20).max(Duration::from_secs(2))
+}
+
+pub struct SyncedBackend {
+    local: MemoryBackend,
+    redis: RedisBackend,
+    interval: Duration,
+    /// Names this instance's lease counts in Redis.
+    instance: String,
+    state: Mutex<State>,
+}
+
+/// Maps keyed by bucket, lease and penalty keys: foldhash, not SipHash (the keys are
+/// this gateway's own, and a check looks each of its keys up twice).
+type Map<V> = foldhash::HashMap<String, V>;
+type Set = foldhash::HashSet<String>;
+
+#[derive(Default)]
+struct State {
+    /// Bucket key -> net TAT move (µs) made here since the last sync that took it.
+    moved: Map<i64>,
+    /// Lease and penalty keys checked since the last sync.
+    leases: Set,
+    penalties: Set,
+    /// Lease key -> leases the other instances held at the last sync.
+    others: Map<u64>,
+    /// When each key was last read from Redis.
+    fresh_buckets: Map<Instant>,
+    fresh_leases: Map<Instant>,
+    fresh_penalties: Map<Instant>,
+}
+
+impl State {
+    /// The keys of `check` not read from Redis since `since`, to read (nothing moved).
+    fn stale(&self, check: &Check, since: Instant, held: impl Fn(&str) -> u64) -> SyncCall {
+        let mut call = SyncCall::default();
+        for c in &check.charges {
+            let key = &c.bucket.key;
+            if !is_fresh(&self.fresh_buckets, key, since)
+                && !call.buckets.iter().any(|(k, _)| k == key)
+            {
+                call.buckets.push((key.clone(), 0));
+            }
+        }
+        for l in &check.leases {
+            if !is_fresh(&self.fresh_leases, &l.key, since)
+                && !call.leases.iter().any(|(k, _)| k == &l.key)
+            {
+                call.leases.push((l.key.clone(), held(&l.key)));
+            }
+        }
+        if let Some(key) = &check.penalty_key
+            && !is_fresh(&self.fresh_penalties, key, since)
+        {
+            call.penalties.push(key.clone());
+        }
+        call
+    }
+
+    /// Count a move of `key`'s TAT for the next sync (0: read it then).
+    fn record(&mut self, key: &str, moved: i64) {
+        match self.moved.get_mut(key) {
+            Some(m) => *m = m.saturating_add(moved),
+            None => {
+                self.moved.insert(key.to_owned(), moved);
+            }
+        }
+    }
+}
+
+fn touch(set: &mut Set, key: &str) {
+    if !set.contains(key) {
+        set.insert(key.to_owned());
+    }
+}
+
+fn is_fresh(map: &Map<Instant>, key: &str, since: Instant) -> bool {
+    map.get(key).is_some_and(|t| *t >= since)
+}
+
+/// `tat` moved by `moved` µs at `now` as [`crate::limits::gcra::adjust`] moves it;
+/// 0 when that leaves the bucket idle.
+fn shift(tat: u64, now: u64, moved: i64) -> u64 {
+    let out = if moved >= 0 {
+        if tat <= now && moved == 0 {
+            return 0;
+        }
+        tat.max(now).saturating_add(moved.unsigned_abs())
+    } else {
+        tat.saturating_sub(moved.unsigned_abs())
+    };
+    if out > now { out } else { 0 }
+}
+
+impl SyncedBackend {
+    /// A store syncing with `redis` every `interval`, and the task that does it (it
+    /// ends when the store is dropped).
+    pub fn start(redis: RedisBackend, interval: Duration) -> Arc<SyncedBackend> {
+        let store = Arc::new(SyncedBackend {
+            local: MemoryBackend::new(),
+            redis,
+            interval,
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+            state: Mutex::new(State::default()),
+        });
+        tokio::spawn(run(Arc::downgrade(&store), interval));
+        store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counts, not broken invariants.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A key read from Redis before this is read again before a check uses it.
+    fn fresh_since(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_sub(self.interval * STALE_INTERVALS)
+            .unwrap_or(now)
+    }
+
+    /// Take Redis's answer to `call` as this instance's state, keeping what was charged
+    /// here since the call was made.
+    fn apply(&self, call: &SyncCall, reply: &SyncReply) {
+        let at = Instant::now();
+        let mut state = self.lock();
+        let now = self.local.now_us();
+        for ((key, _), tat) in call.buckets.iter().zip(&reply.tats) {
+            // Redis's clock to this store's: the time left until the TAT carries over.
+            let base = match tat.checked_sub(reply.now_us) {
+                Some(ahead) if ahead > 0 => now.saturating_add(ahead),
+                _ => 0,
+            };
+            let since = state.moved.get(key).copied().unwrap_or(0);
+            self.local.set_tat(key, shift(base, now, since));
+            state.fresh_buckets.insert(key.clone(), at);
+        }
+        for ((key, _), others) in call.leases.iter().zip(&reply.others) {
+            state.others.insert(key.clone(), *others);
+            state.fresh_leases.insert(key.clone(), at);
+        }
+        for (key, penalty) in call.penalties.iter().zip(&reply.penalties) {
+            self.local.set_penalty(key, penalty.clone());
+            state.fresh_penalties.insert(key.clone(), at);
+        }
+    }
+
+    /// Send what was counted here since the last sync and take back everybody's state.
+    /// On failure the moves are kept for the next one.
+    pub async fn sync(&self) -> Result<(), BackendError> {
+        let call = {
+            let mut state = self.lock();
+            let mut leases = std::mem::take(&mut state.leases);
+            leases.extend(self.local.held_keys());
+            SyncCall {
+                buckets: state.moved.drain().collect(),
+                leases: leases
+                    .into_iter()
+                    .map(|k| {
+                        let held = self.local.held(&k);
+                        (k, held)
+                    })
+                    .collect(),
+                penalties: state.penalties.drain().collect(),
+            }
+        };
+        if call.is_empty() {
+            return Ok(());
+        }
+        match self
+            .redis
+            .sync(&self.instance, lease_ttl(self.interval), &call)
+            .await
+        {
+            Ok(reply) => {
+                self.apply(&call, &reply);
+                Ok(())
+            }
+            Err(e) => {
+                let mut state = self.lock();
+                for (key, net) in &call.buckets {
+                    state.record(key, *net);
+                }
+                state.leases.extend(call.leases.into_iter().map(|(k, _)| k));
+                state.penalties.extend(call.penalties);
+                Err(e)
+            }
+        }
+    }
+
+    /// Forget what nobody used for a while: idle buckets, expired leases and penalties,
+    /// keys not read from Redis since the last sweep.
+    fn sweep(&self) {
+        self.local.sweep();
+        let Some(since) = Instant::now().checked_sub(SWEEP_EVERY) else {
+            return;
+        };
+        let mut state = self.lock();
+        let State {
+            others,
+            fresh_buckets,
+            fresh_leases,
+            fresh_penalties,
+            ..
+        } = &mut *state;
+        fresh_buckets.retain(|_, t| *t >= since);
+        fresh_leases.retain(|_, t| *t >= since);
+        fresh_penalties.retain(|_, t| *t >= since);
+        others.retain(|k, _| fresh_leases.contains_key(k));
+    }
+}
+
+/// Sync every `interval` while the store lives; sweep now and then.
+async fn run(store: Weak<SyncedBackend>, interval: Duration) {
+    // The first sync one interval after the start (a check reads what it needs).
+    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = Instant::now();
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        match store.sync().await {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("limit sync with Redis works again");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "limit sync with Redis failed; counting locally and retrying every interval");
+            }
+            Err(_) => {}
+        }
+        if swept.elapsed() >= SWEEP_EVERY {
+            store.sweep();
+            swept = Instant::now();
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for SyncedBackend {
+    fn name(&self) -> &'static str {
+        "redis-synced"
+    }
+
+    async fn check(&self, check: &Check) -> Result<Verdict, BackendError> {
+        let since = self.fresh_since();
+        let stale = self.lock().stale(check, since, |key| self.local.held(key));
+        if !stale.is_empty() {
+            let reply = self
+                .redis
+                .sync(&self.instance, lease_ttl(self.interval), &stale)
+                .await?;
+            self.apply(&stale, &reply);
+        }
+        let mut state = self.lock();
+        let (verdict, applied) = self
+            .local
+            .check_with(check, &|key| state.others.get(key).copied().unwrap_or(0));
+        // Refused or not, what was looked at is read again at the next sync.
+        let mut applied = applied.into_iter().peekable();
+        for (i, c) in check.charges.iter().enumerate() {
+            let moved = match applied.next_if(|(j, _)| *j == i) {
+                Some((_, inc)) => i64::try_from(inc).unwrap_or(i64::MAX),
+                None => 0,
+            };
+            state.record(&c.bucket.key, moved);
+        }
+        for l in &check.leases {
+            touch(&mut state.leases, &l.key);
+        }
+        if let Some(key) = &check.penalty_key {
+            touch(&mut state.penalties, key);
+        }
+        Ok(verdict)
+    }
+
+    async fn adjust(&self, bucket: &Bucket, delta: i64) -> Result<(), BackendError> {
+        let mut state = self.lock();
+        let moved = self.local.adjust_now(bucket, delta);
+        state.record(&bucket.key, moved);
+        Ok(())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.local.release(lease).await?;
+        touch(&mut self.lock().leases, &lease.key);
+        Ok(())
+    }
+
+    async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
+        let started = self.redis.signal(signal).await?;
+        if started {
+            let penalty = Some((signal.penalty.clone(), signal.period));
+            self.local.set_penalty(&signal.penalty_key, penalty);
+        }
+        Ok(started)
+    }
+
+    async fn penalties(&self) -> Result<Vec<ActivePenalty>, BackendError> {
+        self.redis.penalties().await
+    }
+
+    async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError> {
+        let cleared = self.redis.clear_penalty(key).await?;
+        self.local.set_penalty(key, None);
+        Ok(cleared)
+    }
+
+    async fn ping(&self) -> Result<(), BackendError> {
+        self.redis.ping().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tat_from_redis_keeps_what_was_charged_here_meanwhile() {
+        let now = 1_000;
+        assert_eq!(shift(0, now, 0), 0, "idle stays idle");
+        assert_eq!(shift(0, now, 50), 1_050, "an idle bucket charged here");
+        assert_eq!(shift(1_200, now, 50), 1_250);
+        assert_eq!(shift(1_200, now, -150), 1_050, "a refund");
+        assert_eq!(shift(1_200, now, -500), 0, "refunded past now: idle");
+        assert_eq!(shift(900, now, 0), 0, "a TAT already past is idle");
+    }
+
+    #[test]
+    fn a_lease_count_stands_long_enough_to_survive_a_missed_sync() {
+        assert_eq!(lease_ttl(Duration::from_millis(50)), Duration::from_secs(2));
+        assert_eq!(lease_ttl(Duration::from_secs(1)), Duration::from_secs(20));
+    }
+}
