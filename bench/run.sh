@@ -35,9 +35,9 @@
 #   REDIS_URL=redis://127.0.0.1:6379   the full-feature gateway again with limits and
 #                   cache on Redis (a random key prefix, deleted on exit); REDIS_URL=
 #                   (empty) skips it; skipped too when Redis does not answer
-#   REDIS_SYNC=50ms the full-redis gateway once more with `[limits] redis_sync` at this
-#                   interval (full-redis-sync: limits counted locally, reconciled with
-#                   Redis every interval); REDIS_SYNC= (empty) skips it
+#   REDIS_SYNC=50ms the full-redis gateway once more with `[redis] sync` at this
+#                   interval (full-redis-sync: limits and budgets counted locally,
+#                   reconciled with Redis every interval); REDIS_SYNC= (empty) skips it
 #   PIN=1           1 pins with taskset: loadgen + mocks on CPU 0, gateway on CPU 1
 #                   (only when there are at least 2 CPUs); 0 leaves placement to Linux
 #   LATENCY_CPU=shared  with PIN=1, where the gateway (and the floor) run for the
@@ -348,7 +348,6 @@ on_fail = "flag"
 
 [limits]
 default_tier = "bench"
-$([[ ${3:-} == redis-sync ]] && echo "redis_sync = \"$REDIS_SYNC\"")
 
 [[tiers]]
 name = "bench"
@@ -382,6 +381,7 @@ EOF
 url = "$REDIS_URL"
 prefix = "$REDIS_PREFIX"
 on_failure = "closed"
+$([[ ${3:-} == redis-sync ]] && echo "sync = \"$REDIS_SYNC\"")
 EOF
   fi
 }
@@ -782,8 +782,8 @@ BUSY_AFTER=$(cpu_busy)
   echo "  output rule, budgets, prices, response cache (${CACHE_MB} MiB), SQLite request log,"
   echo "  metrics; **full-redis** = full with limits and cache on Redis: ${REDIS_NOTE}"
   if [[ $REDIS_USED == 1 && -n $REDIS_SYNC ]]; then
-    echo "  **full-redis-sync** = full-redis with \`[limits] redis_sync = \"$REDIS_SYNC\"\`: each"
-    echo "  instance counts limits itself and reconciles with Redis every $REDIS_SYNC"
+    echo "  **full-redis-sync** = full-redis with \`[redis] sync = \"$REDIS_SYNC\"\`: each"
+    echo "  instance counts limits and budgets itself and reconciles with Redis every $REDIS_SYNC"
   fi
   echo "- **floor** = $FLOOR_NOTE: what any proxy process costs here for the extra"
   echo "  loopback hop and its wake-ups, with no HTTP work at all"

@@ -239,6 +239,7 @@ mod tests {
             prefix: "t:".into(),
             on_failure: crate::limits::config::FailMode::Closed,
             timeout: Duration::from_millis(200),
+            sync: None,
         };
         let conn = RedisConn::connect(&config, "test").unwrap();
         let mut con = conn.handle();

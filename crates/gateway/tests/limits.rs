@@ -496,38 +496,33 @@ async fn limits_config_problems_are_reported_with_paths() {
 }
 
 #[tokio::test]
-async fn redis_sync_needs_redis_and_a_sane_interval() {
+async fn redis_sync_takes_a_sane_interval_and_is_off_by_default() {
     use sluice_gateway::config::{Config, ConfigSource};
-    let parse =
-        |text: &str| Config::from_toml(text, &[], ConfigSource::Embedded { simulated: false });
-    let problems = |text: &str| -> Vec<String> {
-        match parse(text) {
-            Ok(_) => panic!("accepted:\n{text}"),
-            Err(e) => e
-                .problems
-                .iter()
-                .map(|p| format!("{}: {}", p.path, p.message))
-                .collect(),
-        }
+    let parse = |sync: &str| {
+        let text = format!("[redis]\nurl = \"redis://127.0.0.1:6379\"\n{sync}");
+        Config::from_toml(&text, &[], ConfigSource::Embedded { simulated: false })
     };
-    let without_redis = problems("[limits]\nredis_sync = \"50ms\"\n");
-    assert_eq!(
-        without_redis,
-        ["limits.redis_sync: syncs limits with Redis every 50ms, but there is no [redis] section"]
-    );
-    let redis = "[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
     for bad in ["0s", "11s"] {
+        let Err(e) = parse(&format!("sync = \"{bad}\"")) else {
+            panic!("sync = {bad} accepted")
+        };
+        let problems: Vec<String> = e
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.path, p.message))
+            .collect();
         assert_eq!(
-            problems(&format!("[limits]\nredis_sync = \"{bad}\"\n{redis}")),
-            ["limits.redis_sync: must be between 1ms and 10s"],
+            problems,
+            ["redis.sync: must be between 1ms and 10s"],
             "{bad}"
         );
     }
-    let good = parse(&format!("[limits]\nredis_sync = \"50ms\"\n{redis}"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(good.limits.redis_sync, Some(Duration::from_millis(50)));
-    let exact = parse(redis).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(exact.limits.redis_sync, None, "exact limits unless asked");
+    let synced = parse("sync = \"50ms\"").unwrap_or_else(|e| panic!("{e}"));
+    let redis = synced.limits.redis.as_ref().map(|r| r.sync);
+    assert_eq!(redis, Some(Some(Duration::from_millis(50))));
+    let exact = parse("").unwrap_or_else(|e| panic!("{e}"));
+    let redis = exact.limits.redis.as_ref().map(|r| r.sync);
+    assert_eq!(redis, Some(None), "exact limits unless asked");
 }
 
 #[tokio::test]

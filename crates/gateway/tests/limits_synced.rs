@@ -1,4 +1,4 @@
-//! The synced limit store (`[limits] redis_sync`) against a real Redis: each instance
+//! The synced limit store (`[redis] sync`) against a real Redis: each instance
 //! counts on its own and no request waits on Redis while its keys are fresh; a sync
 //! sends what was counted and brings back the others' counts, leases and penalties;
 //! what the store promises across instances (the others' charges seen one sync late)

@@ -184,7 +184,7 @@ async fn three_instances_share_request_and_token_limits_exactly() {
     );
 }
 
-/// `[limits] redis_sync`: three instances count on their own and reconcile through
+/// `[redis] sync`: three instances count on their own and reconcile through
 /// Redis. A burst may pass the limit by what the others admitted since their last sync,
 /// never by more than each instance's own view allows; once they have synced, all of
 /// them refuse.
@@ -198,9 +198,9 @@ async fn synced_instances_share_a_limit_within_what_one_sync_allows() {
         url = "{url}"
         prefix = "{prefix}"
         timeout = "2s"
+        sync = "20ms"
         [limits]
         default_tier = "free"
-        redis_sync = "20ms"
         [[tiers]]
         name = "free"
         per_user = {{ requests_per_minute = 60 }}

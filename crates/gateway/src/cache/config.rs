@@ -236,6 +236,7 @@ pub fn build(
                 prefix: DEFAULT_REDIS_PREFIX.into(),
                 on_failure: FailMode::Open,
                 timeout: DEFAULT_REDIS_TIMEOUT,
+                sync: None,
             },
         }),
     };
@@ -338,6 +339,7 @@ mod tests {
             prefix: "p:".into(),
             on_failure: FailMode::Closed,
             timeout: Duration::from_millis(100),
+            sync: None,
         };
         let (c, _) = parse("", Some(&shared));
         assert_eq!(c.redis.unwrap().url.expose_secret(), "redis://a:6379/0");

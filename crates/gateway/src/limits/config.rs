@@ -85,6 +85,11 @@ pub struct RedisConfig {
     pub on_failure: FailMode,
     /// Per command; past it the check counts as a Redis failure.
     pub timeout: Duration,
+    /// Count limits and budgets on each instance and reconcile with Redis this often
+    /// ([`SyncedBackend`](super::synced::SyncedBackend),
+    /// [`SyncedLedger`](crate::usage::ledger::SyncedLedger)); `None`: every check and
+    /// charge on Redis, exact.
+    pub sync: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -123,9 +128,6 @@ pub struct LimitsConfig {
     /// Provider capacity: how many requests may wait, and for how long at most.
     pub queue_max: usize,
     pub queue_max_wait: Duration,
-    /// With `[redis]`: count on each instance and reconcile with Redis this often
-    /// ([`SyncedBackend`](super::synced::SyncedBackend)); `None` = every check on Redis.
-    pub redis_sync: Option<Duration>,
 }
 
 impl Default for LimitsConfig {
@@ -138,7 +140,6 @@ impl Default for LimitsConfig {
             key_refresh: DEFAULT_KEY_REFRESH,
             queue_max: DEFAULT_QUEUE_MAX,
             queue_max_wait: DEFAULT_QUEUE_MAX_WAIT,
-            redis_sync: None,
         }
     }
 }
@@ -193,6 +194,8 @@ pub struct RawRedis {
     on_failure: FailMode,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    sync: Option<Duration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -204,8 +207,6 @@ pub struct RawLimits {
     queue_max: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     queue_max_wait: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    redis_sync: Option<Duration>,
     abuse: Option<RawAbuse>,
 }
 
@@ -357,17 +358,6 @@ pub fn build(
     }
     out.queue_max = limits.queue_max.unwrap_or(DEFAULT_QUEUE_MAX);
     out.queue_max_wait = limits.queue_max_wait.unwrap_or(DEFAULT_QUEUE_MAX_WAIT);
-    match limits.redis_sync {
-        Some(d) if redis.is_none() => problems(
-            "limits.redis_sync".into(),
-            format!("syncs limits with Redis every {d:?}, but there is no [redis] section"),
-        ),
-        Some(d) if d.is_zero() || d > MAX_REDIS_SYNC => problems(
-            "limits.redis_sync".into(),
-            "must be between 1ms and 10s".into(),
-        ),
-        _ => out.redis_sync = limits.redis_sync,
-    }
     if let Some(redis) = redis {
         match redis.url.filter(|u| !u.trim().is_empty()) {
             None => problems(
@@ -381,11 +371,18 @@ pub fn build(
                 )
             }
             Some(url) => {
+                if redis
+                    .sync
+                    .is_some_and(|d| d.is_zero() || d > MAX_REDIS_SYNC)
+                {
+                    problems("redis.sync".into(), "must be between 1ms and 10s".into());
+                }
                 out.redis = Some(RedisConfig {
                     url: SecretString::from(url),
                     prefix: redis.prefix.unwrap_or_else(|| DEFAULT_REDIS_PREFIX.into()),
                     on_failure: redis.on_failure,
                     timeout: redis.timeout.unwrap_or(DEFAULT_REDIS_TIMEOUT),
+                    sync: redis.sync,
                 })
             }
         }

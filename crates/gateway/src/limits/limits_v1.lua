@@ -164,7 +164,7 @@ elseif op == 'settle' then
   end
   return 1
 elseif op == 'sync' then
-  -- One instance's reconciliation (`[limits] redis_sync`): what it charged and
+  -- One instance's reconciliation (`[redis] sync`): what it charged and
   -- refunded on its own since its last sync goes in, everybody's state comes back.
   -- KEYS: n bucket keys, m synced-lease hashes, p penalty keys.
   -- ARGV: 'sync', n, m, p, instance id, lease_ttl_ms, then net_us per bucket (the

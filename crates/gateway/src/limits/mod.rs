@@ -37,7 +37,7 @@ pub fn shared_backend(
         .conn(redis_config)
         .map_err(backend::BackendError::Unavailable)?;
     let backend = redis::RedisBackend::with_conn(conn, redis_config);
-    Ok(Some(match config.redis_sync {
+    Ok(Some(match redis_config.sync {
         Some(interval) => synced::SyncedBackend::start(backend, interval),
         None => Arc::new(backend),
     }))

@@ -585,6 +585,7 @@ mod tests {
                 prefix: "t:".into(),
                 on_failure: super::super::config::FailMode::Open,
                 timeout: Duration::from_millis(100),
+                sync: None,
             };
             match RedisBackend::new(&config) {
                 Err(BackendError::Unavailable(m)) => assert!(!m.contains("hunter2"), "{m}"),

@@ -1,5 +1,5 @@
 //! Limits counted on each instance and reconciled with Redis every few milliseconds
-//! (`[limits] redis_sync = "50ms"`): no Redis call on a request's path while its keys
+//! (`[redis] sync = "50ms"`): no Redis call on a request's path while its keys
 //! are fresh. The exact store ([`RedisBackend`]) costs two script calls a request (the
 //! check, the settlement), which on a busy gateway is most of Redis's work; this store
 //! trades exactness across instances for none, as Kong's `sync_rate` and Envoy's local

@@ -143,6 +143,7 @@ pub fn redis_config(
         prefix: prefix.into(),
         on_failure,
         timeout,
+        sync: None,
     }
 }
 
