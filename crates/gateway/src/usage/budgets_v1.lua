@@ -1,6 +1,7 @@
 -- budgets_v1: Sluice's budget counters, version 1. Keys live under `<prefix>budget:v1:`;
--- a changed script is a new file (budgets_v2.lua) with new keys, so two versions running
--- side by side during a rollout never read each other's numbers.
+-- a change to what a key holds is a new file (budgets_v2.lua) with new keys, so two
+-- versions running side by side during a rollout never read each other's numbers. A new
+-- way to call it (as `each` was added) keeps the keys' meaning and needs none.
 --
 -- Each key holds one counter's spend (one rule, one period, one key / owner / end user /
 -- feature) in integer nano-dollars. Keys are created only by the gateway, with
@@ -11,6 +12,8 @@
 -- charge: KEYS = the counters one request counts against.
 --   ARGV[1] = amount (nano-dollars, > 0), then per key: expire_at_ms, n, then n
 --   thresholds (absolute nano-dollars, ascending).
+--   Or ARGV[1] = 'each', then per key: its own amount (> 0), expire_at_ms, n, then n
+--   thresholds: several requests' charges summed per counter (`[redis] sync`).
 --   A missing key charges nothing anywhere: returns {0, i, ...} with the 1-based index
 --   of every missing key, so the caller initialises them and calls again.
 --   Otherwise returns {1, spend_1, crossed_1, spend_2, crossed_2, ...}: each counter's
@@ -26,7 +29,7 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
-local amount = tonumber(ARGV[1])
+local each = ARGV[1] == 'each'
 
 local missing = {}
 for i, key in ipairs(KEYS) do
@@ -45,10 +48,17 @@ end
 local reply = {1}
 local a = 2
 for _, key in ipairs(KEYS) do
+  -- The amount goes to INCRBY as the caller wrote it: a Lua number would be formatted
+  -- with 14 significant digits.
+  local amount = ARGV[1]
+  if each then
+    amount = ARGV[a]
+    a = a + 1
+  end
   local expire_at = ARGV[a]
   local n = tonumber(ARGV[a + 1])
-  local new = redis.call('INCRBY', key, ARGV[1])
-  local old = new - amount
+  local new = redis.call('INCRBY', key, amount)
+  local old = new - tonumber(amount)
   local mask = 0
   for j = 1, n do
     local t = tonumber(ARGV[a + 1 + j])

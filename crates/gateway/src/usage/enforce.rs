@@ -15,6 +15,7 @@ use super::calendar::{Span, rfc3339, span};
 use super::forecast::{Forecast, forecast};
 use super::ledger::{
     BudgetLedger, Counter, GRACE_MS, LedgerError, MemoryLedger, RedisLedger, SpendSource,
+    SyncedLedger,
 };
 use super::prices::{Cost, NANOS_PER_MICRO};
 use crate::limits::config::{FailMode, RedisConfig};
@@ -81,8 +82,8 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// Budgets on Redis when `redis` is set (exact across instances; on `pool`'s
-    /// connection to it), else in process;
+    /// Budgets on Redis when `redis` is set (exact across instances, or synced every
+    /// `redis.sync`; on `pool`'s connection to it), else in process;
     /// counters start from `source` (the request log); alerts are sent on `tasks`.
     /// Never waits for Redis. Fails for an unusable Redis URL or outside a runtime.
     pub fn new(
@@ -96,7 +97,11 @@ impl Budgets {
         let ledger: Arc<dyn BudgetLedger> = match redis {
             Some(r) if config.is_enabled() => {
                 let conn = pool.conn(r).map_err(LedgerError::Unavailable)?;
-                Arc::new(RedisLedger::with_conn(conn, r, source.clone()))
+                let redis = RedisLedger::with_conn(conn, r, source.clone());
+                match r.sync {
+                    Some(interval) => SyncedLedger::start(redis, interval),
+                    None => Arc::new(redis),
+                }
             }
             _ => Arc::new(MemoryLedger::new(source.clone())),
         };

@@ -1,6 +1,7 @@
 //! Budget counters: how much each budget counter has spent this period, in integer
 //! nano-dollars. [`MemoryLedger`] serves one instance; [`RedisLedger`] serves several,
-//! each charge one atomic script (`budgets_v1.lua`).
+//! each charge one atomic script (`budgets_v1.lua`); [`SyncedLedger`] serves several
+//! with each instance's charges summed and sent every few milliseconds.
 //!
 //! Durable: a counter a process has not touched yet (or one Redis does not hold) starts
 //! from the request log's sum for its period ([`SpendSource`]), so a restart, or a
@@ -23,6 +24,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -351,6 +353,45 @@ impl RedisLedger {
         self.within("init", pipe.query_async::<()>(&mut con)).await
     }
 
+    /// One charge script call: `amounts` added to `counters`, each counter started from
+    /// the log first when Redis does not hold it.
+    async fn charge_amounts(
+        &self,
+        counters: &[Counter],
+        amounts: Amounts<'_>,
+    ) -> Result<Charged, LedgerError> {
+        let mut call = self.script.prepare_invoke();
+        match amounts {
+            Amounts::One(nanos) => call.arg(nanos),
+            Amounts::Each(_) => call.arg("each"),
+        };
+        for (i, c) in counters.iter().enumerate() {
+            call.key(self.key(&c.key));
+            if let Amounts::Each(each) = amounts {
+                call.arg(each[i]);
+            }
+            call.arg(c.expires_at_ms).arg(c.thresholds.len());
+            for t in &c.thresholds {
+                call.arg(*t);
+            }
+        }
+        // At most twice: a missing counter is started from the log between the calls.
+        for _ in 0..2 {
+            let mut con = self.conn.handle();
+            let reply: Value = self.within("charge", call.invoke_async(&mut con)).await?;
+            match charge_reply(&reply, counters)? {
+                Ok(charged) => return Ok(charged),
+                Err(missing) => {
+                    let missing: Vec<&Counter> = missing.iter().map(|i| &counters[*i]).collect();
+                    self.init(&missing).await?;
+                }
+            }
+        }
+        Err(LedgerError::Unavailable(
+            "redis charge: counters vanished while being started".into(),
+        ))
+    }
+
     async fn read(&self, counters: &[Counter]) -> Result<Vec<Option<i64>>, LedgerError> {
         let mut cmd = redis::cmd("MGET");
         for c in counters {
@@ -359,6 +400,14 @@ impl RedisLedger {
         let mut con = self.conn.handle();
         self.within("check", cmd.query_async(&mut con)).await
     }
+}
+
+/// What a charge adds: one amount to every counter (a request), or one per counter
+/// (several requests summed, [`SyncedLedger`]).
+#[derive(Clone, Copy)]
+enum Amounts<'a> {
+    One(i64),
+    Each(&'a [i64]),
 }
 
 fn bad_reply() -> LedgerError {
@@ -372,12 +421,15 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
+/// What one charge did: the thresholds it crossed, and each counter's spend after it.
+type Charged = (Vec<Crossing>, Vec<i64>);
+
 /// Read the `charge` reply: `Err(missing)` with the 0-based indexes of missing counters,
-/// or the crossings.
+/// or what the charge did.
 fn charge_reply(
     reply: &Value,
     counters: &[Counter],
-) -> Result<Result<Vec<Crossing>, Vec<usize>>, LedgerError> {
+) -> Result<Result<Charged, Vec<usize>>, LedgerError> {
     let Value::Array(items) = reply else {
         return Err(bad_reply());
     };
@@ -397,10 +449,12 @@ fn charge_reply(
         }
         Some(1) if items.len() == 1 + 2 * counters.len() => {
             let mut out = Vec::new();
+            let mut spends = Vec::with_capacity(counters.len());
             for (i, (c, pair)) in counters.iter().zip(items[1..].chunks_exact(2)).enumerate() {
                 let (Some(spent), Some(mask)) = (int(&pair[0]), int(&pair[1])) else {
                     return Err(bad_reply());
                 };
+                spends.push(spent);
                 out.extend(
                     (0..c.thresholds.len())
                         .filter(|j| mask & (1 << j) != 0)
@@ -411,7 +465,7 @@ fn charge_reply(
                         }),
                 );
             }
-            Ok(Ok(out))
+            Ok(Ok((out, spends)))
         }
         _ => Err(bad_reply()),
     }
@@ -455,31 +509,8 @@ impl BudgetLedger for RedisLedger {
         if counters.is_empty() || nanos <= 0 {
             return Ok(Vec::new());
         }
-        let mut call = self.script.prepare_invoke();
-        call.arg(nanos);
-        for c in counters {
-            call.key(self.key(&c.key))
-                .arg(c.expires_at_ms)
-                .arg(c.thresholds.len());
-            for t in &c.thresholds {
-                call.arg(*t);
-            }
-        }
-        // At most twice: a missing counter is started from the log between the calls.
-        for _ in 0..2 {
-            let mut con = self.conn.handle();
-            let reply: Value = self.within("charge", call.invoke_async(&mut con)).await?;
-            match charge_reply(&reply, counters)? {
-                Ok(crossings) => return Ok(crossings),
-                Err(missing) => {
-                    let missing: Vec<&Counter> = missing.iter().map(|i| &counters[*i]).collect();
-                    self.init(&missing).await?;
-                }
-            }
-        }
-        Err(LedgerError::Unavailable(
-            "redis charge: counters vanished while being started".into(),
-        ))
+        let (crossings, _) = self.charge_amounts(counters, Amounts::One(nanos)).await?;
+        Ok(crossings)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
@@ -503,6 +534,211 @@ impl BudgetLedger for RedisLedger {
             }
         }
         Ok(out)
+    }
+}
+
+// ---- several instances, each counting on its own ----
+
+/// Budget counters kept on each instance and reconciled with Redis every `interval`
+/// (`[redis] sync`), for the request path: a check reads this instance's view (Redis's
+/// spend at the last sync plus what was charged here since), and charges wait for the
+/// next sync, which sends each counter's sum in one script call for all of them.
+///
+/// Thresholds still fire exactly once: Redis adds each sum atomically and reports the
+/// thresholds it crossed, and each crossing goes to one of the charges that made up the
+/// sum (the first that charged that counter). A counter not read from Redis in the last
+/// [`STALE_INTERVALS`](crate::limits::synced::STALE_INTERVALS) intervals is read (and
+/// started from the log when Redis does not hold it) before a check uses it. What it
+/// costs: an instance sees the others' spend up to an interval late, so a budget may be
+/// passed by what the other instances spent in that interval; a failed sync drops its
+/// charges as a failed exact charge drops its one (each charge reports the error).
+pub struct SyncedLedger {
+    redis: RedisLedger,
+    interval: Duration,
+    state: std::sync::Mutex<LedgerState>,
+}
+
+#[derive(Default)]
+struct LedgerState {
+    /// Counter key -> its spend as Redis last said, and when.
+    known: foldhash::HashMap<String, (i64, tokio::time::Instant)>,
+    /// Counter key -> the counter and what was charged to it here since the last sync.
+    batch: foldhash::HashMap<String, (Counter, i64)>,
+    /// The charges in `batch`, each waiting for its crossings.
+    waiters: Vec<Waiter>,
+}
+
+struct Waiter {
+    keys: Vec<String>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<Crossing>, LedgerError>>,
+}
+
+/// How often counters nobody used for a while are forgotten.
+const SYNCED_SWEEP: Duration = Duration::from_secs(60);
+
+impl SyncedLedger {
+    /// Counters on `redis`, synced every `interval` by a task that ends with the ledger.
+    pub fn start(redis: RedisLedger, interval: Duration) -> Arc<SyncedLedger> {
+        let ledger = Arc::new(SyncedLedger {
+            redis,
+            interval,
+            state: std::sync::Mutex::new(LedgerState::default()),
+        });
+        tokio::spawn(run_synced(Arc::downgrade(&ledger), interval));
+        ledger
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LedgerState> {
+        // A panic while holding the lock leaves sums, not broken invariants.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send every counter's sum in one script call, and answer the charges that made it.
+    pub async fn sync(&self) {
+        let (counters, amounts, waiters): (Vec<Counter>, Vec<i64>, Vec<Waiter>) = {
+            let mut state = self.lock();
+            let (counters, amounts) = state.batch.drain().map(|(_, v)| v).unzip();
+            (counters, amounts, std::mem::take(&mut state.waiters))
+        };
+        if counters.is_empty() {
+            return;
+        }
+        let result = self
+            .redis
+            .charge_amounts(&counters, Amounts::Each(&amounts))
+            .await;
+        let (crossings, spends) = match result {
+            Ok(charged) => charged,
+            Err(e) => {
+                for w in waiters {
+                    let _ = w.done.send(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let at = tokio::time::Instant::now();
+        {
+            let mut state = self.lock();
+            for (c, spent) in counters.iter().zip(&spends) {
+                state.known.insert(c.key.clone(), (*spent, at));
+            }
+        }
+        let mut answers: Vec<Vec<Crossing>> = waiters.iter().map(|_| Vec::new()).collect();
+        for x in crossings {
+            let key = &counters[x.counter].key;
+            let first = waiters
+                .iter()
+                .enumerate()
+                .find_map(|(w, waiter)| Some((w, waiter.keys.iter().position(|k| k == key)?)));
+            if let Some((w, counter)) = first {
+                answers[w].push(Crossing { counter, ..x });
+            }
+        }
+        for (w, crossings) in waiters.into_iter().zip(answers) {
+            let _ = w.done.send(Ok(crossings));
+        }
+    }
+
+    fn sweep(&self) {
+        let Some(since) = tokio::time::Instant::now().checked_sub(SYNCED_SWEEP) else {
+            return;
+        };
+        self.lock().known.retain(|_, (_, at)| *at >= since);
+    }
+}
+
+/// Sync every `interval` while the ledger lives; sweep now and then.
+async fn run_synced(ledger: std::sync::Weak<SyncedLedger>, interval: Duration) {
+    let start = tokio::time::Instant::now() + interval;
+    let mut tick = tokio::time::interval_at(start, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        ledger.sync().await;
+        if swept.elapsed() >= SYNCED_SWEEP {
+            ledger.sweep();
+            swept = tokio::time::Instant::now();
+        }
+    }
+}
+
+#[async_trait]
+impl BudgetLedger for SyncedLedger {
+    fn name(&self) -> &'static str {
+        "redis-synced"
+    }
+
+    async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
+        let now = tokio::time::Instant::now();
+        let since = now
+            .checked_sub(self.interval * crate::limits::synced::STALE_INTERVALS)
+            .unwrap_or(now);
+        let stale: Vec<Counter> = {
+            let state = self.lock();
+            counters
+                .iter()
+                .filter(|c| state.known.get(&c.key).is_none_or(|(_, at)| *at < since))
+                .cloned()
+                .collect()
+        };
+        let mut read = Vec::new();
+        if !stale.is_empty() {
+            read = self.redis.check(&stale).await?;
+            let mut state = self.lock();
+            for (c, spend) in stale.iter().zip(&read) {
+                state.known.insert(c.key.clone(), (spend.spent, now));
+            }
+        }
+        let state = self.lock();
+        Ok(counters
+            .iter()
+            .map(|c| {
+                let known = state.known.get(&c.key).map(|(spent, _)| *spent);
+                // Swept between the read and here: what was read.
+                let read = || {
+                    let i = stale.iter().position(|s| s.key == c.key)?;
+                    read.get(i).map(|s| s.spent)
+                };
+                let pending = state.batch.get(&c.key).map_or(0, |(_, sum)| *sum);
+                Spend {
+                    spent: known.or_else(read).unwrap_or(0).saturating_add(pending),
+                    limit: c.limit,
+                }
+            })
+            .collect())
+    }
+
+    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError> {
+        if counters.is_empty() || nanos <= 0 {
+            return Ok(Vec::new());
+        }
+        let (done, answer) = tokio::sync::oneshot::channel();
+        {
+            let mut state = self.lock();
+            for c in counters {
+                match state.batch.get_mut(&c.key) {
+                    Some((_, sum)) => *sum = sum.saturating_add(nanos),
+                    None => {
+                        state.batch.insert(c.key.clone(), (c.clone(), nanos));
+                    }
+                }
+            }
+            let keys = counters.iter().map(|c| c.key.clone()).collect();
+            state.waiters.push(Waiter { keys, done });
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(LedgerError::Unavailable(
+                "budget sync stopped before this charge was sent".into(),
+            ))
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.redis.list(prefix).await
     }
 }
 
@@ -609,8 +845,9 @@ mod tests {
             Value::Int(12),
             Value::Int(1),
         ]);
+        let (crossings, spends) = charge_reply(&reply, &counters).unwrap().unwrap();
         assert_eq!(
-            charge_reply(&reply, &counters).unwrap().unwrap(),
+            crossings,
             [
                 Crossing {
                     counter: 0,
@@ -624,6 +861,7 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(spends, [90, 12], "each counter's spend after the charge");
         let missing = Value::Array(vec![Value::Int(0), Value::Int(2)]);
         assert_eq!(charge_reply(&missing, &counters).unwrap(), Err(vec![1]));
         for bad in [
