@@ -9,8 +9,8 @@
 #   OUT=/tmp/cfg SOAK=0 STREAMS=0 ROUNDS=0 FLOOR=0 READY_RUNS=0 STREAM=0 bench/run.sh
 #   bench/instructions.sh /tmp/cfg full /tmp/sluice-before target/release/sluice
 #
-# Arguments: the OUT directory of an earlier bench/run.sh, the target (default, full or
-# full-redis), and the binaries. Each gateway runs under callgrind with instrumentation
+# Arguments: the OUT directory of an earlier bench/run.sh, the target (default, full,
+# full-redis or full-redis-sync), and the binaries. Each gateway runs under callgrind with instrumentation
 # off until a 2 s warm-up has passed, then counts while loadgen sends RATE requests a
 # second for DURATION, open loop (so every binary gets the same number of requests),
 # on at most 8 connections.
@@ -18,7 +18,7 @@
 # Knobs (environment): RATE=100, DURATION=8s, STREAM=0 (1: every request asks for a
 # streamed answer, so the SSE path is what is counted), KEEP= (a directory to keep each
 # callgrind.out in, for callgrind_annotate), COUNT=gateway; COUNT=redis counts a
-# private redis-server's instructions instead (full-redis only): the config's [redis]
+# private redis-server's instructions instead (full-redis, full-redis-sync): the config's [redis]
 # url is pointed at it, the gateway runs natively, and the figure is what each request
 # costs Redis (its scripts, the cache and budget commands).
 set -euo pipefail
@@ -41,7 +41,7 @@ if [[ $COUNT == redis ]]; then
   command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
     { echo "instructions.sh: COUNT=redis needs redis-server and redis-cli" >&2; exit 2; }
   grep -q '^url = "redis' "$CONFIG" ||
-    { echo "instructions.sh: COUNT=redis needs a config with [redis] (full-redis)" >&2; exit 2; }
+    { echo "instructions.sh: COUNT=redis needs a config with [redis] (full-redis, full-redis-sync)" >&2; exit 2; }
 fi
 
 echo "| binary | requests | errors | instructions / request ($COUNT) |"
