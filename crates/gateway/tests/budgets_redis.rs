@@ -335,122 +335,90 @@ const MONTHLY_PER_KEY: &str = r#"
     limit_usd = 0.01
     "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateways_block_at_the_budget_within_one_request() {
-    support::redis_raw().await;
-    let prefix = support::unique_redis_prefix();
-    let tasks = TaskTracker::new();
-    let store = support::open("sqlite", &StorageTarget::Memory).await;
-    let gateways = [
-        Arc::new(budgets_on_redis(
-            &prefix,
-            store.clone(),
-            MONTHLY_PER_KEY,
-            &tasks,
-        )),
-        Arc::new(budgets_on_redis(
-            &prefix,
-            store.clone(),
-            MONTHLY_PER_KEY,
-            &tasks,
-        )),
-    ];
-    assert_eq!(gateways[0].ledger_name(), "redis");
-    // Requests of 0.0007 each, alternating between the gateways, each checked before
-    // and charged after, until one is refused.
-    let cost = Cost::from_nanos(700_000);
-    let subject = Subject {
+const COST: Cost = Cost::from_nanos(700_000);
+
+fn key_subject() -> Subject<'static> {
+    Subject {
         key_id: Some("k1"),
         owner: Some("acme"),
         user: None,
         tier: None,
         feature: None,
         endpoint: Endpoint::ChatCompletions,
-    };
-    let mut served = 0i64;
-    loop {
-        let g = &gateways[(served % 2) as usize];
-        let now = now_ms();
-        match g.check(&subject, now).await {
-            BudgetDecision::Allow => {
-                g.charge(&subject, now, cost).await;
-                served += 1;
-            }
-            BudgetDecision::Block { spent, limit, .. } => {
-                assert!(spent >= limit);
-                assert!(
-                    spent.nanos < limit.nanos + cost.nanos,
-                    "{spent} overshoots {limit} by a request or more"
-                );
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(served < 100, "never blocked");
-    }
-    // 0.01 / 0.0007: the 15th request reaches the limit, the 16th is refused.
-    assert_eq!(served, 15);
-    // Both gateways refuse now.
-    for g in &gateways {
-        assert!(matches!(
-            g.check(&subject, now_ms()).await,
-            BudgetDecision::Block { .. }
-        ));
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_synced_gateways_block_at_the_budget_within_what_one_sync_allows() {
+/// Two gateways on one fresh prefix (`[redis] sync` at `sync`) serving requests of
+/// [`COST`] in turn, each checked before and charged after, until one is refused: how
+/// many were served, the spend the refusal saw, and the gateways.
+async fn alternate_until_refused(
+    sync: Option<Duration>,
+    ledger: &str,
+) -> (i64, Cost, Vec<Arc<Budgets>>) {
     support::redis_raw().await;
     let prefix = support::unique_redis_prefix();
     let tasks = TaskTracker::new();
     let store = support::open("sqlite", &StorageTarget::Memory).await;
-    let sync = Some(Duration::from_millis(20));
     let gateways: Vec<Arc<Budgets>> = (0..2)
         .map(|_| {
             let b = budgets_synced(&prefix, store.clone(), MONTHLY_PER_KEY, &tasks, sync);
             Arc::new(b)
         })
         .collect();
-    assert_eq!(gateways[0].ledger_name(), "redis-synced");
-    let cost = Cost::from_nanos(700_000);
-    let subject = Subject {
-        key_id: Some("k1"),
-        owner: Some("acme"),
-        user: None,
-        tier: None,
-        feature: None,
-        endpoint: Endpoint::ChatCompletions,
-    };
+    assert_eq!(gateways[0].ledger_name(), ledger);
+    let subject = key_subject();
     let mut served = 0i64;
     loop {
         let g = &gateways[(served % 2) as usize];
         let now = now_ms();
         match g.check(&subject, now).await {
             BudgetDecision::Allow => {
-                // Returns once the sync that carried it has answered.
-                g.charge(&subject, now, cost).await;
+                // Synced: returns once the sync that carried it has answered.
+                g.charge(&subject, now, COST).await;
                 served += 1;
             }
             BudgetDecision::Block { spent, limit, .. } => {
                 assert!(spent >= limit);
-                break;
+                return (served, spent, gateways);
             }
             other => panic!("unexpected {other:?}"),
         }
         assert!(served < 100, "never blocked");
     }
-    // Exact would serve 15: the other gateway's view may miss the last charge, at most
-    // one request's worth here.
-    assert!((15..=16).contains(&served), "served {served}");
-    // Once both have read Redis again, both refuse.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    for g in &gateways {
+}
+
+async fn both_refuse(gateways: &[Arc<Budgets>]) {
+    for g in gateways {
         assert!(matches!(
-            g.check(&subject, now_ms()).await,
+            g.check(&key_subject(), now_ms()).await,
             BudgetDecision::Block { .. }
         ));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_block_at_the_budget_within_one_request() {
+    let (served, spent, gateways) = alternate_until_refused(None, "redis").await;
+    let limit = Cost::from_nanos(10_000_000);
+    assert!(
+        spent.nanos < limit.nanos + COST.nanos,
+        "{spent} overshoots {limit} by a request or more"
+    );
+    // 0.01 / 0.0007: the 15th request reaches the limit, the 16th is refused.
+    assert_eq!(served, 15);
+    both_refuse(&gateways).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_synced_gateways_block_at_the_budget_within_what_one_sync_allows() {
+    let sync = Some(Duration::from_millis(20));
+    let (served, _, gateways) = alternate_until_refused(sync, "redis-synced").await;
+    // Exact serves 15: the other gateway's view may miss the last charge, at most one
+    // request's worth here.
+    assert!((15..=16).contains(&served), "served {served}");
+    // Once both have read Redis again, both refuse.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    both_refuse(&gateways).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

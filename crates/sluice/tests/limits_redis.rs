@@ -125,17 +125,17 @@ fn allowed_extra(elapsed: Duration, per_minute: u64) -> u64 {
     (elapsed.as_secs_f64() * per_minute as f64 / 60.0).floor() as u64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_instances_share_request_and_token_limits_exactly() {
-    redis_addr();
-    let prefix = unique_prefix();
-    let config = format!(
+/// Limits on Redis under `prefix` (`redis_extra`: more `[redis]` lines): tier `free`
+/// (the default) allows each end user 60 requests a minute, `metered` 6,000 tokens.
+fn shared_limits(prefix: &str, redis_extra: &str) -> String {
+    format!(
         r#"
         [redis]
         url = "{url}"
         prefix = "{prefix}"
         # Three debug-build gateways, the load generator and Redis share two cores here.
         timeout = "2s"
+        {redis_extra}
         [limits]
         default_tier = "free"
         [[tiers]]
@@ -146,7 +146,14 @@ async fn three_instances_share_request_and_token_limits_exactly() {
         per_user = {{ tokens_per_minute = 6000 }}
         {SIM}"#,
         url = redis_url()
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_share_request_and_token_limits_exactly() {
+    redis_addr();
+    let prefix = unique_prefix();
+    let config = shared_limits(&prefix, "");
     let procs = gateways(3, &config);
 
     let chat = json!({"model": "gpt-4o-mini", "user": "alice",
@@ -192,21 +199,7 @@ async fn three_instances_share_request_and_token_limits_exactly() {
 async fn synced_instances_share_a_limit_within_what_one_sync_allows() {
     redis_addr();
     let prefix = unique_prefix();
-    let config = format!(
-        r#"
-        [redis]
-        url = "{url}"
-        prefix = "{prefix}"
-        timeout = "2s"
-        sync = "20ms"
-        [limits]
-        default_tier = "free"
-        [[tiers]]
-        name = "free"
-        per_user = {{ requests_per_minute = 60 }}
-        {SIM}"#,
-        url = redis_url()
-    );
+    let config = shared_limits(&prefix, "sync = \"20ms\"");
     let procs = gateways(3, &config);
     let client = client();
     let (status, body) = get_text(&client, format!("http://{}/readyz", procs[0].addr)).await;
