@@ -122,23 +122,24 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
     assert!(a.list("other:").await.unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
-    let prefix = support::unique_redis_prefix();
-    let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
-    let ledgers = [
-        Arc::new(ledger(&prefix, source.clone()).await),
-        Arc::new(ledger(&prefix, source.clone()).await),
-    ];
-    // Two counters per charge (a global one and a user's), thresholds at 50/80/100 %.
-    let counters = vec![
+/// Two counters per charge (a global one and a user's), thresholds at 50/80/100 %.
+fn two_counters() -> Vec<Counter> {
+    vec![
         counter("total:m:global:", 10_000, &[5_000, 8_000, 10_000]),
         counter("user:d:user:4:acme:amy", 2_000, &[1_600, 2_000]),
-    ];
+    ]
+}
+
+/// 200 charges of 61 on `counters` at once, alternating between `ledgers`: every
+/// crossing reported, each threshold exactly once.
+async fn charge_200_at_once(
+    ledgers: &[Arc<dyn BudgetLedger>; 2],
+    counters: &[Counter],
+) -> Vec<Crossing> {
     let mut tasks = Vec::new();
     for i in 0..200 {
         let l = ledgers[i % 2].clone();
-        let counters = counters.clone();
+        let counters = counters.to_vec();
         tasks.push(tokio::spawn(async move {
             l.charge(&counters, 61)
                 .await
@@ -147,11 +148,27 @@ async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
     }
     let mut all: Vec<Crossing> = Vec::new();
     for t in tasks {
-        all.extend(t.await.unwrap());
+        match t.await {
+            Ok(crossings) => all.extend(crossings),
+            Err(e) => panic!("charge task: {e}"),
+        }
     }
     let mut seen: Vec<(usize, usize)> = all.iter().map(|x| (x.counter, x.threshold)).collect();
     seen.sort_unstable();
     assert_eq!(seen, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
+    let prefix = support::unique_redis_prefix();
+    let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
+    let ledgers: [Arc<dyn BudgetLedger>; 2] = [
+        Arc::new(ledger(&prefix, source.clone()).await),
+        Arc::new(ledger(&prefix, source.clone()).await),
+    ];
+    let counters = two_counters();
+    let all = charge_200_at_once(&ledgers, &counters).await;
     for x in &all {
         let t = counters[x.counter].thresholds[x.threshold];
         assert!(x.spent >= t && x.spent < t + 61, "{x:?} crossed {t}");
@@ -186,29 +203,10 @@ async fn synced_instances_send_sums_and_still_cross_each_threshold_once() {
     let every = Duration::from_millis(20);
     let (a, proxy) = synced(&prefix, source.clone(), every).await;
     let (b, _b_proxy) = synced(&prefix, source.clone(), every).await;
-    let ledgers: [Arc<SyncedLedger>; 2] = [a, b];
-    let counters = vec![
-        counter("total:m:global:", 10_000, &[5_000, 8_000, 10_000]),
-        counter("user:d:user:4:acme:amy", 2_000, &[1_600, 2_000]),
-    ];
+    let ledgers: [Arc<dyn BudgetLedger>; 2] = [a, b];
+    let counters = two_counters();
     let before = proxy.round_trips();
-    let mut tasks = Vec::new();
-    for i in 0..200 {
-        let l = ledgers[i % 2].clone();
-        let counters = counters.clone();
-        tasks.push(tokio::spawn(async move {
-            l.charge(&counters, 61)
-                .await
-                .unwrap_or_else(|e| panic!("charge: {e}"))
-        }));
-    }
-    let mut all: Vec<Crossing> = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    let mut seen: Vec<(usize, usize)> = all.iter().map(|x| (x.counter, x.threshold)).collect();
-    seen.sort_unstable();
-    assert_eq!(seen, [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+    let all = charge_200_at_once(&ledgers, &counters).await;
     for x in &all {
         let t = counters[x.counter].thresholds[x.threshold];
         assert!(x.spent >= t, "{x:?} crossed {t}");
