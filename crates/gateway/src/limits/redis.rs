@@ -568,6 +568,42 @@ mod tests {
     }
 
     #[test]
+    fn the_sync_reply_is_read_in_the_call_order() {
+        let call = SyncCall {
+            buckets: vec![("a".into(), 5), ("b".into(), 0)],
+            leases: vec![("l".into(), 2)],
+            penalties: vec!["p1".into(), "p2".into()],
+        };
+        let reply = Value::Array(vec![
+            Value::Int(1_000),
+            Value::Int(1_500),
+            Value::Int(0),
+            Value::Int(3),
+            Value::BulkString(b"block".to_vec()),
+            Value::Int(2_000),
+            Value::Nil,
+            Value::Int(-2),
+        ]);
+        let r = sync_reply(&reply, &call).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.now_us, 1_000);
+        assert_eq!(r.tats, [1_500, 0]);
+        assert_eq!(r.others, [3]);
+        assert_eq!(
+            r.penalties,
+            [Some(("block".into(), Duration::from_secs(2))), None]
+        );
+        // One item short, or a negative count: refused, never guessed.
+        let Value::Array(items) = reply else {
+            unreachable!()
+        };
+        let short = Value::Array(items[..7].to_vec());
+        assert!(sync_reply(&short, &call).is_err());
+        let mut negative = items.clone();
+        negative[3] = Value::Int(-1);
+        assert!(sync_reply(&Value::Array(negative), &call).is_err());
+    }
+
+    #[test]
     fn scan_patterns_take_the_prefix_literally() {
         use crate::redis_conn::glob_escape;
         assert_eq!(glob_escape("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
