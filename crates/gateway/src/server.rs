@@ -251,6 +251,7 @@ pub async fn start(
         tracing::warn!(error = %e, "cannot watch the prompt files: restart to pick up changes");
     }
     let cancel = gateway.shutdown.clone();
+    let limiter = gateway.limiter.clone();
     let router = app(gateway.clone());
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin_serving = admin_listener.map(|l| {
@@ -307,6 +308,8 @@ pub async fn start(
                 "request records still queued after the flush deadline; some may be lost"
             );
         }
+        // Every request has settled: a synced limit store sends its last counts.
+        limiter.flush_shared().await;
         store.close().await;
         watching.cancel();
     });

@@ -339,3 +339,78 @@ async fn counting_goes_on_while_redis_is_away_and_reaches_it_after() {
     assert_eq!(states[0].remaining, 95);
     proxy.cut().await;
 }
+
+/// The bucket keys under `prefix` in the test Redis.
+async fn bucket_keys(prefix: &str) -> Vec<String> {
+    let mut raw = support::redis_raw().await;
+    redis::cmd("KEYS")
+        .arg(format!("{prefix}rl:v1:b:*"))
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("KEYS: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_sends_its_last_counts() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    support::redis_raw().await;
+    let prefix = support::unique_redis_prefix();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let text = format!(
+        r#"
+        [storage]
+        path = "{db}"
+        [redis]
+        url = "{url}"
+        prefix = "{prefix}"
+        # Longer than the test: only the last sync at shutdown can send the counts.
+        sync = "10s"
+        [limits]
+        default_tier = "t"
+        [[tiers]]
+        name = "t"
+        total = {{ requests_per_minute = 1000 }}
+        [[providers]]
+        name = "sim"
+        kind = "sim"
+        [[models]]
+        name = "gpt-4o-mini"
+        provider = "sim"
+        "#,
+        db = dir.path().join("log.db").display(),
+        url = support::redis_url(),
+    );
+    let config = sluice_gateway::config::Config::from_toml(
+        &text,
+        &[],
+        sluice_gateway::config::ConfigSource::Embedded { simulated: false },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let addr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+    let running = sluice_gateway::server::start(config, addr, Vec::new())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let status = client
+            .post(format!("{}/v1/chat/completions", running.url()))
+            .json(&serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": format!("hi {i}")}],
+            }))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request: {e}"))
+            .status();
+        assert_eq!(status, 200);
+    }
+    // Read from Redis (the first check), counted here: nothing written yet.
+    assert!(bucket_keys(&prefix).await.is_empty());
+    running.stop().await;
+    let keys = bucket_keys(&prefix).await;
+    assert_eq!(
+        keys.len(),
+        1,
+        "the tier's bucket, sent by the last sync: {keys:?}"
+    );
+}

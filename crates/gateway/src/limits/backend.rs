@@ -151,4 +151,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Lift a penalty early (admin).
     async fn clear_penalty(&self, key: &str) -> Result<bool, BackendError>;
     async fn ping(&self) -> Result<(), BackendError>;
+    /// Send whatever this store still holds back for the shared store (at shutdown,
+    /// once every request has settled). Nothing to do for a store that holds nothing.
+    async fn flush(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

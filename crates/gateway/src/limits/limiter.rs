@@ -290,6 +290,17 @@ impl Limiter {
         }
     }
 
+    /// At shutdown, after every request has settled: whatever the shared store still
+    /// holds back goes to Redis (a synced store's last sync). A failure is logged.
+    pub async fn flush_shared(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        if let Err(error) = shared.backend.flush().await {
+            tracing::warn!(%error, "the last limit sync before shutdown failed; this instance's last counts stay local");
+        }
+    }
+
     /// The tier a request runs under: the asserted one when the key may assert it,
     /// else the key's, else the default. Unknown names are a client error.
     pub fn tier(

@@ -24,8 +24,9 @@
 //! is exact. Concurrency leases count as "held here now + held elsewhere at the last
 //! sync"; an instance that dies holding leases has them counted for
 //! [`lease_ttl`] more. Abuse signals and lifting a penalty go to Redis at once; a new
-//! penalty reaches the other instances within an interval. Charges made in the last
-//! interval before a shutdown are not sent.
+//! penalty reaches the other instances within an interval. At shutdown, once every
+//! request has settled, a last sync sends what is left and frees this instance's slots
+//! ([`Backend::flush`]).
 //!
 //! When Redis does not answer, checks on fresh keys go on locally and their moves wait
 //! for the next sync that works; a check that needs a read fails as
@@ -367,6 +368,12 @@ impl Backend for SyncedBackend {
 
     async fn ping(&self) -> Result<(), BackendError> {
         self.redis.ping().await
+    }
+
+    /// The last sync: this instance's moves since the one before, and its lease counts
+    /// (zero once every request has ended), so the others see its slots free at once.
+    async fn flush(&self) -> Result<(), BackendError> {
+        self.sync().await
     }
 }
 
