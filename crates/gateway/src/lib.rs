@@ -16,6 +16,7 @@ pub mod prompts;
 pub mod providers;
 pub mod quality;
 pub mod redis_conn;
+pub mod redis_sync;
 pub mod retry;
 pub mod routing;
 pub mod server;

@@ -228,7 +228,7 @@ async fn charge_synced(l: &Arc<SyncedLedger>, counters: &[Counter], nanos: i64) 
     let charge = tokio::spawn(async move { l2.charge(&counters, nanos).await });
     while !charge.is_finished() {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        l.sync().await;
+        l.sync().await.unwrap_or_else(|e| panic!("sync: {e}"));
     }
     match charge.await {
         Ok(Ok(crossings)) => crossings,
@@ -272,7 +272,7 @@ async fn a_synced_check_is_local_and_sees_the_others_one_sync_later() {
     let pending = tokio::spawn(async move { a2.charge(&c2, 100).await });
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(spent(a.clone()).await, 1_100);
-    a.sync().await;
+    a.sync().await.unwrap_or_else(|e| panic!("sync: {e}"));
     assert!(
         pending.await.unwrap().unwrap().is_empty(),
         "1,500 was crossed by B"

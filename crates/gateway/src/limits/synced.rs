@@ -13,7 +13,8 @@
 //!   and reads back every bucket it named, the leases the other instances hold and the
 //!   penalties. Each local bucket is set to Redis's TAT, moved by what was charged here
 //!   while the call was out.
-//! - A check that names a key not read from Redis within [`STALE_INTERVALS`] intervals
+//! - A check that names a key not read from Redis within
+//!   [`STALE_INTERVALS`](redis_sync::STALE_INTERVALS) intervals
 //!   (new to this instance, or idle here) reads it first, on the request's path: one
 //!   round trip, as the exact store's. So an instance never starts a bucket from empty
 //!   when Redis knows it.
@@ -33,7 +34,7 @@
 //! [`BackendError::Unavailable`], and the limiter falls back or refuses as for the
 //! exact store.
 
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -42,13 +43,7 @@ use tokio::time::Instant;
 use super::backend::{ActivePenalty, Backend, BackendError, Bucket, Check, Lease, Signal, Verdict};
 use super::memory::MemoryBackend;
 use super::redis::{RedisBackend, SyncCall, SyncReply};
-
-/// A key read from Redis longer ago than this many intervals is read again before a
-/// check uses it.
-pub const STALE_INTERVALS: u32 = 3;
-
-/// How often local state nobody uses is dropped.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+use crate::redis_sync::{self, Reconcile};
 
 /// How long an instance's published lease count stands without a newer sync: twenty
 /// intervals, at least two seconds (a sync that fails now and then must not drop it).
@@ -158,20 +153,13 @@ impl SyncedBackend {
             instance: uuid::Uuid::now_v7().simple().to_string(),
             state: Mutex::new(State::default()),
         });
-        tokio::spawn(run(Arc::downgrade(&store), interval));
+        redis_sync::spawn(&store, interval);
         store
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves counts, not broken invariants.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A key read from Redis before this is read again before a check uses it.
-    fn fresh_since(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_sub(self.interval * STALE_INTERVALS)
-            .unwrap_or(now)
     }
 
     /// Take Redis's answer to `call` as this instance's state, keeping what was charged
@@ -242,14 +230,19 @@ impl SyncedBackend {
             }
         }
     }
+}
+
+impl Reconcile for SyncedBackend {
+    const WHAT: &'static str = "limit";
+
+    async fn reconcile(&self) -> Result<(), String> {
+        self.sync().await.map_err(|e| e.to_string())
+    }
 
     /// Forget what nobody used for a while: idle buckets, expired leases and penalties,
-    /// keys not read from Redis since the last sweep.
-    fn sweep(&self) {
+    /// keys not read from Redis since `since`.
+    fn sweep(&self, since: Instant) {
         self.local.sweep();
-        let Some(since) = Instant::now().checked_sub(SWEEP_EVERY) else {
-            return;
-        };
         let mut state = self.lock();
         let State {
             others,
@@ -265,37 +258,6 @@ impl SyncedBackend {
     }
 }
 
-/// Sync every `interval` while the store lives; sweep now and then.
-async fn run(store: Weak<SyncedBackend>, interval: Duration) {
-    // The first sync one interval after the start (a check reads what it needs).
-    let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut swept = Instant::now();
-    let mut failing = false;
-    loop {
-        tick.tick().await;
-        let Some(store) = store.upgrade() else {
-            return;
-        };
-        match store.sync().await {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::info!("limit sync with Redis works again");
-            }
-            Ok(()) => {}
-            Err(e) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "limit sync with Redis failed; counting locally and retrying every interval");
-            }
-            Err(_) => {}
-        }
-        if swept.elapsed() >= SWEEP_EVERY {
-            store.sweep();
-            swept = Instant::now();
-        }
-    }
-}
-
 #[async_trait]
 impl Backend for SyncedBackend {
     fn name(&self) -> &'static str {
@@ -303,7 +265,7 @@ impl Backend for SyncedBackend {
     }
 
     async fn check(&self, check: &Check) -> Result<Verdict, BackendError> {
-        let since = self.fresh_since();
+        let since = redis_sync::fresh_since(self.interval);
         let stale = self.lock().stale(check, since, |key| self.local.held(key));
         if !stale.is_empty() {
             let reply = self

@@ -547,7 +547,7 @@ impl BudgetLedger for RedisLedger {
 /// Thresholds still fire exactly once: Redis adds each sum atomically and reports the
 /// thresholds it crossed, and each crossing goes to one of the charges that made up the
 /// sum (the first that charged that counter). A counter not read from Redis in the last
-/// [`STALE_INTERVALS`](crate::limits::synced::STALE_INTERVALS) intervals is read (and
+/// [`STALE_INTERVALS`](crate::redis_sync::STALE_INTERVALS) intervals is read (and
 /// started from the log when Redis does not hold it) before a check uses it. What it
 /// costs: an instance sees the others' spend up to an interval late, so a budget may be
 /// passed by what the other instances spent in that interval; a failed sync drops its
@@ -573,9 +573,6 @@ struct Waiter {
     done: tokio::sync::oneshot::Sender<Result<Vec<Crossing>, LedgerError>>,
 }
 
-/// How often counters nobody used for a while are forgotten.
-const SYNCED_SWEEP: Duration = Duration::from_secs(60);
-
 impl SyncedLedger {
     /// Counters on `redis`, synced every `interval` by a task that ends with the ledger.
     pub fn start(redis: RedisLedger, interval: Duration) -> Arc<SyncedLedger> {
@@ -584,7 +581,7 @@ impl SyncedLedger {
             interval,
             state: std::sync::Mutex::new(LedgerState::default()),
         });
-        tokio::spawn(run_synced(Arc::downgrade(&ledger), interval));
+        crate::redis_sync::spawn(&ledger, interval);
         ledger
     }
 
@@ -593,15 +590,16 @@ impl SyncedLedger {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Send every counter's sum in one script call, and answer the charges that made it.
-    pub async fn sync(&self) {
+    /// Send every counter's sum in one script call, and answer the charges that made it
+    /// (each with the error, when the call fails).
+    pub async fn sync(&self) -> Result<(), LedgerError> {
         let (counters, amounts, waiters): (Vec<Counter>, Vec<i64>, Vec<Waiter>) = {
             let mut state = self.lock();
             let (counters, amounts) = state.batch.drain().map(|(_, v)| v).unzip();
             (counters, amounts, std::mem::take(&mut state.waiters))
         };
         if counters.is_empty() {
-            return;
+            return Ok(());
         }
         let result = self
             .redis
@@ -613,7 +611,7 @@ impl SyncedLedger {
                 for w in waiters {
                     let _ = w.done.send(Err(e.clone()));
                 }
-                return;
+                return Err(e);
             }
         };
         let at = tokio::time::Instant::now();
@@ -637,32 +635,19 @@ impl SyncedLedger {
         for (w, crossings) in waiters.into_iter().zip(answers) {
             let _ = w.done.send(Ok(crossings));
         }
-    }
-
-    fn sweep(&self) {
-        let Some(since) = tokio::time::Instant::now().checked_sub(SYNCED_SWEEP) else {
-            return;
-        };
-        self.lock().known.retain(|_, (_, at)| *at >= since);
+        Ok(())
     }
 }
 
-/// Sync every `interval` while the ledger lives; sweep now and then.
-async fn run_synced(ledger: std::sync::Weak<SyncedLedger>, interval: Duration) {
-    let start = tokio::time::Instant::now() + interval;
-    let mut tick = tokio::time::interval_at(start, interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut swept = tokio::time::Instant::now();
-    loop {
-        tick.tick().await;
-        let Some(ledger) = ledger.upgrade() else {
-            return;
-        };
-        ledger.sync().await;
-        if swept.elapsed() >= SYNCED_SWEEP {
-            ledger.sweep();
-            swept = tokio::time::Instant::now();
-        }
+impl crate::redis_sync::Reconcile for SyncedLedger {
+    const WHAT: &'static str = "budget";
+
+    async fn reconcile(&self) -> Result<(), String> {
+        self.sync().await.map_err(|e| e.to_string())
+    }
+
+    fn sweep(&self, since: tokio::time::Instant) {
+        self.lock().known.retain(|_, (_, at)| *at >= since);
     }
 }
 
@@ -674,9 +659,7 @@ impl BudgetLedger for SyncedLedger {
 
     async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
         let now = tokio::time::Instant::now();
-        let since = now
-            .checked_sub(self.interval * crate::limits::synced::STALE_INTERVALS)
-            .unwrap_or(now);
+        let since = crate::redis_sync::fresh_since(self.interval);
         let stale: Vec<Counter> = {
             let state = self.lock();
             counters
