@@ -56,29 +56,6 @@ fn answer(text: &str) -> CachedAnswer {
     }
 }
 
-async fn keys_under(prefix: &str) -> Vec<String> {
-    let mut con = support::redis_raw().await;
-    let pattern = format!("{}*", sluice_gateway::redis_conn::glob_escape(prefix));
-    let mut cursor = 0u64;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut con)
-            .await
-            .unwrap_or_else(|e| panic!("SCAN: {e}"));
-        keys.extend(batch);
-        if next == 0 {
-            return keys;
-        }
-        cursor = next;
-    }
-}
-
 #[tokio::test]
 async fn a_put_on_one_instance_is_a_hit_on_another() {
     let prefix = support::unique_redis_prefix();
@@ -131,7 +108,7 @@ async fn entries_expire_with_their_ttl() {
     // Gone from Redis and from both memory tiers (the filled one kept Redis's TTL).
     assert!(a.get(&key).await.is_none());
     assert!(b.get(&key).await.is_none());
-    assert!(keys_under(&prefix).await.is_empty());
+    assert!(support::keys_under(&prefix).await.is_empty());
 }
 
 #[tokio::test]
@@ -172,7 +149,7 @@ async fn cache_keys_never_enter_the_limiter_key_space() {
         .put_vectors(vec![(CacheKey(99), json!([1.0]))], Duration::from_secs(60))
         .await;
 
-    let keys = keys_under(&prefix).await;
+    let keys = support::keys_under(&prefix).await;
     let cache_keys: Vec<&String> = keys
         .iter()
         .filter(|k| k.starts_with(&format!("{prefix}cache:")))
@@ -189,15 +166,8 @@ async fn cache_keys_never_enter_the_limiter_key_space() {
         "a key in neither space: {keys:?}"
     );
     // Every cache key carries a TTL, so eviction and expiry are the cache's own.
-    let mut con = support::redis_raw().await;
-    for k in cache_keys {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(k)
-            .query_async(&mut con)
-            .await
-            .unwrap_or_else(|e| panic!("PTTL: {e}"));
-        assert!(pttl > 0, "{k} has no TTL");
-    }
+    let cache_keys: Vec<String> = cache_keys.into_iter().cloned().collect();
+    support::assert_every_key_expires(&cache_keys).await;
 }
 
 #[tokio::test]

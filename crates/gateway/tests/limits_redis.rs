@@ -496,38 +496,13 @@ async fn every_key_lives_under_the_prefix_with_a_ttl() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key, format!("p:o:{user}"));
 
-    let mut con = support::redis_raw().await;
-    let keys: Vec<String> = {
-        let mut keys = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut con)
-                .await
-                .unwrap_or_else(|e| panic!("SCAN: {e}"));
-            keys.extend(batch);
-            if next == 0 {
-                break keys;
-            }
-            cursor = next;
-        }
-    };
+    let keys = support::keys_under(&prefix).await;
     // Two buckets, a lease set, one counter (the other went with its penalty), a penalty.
     assert_eq!(keys.len(), 5, "{keys:#?}");
     for key in &keys {
         assert!(key.starts_with(&format!("{prefix}rl:v1:")), "{key}");
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .unwrap_or_else(|e| panic!("PTTL: {e}"));
-        assert!(pttl > 0, "{key} has no TTL ({pttl})");
     }
+    support::assert_every_key_expires(&keys).await;
 }
 
 /// Poll `check` until it succeeds, for at most `within`.

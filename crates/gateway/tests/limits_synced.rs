@@ -249,24 +249,12 @@ async fn leases_are_shared_as_counts_per_instance() {
 
     // Every key the synced store wrote lives under the prefix with a TTL, the lease
     // hash included.
-    let mut raw = support::redis_raw().await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut raw)
-        .await
-        .unwrap_or_else(|e| panic!("KEYS: {e}"));
+    let keys = support::keys_under(&prefix).await;
     assert!(
         keys.iter().any(|k| k.ends_with("rl:v1:s:u:conc")),
         "the lease hash: {keys:?}"
     );
-    for key in keys {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(&key)
-            .query_async(&mut raw)
-            .await
-            .unwrap_or_else(|e| panic!("PTTL: {e}"));
-        assert!(pttl > 0, "{key} has no TTL ({pttl})");
-    }
+    support::assert_every_key_expires(&keys).await;
 }
 
 #[tokio::test]
@@ -342,12 +330,7 @@ async fn counting_goes_on_while_redis_is_away_and_reaches_it_after() {
 
 /// The bucket keys under `prefix` in the test Redis.
 async fn bucket_keys(prefix: &str) -> Vec<String> {
-    let mut raw = support::redis_raw().await;
-    redis::cmd("KEYS")
-        .arg(format!("{prefix}rl:v1:b:*"))
-        .query_async(&mut raw)
-        .await
-        .unwrap_or_else(|e| panic!("KEYS: {e}"))
+    support::keys_under(&format!("{prefix}rl:v1:b:")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,15 +353,10 @@ async fn a_stopping_gateway_sends_its_last_counts() {
         [[tiers]]
         name = "t"
         total = {{ requests_per_minute = 1000 }}
-        [[providers]]
-        name = "sim"
-        kind = "sim"
-        [[models]]
-        name = "gpt-4o-mini"
-        provider = "sim"
-        "#,
+        {sim}"#,
         db = dir.path().join("log.db").display(),
         url = support::redis_url(),
+        sim = support::SIM_CHAT,
     );
     let config = sluice_gateway::config::Config::from_toml(
         &text,

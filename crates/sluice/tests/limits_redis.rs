@@ -119,6 +119,18 @@ async fn burst(procs: &[Proc], path: &str, bodies: Vec<Value>) -> (Vec<u16>, Dur
     (statuses, began.elapsed())
 }
 
+/// How many of a burst's answers were 200; every other one must be a 429.
+fn accepted(statuses: &[u16]) -> u64 {
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(
+        ok + refused,
+        statuses.len(),
+        "only 200s and 429s: {statuses:?}"
+    );
+    ok as u64
+}
+
 /// GCRA lets one more request through per `limit/minute` interval that passes during
 /// the burst; the burst normally ends well inside the first interval.
 fn allowed_extra(elapsed: Duration, per_minute: u64) -> u64 {
@@ -159,9 +171,7 @@ async fn three_instances_share_request_and_token_limits_exactly() {
     let chat = json!({"model": "gpt-4o-mini", "user": "alice",
                       "messages": [{"role": "user", "content": "hi"}]});
     let (statuses, elapsed) = burst(&procs, "/v1/chat/completions", vec![chat; 300]).await;
-    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
-    let refused = statuses.iter().filter(|s| **s == 429).count() as u64;
-    assert_eq!(ok + refused, 300, "only 200s and 429s: {statuses:?}");
+    let ok = accepted(&statuses);
     let extra = allowed_extra(elapsed, 60);
     assert!(
         (60..=61 + extra).contains(&ok),
@@ -177,12 +187,7 @@ async fn three_instances_share_request_and_token_limits_exactly() {
     let tokens: Vec<u32> = (1..=100).collect();
     let embed = json!({"model": "text-embedding-3-small", "user": "bob", "input": [tokens]});
     let (statuses, elapsed) = burst(&procs, "/v1/embeddings", vec![embed; 300]).await;
-    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
-    assert_eq!(
-        ok + statuses.iter().filter(|s| **s == 429).count() as u64,
-        300,
-        "{statuses:?}"
-    );
+    let ok = accepted(&statuses);
     // 6,000 tokens a minute refill 100 tokens (one request) per second.
     let extra = allowed_extra(elapsed, 60);
     assert!(
@@ -220,12 +225,7 @@ async fn synced_instances_share_a_limit_within_what_one_sync_allows() {
     // Every instance starts the burst knowing of those twenty (a new key is read from
     // Redis first), so each admits at most the forty left on its own view.
     let (statuses, elapsed) = burst(&procs, "/v1/chat/completions", vec![chat.clone(); 300]).await;
-    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
-    assert_eq!(
-        ok + statuses.iter().filter(|s| **s == 429).count() as u64,
-        300,
-        "only 200s and 429s: {statuses:?}"
-    );
+    let ok = accepted(&statuses);
     let extra = allowed_extra(elapsed, 60);
     assert!(
         (40..=3 * 40 + 3 * extra).contains(&ok),
@@ -236,7 +236,7 @@ async fn synced_instances_share_a_limit_within_what_one_sync_allows() {
     // Synced again: every instance sees the bucket spent.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (after, _) = burst(&procs, "/v1/chat/completions", vec![chat; 30]).await;
-    let late = after.iter().filter(|s| **s == 200).count();
+    let late = accepted(&after);
     assert!(
         late <= 1,
         "{late} of 30 accepted once every instance had synced: {after:?}"

@@ -126,6 +126,54 @@ pub fn redis_addr() -> std::net::SocketAddr {
         .unwrap_or_else(|| panic!("cannot resolve the test Redis at {hostport}"))
 }
 
+/// Every key starting with `prefix` in the test Redis (SCAN, the prefix taken
+/// literally).
+pub async fn keys_under(prefix: &str) -> Vec<String> {
+    let mut con = redis_raw().await;
+    let pattern = format!("{}*", sluice_gateway::redis_conn::glob_escape(prefix));
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("SCAN: {e}"));
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// Every one of `keys` has a TTL in the test Redis (it expires by itself).
+pub async fn assert_every_key_expires(keys: &[String]) {
+    let mut con = redis_raw().await;
+    for key in keys {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("PTTL: {e}"));
+        assert!(pttl > 0, "{key} has no TTL ({pttl})");
+    }
+}
+
+/// One simulated provider serving `gpt-4o-mini`, as a config's tail.
+pub const SIM_CHAT: &str = r#"
+[[providers]]
+name = "sim"
+kind = "sim"
+[[models]]
+name = "gpt-4o-mini"
+provider = "sim"
+"#;
+
 /// A key prefix no other test uses.
 pub fn unique_redis_prefix() -> String {
     format!("sluice-test-{}:", uuid::Uuid::now_v7().simple())
