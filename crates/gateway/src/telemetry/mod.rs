@@ -275,17 +275,11 @@ impl Recorder {
         let writer = inner.clone();
         tasks.spawn(async move {
             let mut batch = Vec::with_capacity(max_batch);
-            while rx.recv_many(&mut batch, max_batch).await > 0 {
-                // Gather more for up to one interval (a closed channel ends the wait at
-                // once, so shutdown never waits on it).
-                let deadline = tokio::time::Instant::now() + interval;
-                while batch.len() < max_batch {
-                    let room = max_batch - batch.len();
-                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
-                        Ok(n) if n > 0 => {}
-                        Ok(_) | Err(_) => break,
-                    }
-                }
+            // Up to one interval's records a batch (a closed channel ends the wait at
+            // once, so shutdown never waits on it).
+            while crate::batch::gather(&mut rx, &mut batch, max_batch, interval, |_| false).await
+                > 0
+            {
                 for sink in sinks.iter_mut() {
                     sink.write(&batch).await;
                 }
