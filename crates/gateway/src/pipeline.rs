@@ -1463,12 +1463,10 @@ fn store_answer(
     let Some((key, ttl)) = cache_key else {
         return;
     };
-    // The cache keeps the parsed answer only (a hit is sent with a new id).
+    // The cache keeps the parsed answer only (a hit is sent with a new id); the
+    // upstream's bytes, when the answer has them, are what it sends Redis.
     let answer = CachedAnswer {
-        response: ChatResponse {
-            raw: None,
-            ..response
-        },
+        response,
         model: route.model.clone(),
         stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
     };
@@ -1479,9 +1477,7 @@ fn store_answer(
         .exact()
         .and_then(|n| usize::try_from(n).ok())
         .map(|n| n + answer.model.len() + 40);
-    if let Some(to_redis) = gw.cache.store(key, answer, ttl, json_len) {
-        tokio::spawn(to_redis);
-    }
+    gw.cache.store(key, answer, ttl, json_len);
 }
 
 /// Answer from the cache (`status` "hit") or with what an identical request in flight
@@ -2032,9 +2028,7 @@ impl StreamCache {
             model: self.model,
             stored_at: i64::try_from(unix_now()).unwrap_or(0) * 1000,
         };
-        if let Some(to_redis) = self.cache.store(self.key, answer, self.ttl, None) {
-            tokio::spawn(to_redis);
-        }
+        self.cache.store(self.key, answer, self.ttl, None);
     }
 }
 
@@ -2319,11 +2313,7 @@ pub async fn embeddings(
                                         "miss"
                                     };
                                     record.update(|r| r.cache_status = Some(status.into()));
-                                    let cache = gw.cache.clone();
-                                    let fresh = merged.to_store;
-                                    tokio::spawn(
-                                        async move { cache.put_vectors(fresh, ttl).await },
-                                    );
+                                    gw.cache.store_vectors(merged.to_store, ttl);
                                     let mut http = respond_json(
                                         record,
                                         &route,

@@ -252,6 +252,7 @@ pub async fn start(
     }
     let cancel = gateway.shutdown.clone();
     let limiter = gateway.limiter.clone();
+    let cache = gateway.cache.clone();
     let router = app(gateway.clone());
     let admin_stop = tokio_util::sync::CancellationToken::new();
     let admin_serving = admin_listener.map(|l| {
@@ -308,8 +309,10 @@ pub async fn start(
                 "request records still queued after the flush deadline; some may be lost"
             );
         }
-        // Every request has settled: a synced limit store sends its last counts.
+        // Every request has settled: a synced limit store sends its last counts, and the
+        // cache its queued Redis writes.
         limiter.flush_shared().await;
+        cache.flush().await;
         store.close().await;
         watching.cancel();
     });

@@ -1,6 +1,7 @@
 //! The response cache's Redis tier against a real Redis: two instances share answers,
-//! entries expire with their TTL, embedding vectors are shared per item, and cache keys
-//! never enter the rate limiter's key space.
+//! entries expire with their TTL (kept in the value too), embedding vectors are shared
+//! per item, queued writes share a message, and cache keys never enter the rate
+//! limiter's key space.
 //!
 //! Redis comes from `SLUICE_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); a test
 //! fails with a clear message when it is not reachable. Each test writes under a prefix
@@ -19,20 +20,23 @@ use sluice_gateway::limits::redis::RedisBackend;
 use sluice_gateway::limits::{Backend, Bucket, Charge, Check, Unit};
 use sluice_gateway::redis_conn::RedisPool;
 use sluice_gateway::wire::ChatResponse;
+use sluice_sim::outage::OutageProxy;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A cache instance ("a gateway") on the test Redis under `prefix`.
 async fn instance(prefix: &str) -> ResponseCache {
+    instance_at(support::redis_url(), prefix, None).await
+}
+
+/// A cache instance on the Redis at `url`, with `[redis] sync` set to `sync`.
+async fn instance_at(url: String, prefix: &str, sync: Option<Duration>) -> ResponseCache {
     // Fails with the "start a Redis" message when none is reachable.
     support::redis_raw().await;
+    let mut redis = support::redis_config(url, prefix, FailMode::Open, TIMEOUT);
+    redis.sync = sync;
     let config = CacheConfig {
-        redis: Some(support::redis_config(
-            support::redis_url(),
-            prefix,
-            FailMode::Open,
-            TIMEOUT,
-        )),
+        redis: Some(redis),
         ..CacheConfig::default()
     };
     ResponseCache::new(&config, &mut RedisPool::default(), None)
@@ -96,13 +100,30 @@ async fn entries_expire_with_their_ttl() {
     a.put(key, answer("short-lived"), Duration::from_millis(300))
         .await;
     let mut con = support::redis_raw().await;
-    let redis_key = format!("{prefix}cache:v1:{}", key.hex());
+    let redis_key = format!("{prefix}cache:v2:{}", key.hex());
     let pttl: i64 = redis::cmd("PTTL")
         .arg(&redis_key)
         .query_async(&mut con)
         .await
         .unwrap_or_else(|e| panic!("PTTL: {e}"));
     assert!((1..=300).contains(&pttl), "PTTL {pttl}");
+    // The value starts with the same expiry, in Unix milliseconds, then the JSON.
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut con)
+        .await
+        .unwrap_or_else(|e| panic!("GET: {e}"));
+    let text = String::from_utf8(value).unwrap_or_else(|e| panic!("{e}"));
+    let (expires, json) = text
+        .split_once('\n')
+        .unwrap_or_else(|| panic!("no expiry line: {text}"));
+    let left = expires
+        .parse::<i64>()
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+        - now_ms();
+    assert!((1..=300).contains(&left), "expires in {left} ms");
+    let stored: CachedAnswer = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored.response.choices[0].message.text(), "short-lived");
     assert!(b.get(&key).await.is_some());
     tokio::time::sleep(Duration::from_millis(450)).await;
     // Gone from Redis and from both memory tiers (the filled one kept Redis's TTL).
@@ -194,4 +215,164 @@ async fn redis_down_is_a_miss_not_an_error() {
     let s = cache.stats();
     assert!(s.redis_errors >= 2, "{s:?}");
     assert_eq!(s.memory_hits, 1);
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .as_millis(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn a_value_past_its_expiry_or_malformed_is_a_miss() {
+    let prefix = support::unique_redis_prefix();
+    let cache = instance(&prefix).await;
+    let mut con = support::redis_raw().await;
+    let json = serde_json::to_string(&answer("stale")).unwrap_or_else(|e| panic!("{e}"));
+    // Redis still has them (an hour's TTL), but the values say otherwise.
+    let values = [
+        (CacheKey(1), format!("{}\n{json}", now_ms() - 1)),
+        (CacheKey(2), json.clone()),
+        (CacheKey(3), format!("soon\n{json}")),
+        (CacheKey(4), format!("{}\n{json}", now_ms() + 60_000)),
+    ];
+    for (key, value) in &values {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{prefix}cache:v2:{}", key.hex()))
+            .arg(value)
+            .arg("PX")
+            .arg(3_600_000)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("SET: {e}"));
+    }
+    for key in [CacheKey(1), CacheKey(2), CacheKey(3)] {
+        assert!(cache.get(&key).await.is_none(), "{key:?}");
+    }
+    let live = cache
+        .get(&CacheKey(4))
+        .await
+        .unwrap_or_else(|| panic!("the live value is a miss"));
+    assert_eq!(live.response.choices[0].message.text(), "stale");
+    let s = cache.stats();
+    assert_eq!((s.redis_hits, s.misses, s.redis_errors), (1, 3, 0), "{s:?}");
+}
+
+#[tokio::test]
+async fn with_sync_the_stores_of_an_interval_share_one_message() {
+    let proxy = OutageProxy::start(support::redis_addr())
+        .await
+        .unwrap_or_else(|e| panic!("proxy: {e}"));
+    let prefix = support::unique_redis_prefix();
+    // An interval longer than the test: only a flush sends.
+    let a = instance_at(
+        format!("redis://{}", proxy.addr()),
+        &prefix,
+        Some(Duration::from_secs(30)),
+    )
+    .await;
+    let b = instance(&prefix).await;
+    // Connected (the first lookup waits for it), and quiet (the connection's first
+    // PING answered too).
+    assert!(a.get(&CacheKey(999)).await.is_none());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = proxy.round_trips();
+    for i in 0..50 {
+        a.store(
+            CacheKey(i),
+            answer(&format!("answer {i}")),
+            Duration::from_secs(60),
+            None,
+        );
+        a.store_vectors(
+            vec![(CacheKey(100 + i), json!([i]))],
+            Duration::from_secs(60),
+        );
+    }
+    // In memory at once; not in Redis until the interval ends or a flush.
+    assert!(a.get(&CacheKey(7)).await.is_some());
+    assert!(support::keys_under(&prefix).await.is_empty());
+    assert_eq!(proxy.round_trips(), before);
+    a.flush().await;
+    assert_eq!(proxy.round_trips() - before, 1, "100 stores, one message");
+    assert_eq!(support::keys_under(&prefix).await.len(), 100);
+    let hit = b
+        .get(&CacheKey(42))
+        .await
+        .unwrap_or_else(|| panic!("the other instance misses"));
+    assert_eq!(hit.response.choices[0].message.text(), "answer 42");
+    assert_eq!(
+        b.get_vectors(&[CacheKey(142)]).await[0].as_deref(),
+        Some(&json!([42]))
+    );
+
+    // A short interval sends by itself.
+    let c = instance_at(
+        support::redis_url(),
+        &prefix,
+        Some(Duration::from_millis(100)),
+    )
+    .await;
+    c.store(
+        CacheKey(500),
+        answer("by itself"),
+        Duration::from_secs(60),
+        None,
+    );
+    let mut seen = None;
+    for _ in 0..100 {
+        seen = b.get(&CacheKey(500)).await;
+        if seen.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen.is_some(), "never sent without a flush");
+    assert_eq!(a.stats().redis_errors + c.stats().redis_errors, 0);
+}
+
+#[tokio::test]
+async fn an_answer_with_the_upstream_bytes_is_stored_as_they_came() {
+    let prefix = support::unique_redis_prefix();
+    let (a, b) = (instance(&prefix).await, instance(&prefix).await);
+    let body = br#"{"id":"chatcmpl-raw","object":"chat.completion","created":7,"model":"gpt-4o-mini","system_fingerprint":"fp_1","choices":[{"index":0,"message":{"role":"assistant","content":"as sent"},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#;
+    let mut response: ChatResponse = serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}"));
+    response.raw = Some(bytes::Bytes::from_static(body));
+    let answer = CachedAnswer {
+        response,
+        model: "my \"model\"".into(),
+        stored_at: 1_700_000_000_000,
+    };
+    a.store(CacheKey(9), answer, Duration::from_secs(60), None);
+    a.flush().await;
+    let hit = b
+        .get(&CacheKey(9))
+        .await
+        .unwrap_or_else(|| panic!("a miss"));
+    assert_eq!(hit.model, "my \"model\"");
+    assert_eq!(hit.stored_at, 1_700_000_000_000);
+    assert_eq!(hit.response.id, "chatcmpl-raw");
+    assert_eq!(hit.response.choices[0].message.text(), "as sent");
+    assert_eq!(hit.response.extra["system_fingerprint"], "fp_1");
+    assert!(
+        hit.response.raw.is_none(),
+        "the cache keeps the parsed answer only"
+    );
+    // The writer kept the bytes: the stored JSON holds the upstream's body verbatim.
+    let keys = support::keys_under(&prefix).await;
+    let mut con = support::redis_raw().await;
+    let value: Vec<u8> = redis::cmd("GET")
+        .arg(&keys[0])
+        .query_async(&mut con)
+        .await
+        .unwrap_or_else(|e| panic!("GET: {e}"));
+    assert!(
+        value.windows(body.len()).any(|w| w == body),
+        "{}",
+        String::from_utf8_lossy(&value)
+    );
 }

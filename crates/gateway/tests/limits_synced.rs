@@ -334,7 +334,7 @@ async fn bucket_keys(prefix: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_gateway_sends_its_last_counts() {
+async fn a_stopping_gateway_sends_its_last_counts_and_cache_stores() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     support::redis_raw().await;
     let prefix = support::unique_redis_prefix();
@@ -353,6 +353,9 @@ async fn a_stopping_gateway_sends_its_last_counts() {
         [[tiers]]
         name = "t"
         total = {{ requests_per_minute = 1000 }}
+        [cache]
+        enabled = true
+        only_deterministic = false
         {sim}"#,
         db = dir.path().join("log.db").display(),
         url = support::redis_url(),
@@ -382,8 +385,17 @@ async fn a_stopping_gateway_sends_its_last_counts() {
             .status();
         assert_eq!(status, 200);
     }
-    // Read from Redis (the first check), counted here: nothing written yet.
+    // Read from Redis (the first check), counted here: nothing written yet, and the
+    // cache's stores wait for the interval too.
+    let cache_keys = || async {
+        let prefix = format!("{prefix}cache:");
+        support::keys_under(&prefix).await
+    };
     assert!(bucket_keys(&prefix).await.is_empty());
+    assert!(cache_keys().await.is_empty());
+    // Held past the stop, as an exiting process ends before a dropped cache's queue
+    // would be sent: only the stop's flush can have sent the stores.
+    let cache = running.gateway.cache.clone();
     running.stop().await;
     let keys = bucket_keys(&prefix).await;
     assert_eq!(
@@ -391,4 +403,11 @@ async fn a_stopping_gateway_sends_its_last_counts() {
         1,
         "the tier's bucket, sent by the last sync: {keys:?}"
     );
+    let keys = cache_keys().await;
+    assert_eq!(
+        keys.len(),
+        3,
+        "the three answers, sent at the stop: {keys:?}"
+    );
+    drop(cache);
 }

@@ -2,8 +2,11 @@
 //! front of an optional Redis tier shared by every instance. Chat answers and embedding
 //! vectors share the memory bound.
 //!
-//! Redis keys: `{prefix}cache:v1:{hex}` for answers and `{prefix}cache:v1:e:{hex}` for
-//! embedding vectors, each written with `SET ... PX ttl`. They live apart from the rate
+//! Redis keys: `{prefix}cache:v2:{hex}` for answers and `{prefix}cache:v2:e:{hex}` for
+//! embedding vectors, each written with `SET ... PX ttl`. A value is the entry's expiry
+//! (Unix milliseconds, decimal), a newline, and its JSON: a lookup is one `MGET`, and an
+//! entry read from Redis stays in memory no longer than Redis keeps it (reckoned by the
+//! instances' clocks, which budgets' windows need in step anyway). They live apart from the rate
 //! limiter's `{prefix}rl:` and the budget counters, and every one carries a TTL. Eviction:
 //! under `maxmemory` with a `volatile-*` or `allkeys-*` policy Redis may evict ANY key with
 //! a TTL, rate-limit buckets included, which would silently reset limits. Run the shared
@@ -11,9 +14,14 @@
 //! are counted as errors, never fail a request), or give the cache its own Redis or
 //! database with `[cache] redis_url = "redis://host:6379/1"`.
 //!
+//! Writes go to Redis off the request's path: queued, and sent by one task as one
+//! pipeline for whatever is queued (with `[redis] sync`, what one interval gathered), so
+//! under load many requests' stores share a message. Another instance sees an entry once
+//! its batch is sent; this one has it in memory at once.
+//!
 //! Redis failures are misses: a lookup that errs or times out (the `[redis]` timeout)
-//! serves from upstream, a write that fails is dropped; both are counted
-//! (`sluice_cache_redis_errors_total`) and logged at most once a minute.
+//! serves from upstream, a write that fails (or finds the queue full) is dropped; both are
+//! counted (`sluice_cache_redis_errors_total`) and logged at most once a minute.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -21,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
 use super::config::CacheConfig;
 use super::key::CacheKey;
@@ -29,8 +38,14 @@ use crate::redis_conn::{RedisConn, RedisPool};
 use crate::telemetry::Metrics;
 use crate::wire::ChatResponse;
 
-/// Bumped with [`CachedAnswer`]'s layout; part of every Redis key.
-const REDIS_NAMESPACE: &str = "cache:v1:";
+/// Bumped with the layout of a Redis value or of [`CachedAnswer`]; part of every Redis
+/// key.
+const REDIS_NAMESPACE: &str = "cache:v2:";
+/// Writes waiting for Redis at most (each about one answer's JSON); a store that finds
+/// the queue full stays in memory only, counted as a Redis error.
+const WRITE_QUEUE: usize = 4096;
+/// Writes sent in one pipeline at most.
+const WRITE_BATCH: usize = 256;
 /// Redis errors are logged at most this often (each is counted).
 const WARN_EVERY_MS: i64 = 60_000;
 /// What an entry costs beyond its payload (key, bookkeeping), for the byte bound.
@@ -106,14 +121,34 @@ struct Counters {
     redis_hits: AtomicU64,
     misses: AtomicU64,
     stores: AtomicU64,
-    redis_errors: AtomicU64,
 }
 
 struct RedisTier {
     conn: RedisConn,
-    /// `{prefix}cache:v1:`.
+    /// `{prefix}cache:v2:`.
     namespace: String,
+    failures: Arc<Failures>,
+    /// To the task that sends writes ([`RedisTier::writer`]).
+    writes: mpsc::Sender<Write>,
+}
+
+/// A write for the writer task.
+enum Write {
+    Set {
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    },
+    /// Send everything queued before this at once, and answer when Redis has it (or the
+    /// call failed).
+    Flush(oneshot::Sender<()>),
+}
+
+/// The Redis tier's failures: counted, and logged at most once a minute.
+struct Failures {
+    count: AtomicU64,
     last_warn_ms: AtomicI64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A chat lookup fetched, not yet counted: see [`ResponseCache::lookup`].
@@ -168,7 +203,7 @@ impl ResponseCache {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, String> {
         let redis = match &config.redis {
-            Some(r) => Some(RedisTier::new(pool.conn(r)?, r)),
+            Some(r) => Some(RedisTier::new(pool.conn(r)?, r, metrics.clone())),
             None => None,
         };
         Ok(Self {
@@ -220,7 +255,7 @@ impl ResponseCache {
         let found = match redis.get_many(&[redis.answer_key(key)]).await {
             Ok(mut found) => found.pop().flatten(),
             Err(e) => {
-                self.redis_failed("get", "chat", e);
+                self.redis_failed("chat", e);
                 return Lookup {
                     answer: None,
                     from: Origin::RedisFailed,
@@ -270,59 +305,56 @@ impl ResponseCache {
     /// Store `answer` under `key` for `ttl` (zero: not stored) in both tiers. Returns when
     /// Redis has it, or failed to take it within the `[redis]` timeout.
     pub async fn put(&self, key: CacheKey, answer: CachedAnswer, ttl: Duration) {
-        if let Some(bytes) = self.insert_answer(key, answer, ttl, None) {
-            self.redis_put(key, bytes, ttl).await;
-        }
+        self.store(key, answer, ttl, None);
+        self.flush().await;
     }
 
     /// [`put`](Self::put) for the hot path: the memory tier has the answer when this
-    /// returns; the Redis write, when there is a Redis tier, is the future returned, for
-    /// the caller to spawn. Without Redis nothing is spawned, and the answer is not
-    /// serialized only to be weighed: `json_len`, its length as JSON when the caller
-    /// knows it, is its weight, else it is counted without a buffer.
+    /// returns, and the Redis write, when there is a Redis tier, is queued. The answer
+    /// is not serialized only to be weighed: `json_len`, its length as JSON when the
+    /// caller knows it, is its weight, else it is counted without a buffer. The cache
+    /// keeps the parsed answer only: the upstream's bytes (`response.raw`), when the
+    /// answer has them, become the Redis value's `response` as they are.
     pub fn store(
-        self: &Arc<Self>,
-        key: CacheKey,
-        answer: CachedAnswer,
-        ttl: Duration,
-        json_len: Option<usize>,
-    ) -> Option<impl Future<Output = ()> + Send + 'static> {
-        let bytes = self.insert_answer(key, answer, ttl, json_len)?;
-        let cache = Arc::clone(self);
-        Some(async move { cache.redis_put(key, bytes, ttl).await })
-    }
-
-    /// The memory half of a store; the answer as JSON when Redis is to have it too.
-    fn insert_answer(
         &self,
         key: CacheKey,
-        answer: CachedAnswer,
+        mut answer: CachedAnswer,
         ttl: Duration,
         json_len: Option<usize>,
-    ) -> Option<Vec<u8>> {
+    ) {
+        let raw = answer.response.raw.take();
         if ttl.is_zero() {
-            return None;
+            return;
         }
-        let (len, bytes) = match &self.redis {
-            Some(_) => {
-                let bytes = serde_json::to_vec(&answer).ok()?;
-                (bytes.len(), Some(bytes))
-            }
-            None => (json_len.or_else(|| serialized_len(&answer))?, None),
+        let value = match &self.redis {
+            Some(_) => match answer_value(&answer, raw.as_deref(), ttl) {
+                Some(v) => Some(v),
+                None => return,
+            },
+            None => None,
+        };
+        let len = match (&value, json_len) {
+            (Some(v), _) => v.len(),
+            (None, Some(n)) => n,
+            (None, None) => match serialized_len(&answer) {
+                Some(n) => n,
+                None => return,
+            },
         };
         self.memory
             .insert(key.0, entry(Payload::Answer(Arc::new(answer)), ttl, len));
         self.stored("chat", 1);
-        bytes
+        if let (Some(redis), Some(value)) = (&self.redis, value) {
+            redis.queue(redis.answer_key(&key), value, ttl);
+        }
     }
 
-    async fn redis_put(&self, key: CacheKey, bytes: Vec<u8>, ttl: Duration) {
-        if let Some(redis) = &self.redis
-            && let Err(e) = redis
-                .set_many(vec![(redis.answer_key(&key), bytes)], ttl)
-                .await
-        {
-            self.redis_failed("put", "chat", e);
+    /// Send every Redis write queued so far, and return when Redis has them (or failed
+    /// to take them within the `[redis]` timeout). For a stopping gateway, and for
+    /// callers that need another instance to see what they stored.
+    pub async fn flush(&self) {
+        if let Some(redis) = &self.redis {
+            redis.flush().await;
         }
     }
 
@@ -366,7 +398,7 @@ impl ResponseCache {
                 }
             }
             Err(e) => {
-                self.redis_failed("get", "embedding", e);
+                self.redis_failed("embedding", e);
                 for &i in &missing {
                     from[i] = Origin::RedisFailed;
                 }
@@ -384,31 +416,32 @@ impl ResponseCache {
         found.found
     }
 
-    /// Store embedding vectors (one Redis round trip for all of them).
+    /// Store embedding vectors, and return when Redis has them (or failed to).
     pub async fn put_vectors(&self, items: Vec<(CacheKey, Value)>, ttl: Duration) {
+        self.store_vectors(items, ttl);
+        self.flush().await;
+    }
+
+    /// [`put_vectors`](Self::put_vectors) for the hot path: in memory at once, the
+    /// Redis writes queued.
+    pub fn store_vectors(&self, items: Vec<(CacheKey, Value)>, ttl: Duration) {
         if ttl.is_zero() || items.is_empty() {
             return;
         }
-        let mut writes = Vec::with_capacity(items.len());
         let n = items.len() as u64;
         for (key, vector) in items {
-            let Ok(bytes) = serde_json::to_vec(&vector) else {
+            let Some(value) = redis_value(ttl, |out| serde_json::to_writer(out, &vector)) else {
                 continue;
             };
             self.memory.insert(
                 key.0,
-                entry(Payload::Vector(Arc::new(vector)), ttl, bytes.len()),
+                entry(Payload::Vector(Arc::new(vector)), ttl, value.len()),
             );
             if let Some(redis) = &self.redis {
-                writes.push((redis.vector_key(&key), bytes));
+                redis.queue(redis.vector_key(&key), value, ttl);
             }
         }
         self.stored("embedding", n);
-        if let Some(redis) = &self.redis
-            && let Err(e) = redis.set_many(writes, ttl).await
-        {
-            self.redis_failed("put", "embedding", e);
-        }
     }
 
     /// Drop every in-process entry (Redis keeps its own; it expires them).
@@ -423,7 +456,10 @@ impl ResponseCache {
             redis_hits: c.redis_hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             stores: c.stores.load(Ordering::Relaxed),
-            redis_errors: c.redis_errors.load(Ordering::Relaxed),
+            redis_errors: self
+                .redis
+                .as_ref()
+                .map_or(0, |r| r.failures.count.load(Ordering::Relaxed)),
             memory_bytes: self.memory.weight(),
             memory_entries: self.memory.len() as u64,
         }
@@ -464,19 +500,27 @@ impl ResponseCache {
         }
     }
 
-    fn redis_failed(&self, op: &'static str, kind: &'static str, error: String) {
-        self.counters.redis_errors.fetch_add(1, Ordering::Relaxed);
+    fn redis_failed(&self, kind: &'static str, error: String) {
+        if let Some(redis) = &self.redis {
+            redis.failures.record("get", Some(kind), &error, 1);
+        }
+    }
+}
+
+impl Failures {
+    /// `n` failed writes (`op` "put") or one failed lookup of `lookup` kind ("get").
+    fn record(&self, op: &'static str, lookup: Option<&'static str>, error: &str, n: u64) {
+        self.count.fetch_add(n, Ordering::Relaxed);
         if let Some(m) = &self.metrics {
-            m.cache_redis_error(op);
-            if op == "get" {
+            m.cache_redis_error(op, n);
+            if let Some(kind) = lookup {
                 m.cache_lookup(kind, "redis", "error");
             }
         }
-        let Some(redis) = &self.redis else { return };
         let now = crate::usage::now_ms();
-        let last = redis.last_warn_ms.load(Ordering::Relaxed);
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= WARN_EVERY_MS
-            && redis
+            && self
                 .last_warn_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
@@ -547,12 +591,70 @@ fn entry(payload: Payload, ttl: Duration, payload_bytes: usize) -> Entry {
     }
 }
 
+/// A Redis value: the expiry `ttl` from now (Unix ms), a newline, then what `json`
+/// writes. `None` when `json` fails.
+fn redis_value(
+    ttl: Duration,
+    json: impl FnOnce(&mut Vec<u8>) -> serde_json::Result<()>,
+) -> Option<Vec<u8>> {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(
+        crate::usage::now_ms()
+            .saturating_add(ttl_ms)
+            .to_string()
+            .as_bytes(),
+    );
+    out.push(b'\n');
+    json(&mut out).ok()?;
+    Some(out)
+}
+
+/// A Redis value for `answer` kept `ttl` (see [`redis_value`]); with the upstream's
+/// bytes `raw`, those are its `response`, not the parsed answer written out again.
+fn answer_value(answer: &CachedAnswer, raw: Option<&[u8]>, ttl: Duration) -> Option<Vec<u8>> {
+    redis_value(ttl, |out| {
+        let Some(raw) = raw else {
+            return serde_json::to_writer(out, answer);
+        };
+        // By hand: the object `CachedAnswer` serializes to, around bytes that parsed as
+        // its `response` (a test holds the two to the same fields).
+        out.extend_from_slice(b"{\"model\":");
+        serde_json::to_writer(&mut *out, &answer.model)?;
+        out.extend_from_slice(b",\"stored_at\":");
+        out.extend_from_slice(answer.stored_at.to_string().as_bytes());
+        out.extend_from_slice(b",\"response\":");
+        out.extend_from_slice(raw);
+        out.push(b'}');
+        Ok(())
+    })
+}
+
+/// The JSON of a Redis value, and how long it has left; `None` for a value that is
+/// malformed or past its expiry.
+fn parse_value(value: &[u8], now_ms: i64) -> Option<(&[u8], Duration)> {
+    let newline = value.iter().position(|&b| b == b'\n')?;
+    let expires: i64 = std::str::from_utf8(&value[..newline]).ok()?.parse().ok()?;
+    let left = u64::try_from(expires.checked_sub(now_ms)?).ok()?;
+    (left > 0).then(|| (&value[newline + 1..], Duration::from_millis(left)))
+}
+
 impl RedisTier {
-    fn new(conn: RedisConn, config: &RedisConfig) -> Self {
+    fn new(conn: RedisConn, config: &RedisConfig, metrics: Option<Arc<Metrics>>) -> Self {
+        let failures = Arc::new(Failures {
+            count: AtomicU64::new(0),
+            last_warn_ms: AtomicI64::new(i64::MIN / 2),
+            metrics,
+        });
+        // With `[redis] sync`, stores wait up to one interval to share a message, as the
+        // synced limit and budget counts do; else what is queued goes at once.
+        let linger = config.sync.unwrap_or(Duration::ZERO);
+        let writes = Self::writer(conn.clone(), failures.clone(), linger);
         Self {
             conn,
             namespace: format!("{}{REDIS_NAMESPACE}", config.prefix),
-            last_warn_ms: AtomicI64::new(i64::MIN / 2),
+            failures,
+            writes,
         }
     }
 
@@ -564,48 +666,92 @@ impl RedisTier {
         format!("{}e:{}", self.namespace, key.hex())
     }
 
-    /// Each key's value and remaining TTL, in one round trip; `None` for a missing key
-    /// (or one about to expire).
+    /// Each key's value and remaining TTL, in one `MGET`; `None` for a missing key, one
+    /// past its expiry, or a malformed value.
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<(Vec<u8>, Duration)>>, String> {
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.cmd("GET").arg(k).cmd("PTTL").arg(k);
-        }
+        let mut mget = redis::cmd("MGET");
+        mget.arg(keys);
         let mut con = self.conn.handle();
-        let values: Vec<redis::Value> = self
+        let values: Vec<Option<Vec<u8>>> = self
             .conn
-            .within("cache get", pipe.query_async(&mut con))
+            .within("cache get", mget.query_async(&mut con))
             .await?;
-        let mut values = values.into_iter();
-        let mut out = Vec::with_capacity(keys.len());
-        while let (Some(v), Some(ttl)) = (values.next(), values.next()) {
-            let bytes: Option<Vec<u8>> =
-                redis::from_redis_value(v).map_err(|e| format!("redis cache get: {e}"))?;
-            let ttl: i64 =
-                redis::from_redis_value(ttl).map_err(|e| format!("redis cache get: {e}"))?;
-            // PTTL: -2 missing, -1 no expiry (never written by us); keep only live entries.
-            out.push(
-                bytes
-                    .filter(|_| ttl > 0)
-                    .map(|b| (b, Duration::from_millis(u64::try_from(ttl).unwrap_or(0)))),
-            );
-        }
-        Ok(out)
+        let now = crate::usage::now_ms();
+        Ok(values
+            .into_iter()
+            .map(|v| {
+                let v = v?;
+                let (json, left) = parse_value(&v, now)?;
+                let start = v.len() - json.len();
+                let mut v = v;
+                v.drain(..start);
+                Some((v, left))
+            })
+            .collect())
     }
 
-    async fn set_many(&self, items: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), String> {
-        if items.is_empty() {
-            return Ok(());
+    /// Queue a write for the writer task; a full queue drops it (counted).
+    fn queue(&self, key: String, value: Vec<u8>, ttl: Duration) {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        if self
+            .writes
+            .try_send(Write::Set { key, value, ttl_ms })
+            .is_err()
+        {
+            self.failures
+                .record("put", None, "the queue of Redis writes is full", 1);
         }
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut pipe = redis::pipe();
-        for (k, v) in items {
-            pipe.cmd("SET").arg(k).arg(v).arg("PX").arg(ms).ignore();
+    }
+
+    async fn flush(&self) {
+        let (done, sent) = oneshot::channel();
+        if self.writes.send(Write::Flush(done)).await.is_ok() {
+            let _ = sent.await;
         }
-        let mut con = self.conn.handle();
-        self.conn
-            .within("cache put", pipe.query_async::<()>(&mut con))
-            .await
+    }
+
+    /// The task that sends queued writes: one pipeline for what is queued (what
+    /// `linger` gathers, at most [`WRITE_BATCH`]), a flush sending at once. It ends when
+    /// the tier is dropped, after sending what is left.
+    fn writer(conn: RedisConn, failures: Arc<Failures>, linger: Duration) -> mpsc::Sender<Write> {
+        let (tx, mut rx) = mpsc::channel::<Write>(WRITE_QUEUE);
+        let flushing = |batch: &[Write]| batch.iter().any(|w| matches!(w, Write::Flush(_)));
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(WRITE_BATCH);
+            while crate::batch::gather(&mut rx, &mut batch, WRITE_BATCH, linger, flushing).await > 0
+            {
+                let mut pipe = redis::pipe();
+                let mut sets = 0;
+                let mut done = Vec::new();
+                for write in batch.drain(..) {
+                    match write {
+                        Write::Set { key, value, ttl_ms } => {
+                            pipe.cmd("SET")
+                                .arg(key)
+                                .arg(value)
+                                .arg("PX")
+                                .arg(ttl_ms)
+                                .ignore();
+                            sets += 1;
+                        }
+                        Write::Flush(d) => done.push(d),
+                    }
+                }
+                if sets > 0 {
+                    let mut con = conn.handle();
+                    if let Err(e) = conn
+                        .within("cache put", pipe.query_async::<()>(&mut con))
+                        .await
+                    {
+                        failures.record("put", None, &e, sets);
+                    }
+                }
+                for d in done {
+                    let _ = d.send(());
+                }
+            }
+        });
+        tx
     }
 }
 
@@ -655,6 +801,56 @@ mod tests {
         let s = c.stats();
         assert_eq!((s.memory_hits, s.misses, s.stores), (1, 2, 2));
         assert!(c.stats().memory_bytes > 0);
+    }
+
+    #[test]
+    fn an_answer_written_around_the_upstream_bytes_is_the_answer_serialized() {
+        let mut a = answer("from \"upstream\"");
+        a.model = "m\u{e9}\n".into();
+        a.stored_at = 1_700_000_000_123;
+        let raw = serde_json::to_vec(&a.response).unwrap();
+        let ttl = Duration::from_secs(60);
+        let by_hand = answer_value(&a, Some(&raw), ttl).unwrap();
+        let by_serde = answer_value(&a, None, ttl).unwrap();
+        let now = crate::usage::now_ms();
+        let (hand, left) = parse_value(&by_hand, now).unwrap();
+        let (serde, _) = parse_value(&by_serde, now).unwrap();
+        assert!(
+            left <= ttl && left > ttl - Duration::from_secs(5),
+            "{left:?}"
+        );
+        // The same object, field for field (a field added to `CachedAnswer` and not
+        // written by hand fails here).
+        let hand: Value = serde_json::from_slice(hand).unwrap();
+        let serde: Value = serde_json::from_slice(serde).unwrap();
+        assert_eq!(hand, serde);
+        let back: CachedAnswer = serde_json::from_value(hand).unwrap();
+        assert_eq!(back.model, a.model);
+    }
+
+    #[test]
+    fn a_value_is_its_expiry_then_its_json() {
+        let now = 1_000_000;
+        assert_eq!(
+            parse_value(b"1000250\n{\"a\":1}", now),
+            Some((&b"{\"a\":1}"[..], Duration::from_millis(250)))
+        );
+        for bad in [
+            &b"1000000\n{}"[..],
+            b"999999\n{}",
+            b"{}",
+            b"\n{}",
+            b"soon\n{}",
+            b"-5\n{}",
+            b"",
+        ] {
+            assert_eq!(
+                parse_value(bad, now),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[tokio::test]

@@ -278,9 +278,9 @@ impl Metrics {
     }
 
     /// A Redis cache call that failed (served as a miss / not shared; `op`: get, put).
-    pub fn cache_redis_error(&self, op: &'static str) {
+    pub fn cache_redis_error(&self, op: &'static str, n: u64) {
         self.with(|| {
-            counter!("sluice_cache_redis_errors_total", "op" => op).increment(1);
+            counter!("sluice_cache_redis_errors_total", "op" => op).increment(n);
         });
     }
 
