@@ -170,6 +170,20 @@ impl MemoryBackend {
         }
     }
 
+    /// A bucket's TAT (0: none) at [`Self::now_us`] into `f`; what it returns is the
+    /// bucket's new TAT (0 forgets it).
+    pub(super) fn update_tat(&self, key: &str, f: impl FnOnce(u64, u64) -> u64) {
+        let now = self.now_us();
+        let tat = self.buckets.get(key).map_or(0, |t| *t);
+        self.set_tat(key, f(tat, now));
+    }
+
+    /// A bucket's TAT (0: none).
+    #[cfg(test)]
+    pub(super) fn tat(&self, key: &str) -> u64 {
+        self.buckets.get(key).map_or(0, |t| *t)
+    }
+
     /// Leases held on `key` now.
     pub(super) fn held(&self, key: &str) -> u64 {
         let now = self.now_us();

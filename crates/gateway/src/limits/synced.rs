@@ -69,6 +69,13 @@ type Set = foldhash::HashSet<String>;
 struct State {
     /// Bucket key -> net TAT move (µs) made here since the last sync that took it.
     moved: Map<i64>,
+    /// Bucket key -> moves a sync has sent and not yet had answered: Redis may or may
+    /// not have them in a reply to another call (a key read on a request's path)
+    /// meanwhile.
+    sending: Map<i64>,
+    /// Bucket key -> Redis's clock (µs) in the last reply taken for it: an older reply
+    /// taken later must not undo a newer one.
+    taken_at: Map<u64>,
     /// Lease and penalty keys checked since the last sync.
     leases: Set,
     penalties: Set,
@@ -118,6 +125,26 @@ impl State {
     }
 }
 
+/// `map[key] += by` for moves in flight; an entry that comes to 0 is removed.
+fn add_in_flight(map: &mut Map<i64>, key: &str, by: i64) {
+    if by == 0 {
+        return;
+    }
+    let settled = match map.get_mut(key) {
+        Some(m) => {
+            *m = m.saturating_add(by);
+            *m == 0
+        }
+        None => {
+            map.insert(key.to_owned(), by);
+            false
+        }
+    };
+    if settled {
+        map.remove(key);
+    }
+}
+
 fn touch(set: &mut Set, key: &str) {
     if !set.contains(key) {
         set.insert(key.to_owned());
@@ -163,20 +190,35 @@ impl SyncedBackend {
     }
 
     /// Take Redis's answer to `call` as this instance's state, keeping what was charged
-    /// here since the call was made.
+    /// here and not yet in Redis. A sync's moves and a request's read of the same key
+    /// can cross: Redis runs them in the order they were sent, but their replies may be
+    /// taken in either order. So moves in flight count until their own reply is taken
+    /// (a read that Redis ran first lacks them), a reply older than one already taken
+    /// changes nothing, and moves counted twice meanwhile (in flight, and in a newer
+    /// reply that had them) are taken off once.
     fn apply(&self, call: &SyncCall, reply: &SyncReply) {
         let at = Instant::now();
         let mut state = self.lock();
         let now = self.local.now_us();
-        for ((key, _), tat) in call.buckets.iter().zip(&reply.tats) {
+        for ((key, sent), tat) in call.buckets.iter().zip(&reply.tats) {
+            add_in_flight(&mut state.sending, key, -sent);
+            state.fresh_buckets.insert(key.clone(), at);
+            if state.taken_at.get(key).is_some_and(|t| reply.now_us < *t) {
+                if *sent != 0 {
+                    self.local.update_tat(key, |t, now| shift(t, now, -sent));
+                }
+                continue;
+            }
+            state.taken_at.insert(key.clone(), reply.now_us);
             // Redis's clock to this store's: the time left until the TAT carries over.
             let base = match tat.checked_sub(reply.now_us) {
                 Some(ahead) if ahead > 0 => now.saturating_add(ahead),
                 _ => 0,
             };
-            let since = state.moved.get(key).copied().unwrap_or(0);
-            self.local.set_tat(key, shift(base, now, since));
-            state.fresh_buckets.insert(key.clone(), at);
+            let here = state.moved.get(key).copied().unwrap_or(0);
+            let flying = state.sending.get(key).copied().unwrap_or(0);
+            self.local
+                .set_tat(key, shift(base, now, here.saturating_add(flying)));
         }
         for ((key, _), others) in call.leases.iter().zip(&reply.others) {
             state.others.insert(key.clone(), *others);
@@ -191,22 +233,7 @@ impl SyncedBackend {
     /// Send what was counted here since the last sync and take back everybody's state.
     /// On failure the moves are kept for the next one.
     pub async fn sync(&self) -> Result<(), BackendError> {
-        let call = {
-            let mut state = self.lock();
-            let mut leases = std::mem::take(&mut state.leases);
-            leases.extend(self.local.held_keys());
-            SyncCall {
-                buckets: state.moved.drain().collect(),
-                leases: leases
-                    .into_iter()
-                    .map(|k| {
-                        let held = self.local.held(&k);
-                        (k, held)
-                    })
-                    .collect(),
-                penalties: state.penalties.drain().collect(),
-            }
-        };
+        let call = self.take_call();
         if call.is_empty() {
             return Ok(());
         }
@@ -220,15 +247,44 @@ impl SyncedBackend {
                 Ok(())
             }
             Err(e) => {
-                let mut state = self.lock();
-                for (key, net) in &call.buckets {
-                    state.record(key, *net);
-                }
-                state.leases.extend(call.leases.into_iter().map(|(k, _)| k));
-                state.penalties.extend(call.penalties);
+                self.put_back(call);
                 Err(e)
             }
         }
+    }
+
+    /// What a sync sends: the moves counted here (in flight from now on), every lease
+    /// key with this instance's count, the penalty keys checked.
+    fn take_call(&self) -> SyncCall {
+        let mut state = self.lock();
+        let mut leases = std::mem::take(&mut state.leases);
+        leases.extend(self.local.held_keys());
+        let buckets: Vec<(String, i64)> = state.moved.drain().collect();
+        for (key, net) in &buckets {
+            add_in_flight(&mut state.sending, key, *net);
+        }
+        SyncCall {
+            buckets,
+            leases: leases
+                .into_iter()
+                .map(|k| {
+                    let held = self.local.held(&k);
+                    (k, held)
+                })
+                .collect(),
+            penalties: state.penalties.drain().collect(),
+        }
+    }
+
+    /// A sync that failed: its moves and keys wait for the next one.
+    fn put_back(&self, call: SyncCall) {
+        let mut state = self.lock();
+        for (key, net) in &call.buckets {
+            add_in_flight(&mut state.sending, key, -net);
+            state.record(key, *net);
+        }
+        state.leases.extend(call.leases.into_iter().map(|(k, _)| k));
+        state.penalties.extend(call.penalties);
     }
 }
 
@@ -249,9 +305,11 @@ impl Reconcile for SyncedBackend {
             fresh_buckets,
             fresh_leases,
             fresh_penalties,
+            taken_at,
             ..
         } = &mut *state;
         fresh_buckets.retain(|_, t| *t >= since);
+        taken_at.retain(|k, _| fresh_buckets.contains_key(k));
         fresh_leases.retain(|_, t| *t >= since);
         fresh_penalties.retain(|_, t| *t >= since);
         others.retain(|k, _| fresh_leases.contains_key(k));
@@ -352,6 +410,106 @@ mod tests {
         assert_eq!(shift(1_200, now, -150), 1_050, "a refund");
         assert_eq!(shift(1_200, now, -500), 0, "refunded past now: idle");
         assert_eq!(shift(900, now, 0), 0, "a TAT already past is idle");
+    }
+
+    const SECOND: u64 = 1_000_000;
+
+    /// A store that never reaches Redis in these tests (nothing listens on port 1, and
+    /// its own sync is an hour away): each test hands it replies.
+    fn store() -> Arc<SyncedBackend> {
+        let config = crate::limits::config::RedisConfig {
+            url: "redis://127.0.0.1:1".to_owned().into(),
+            prefix: "t:".into(),
+            on_failure: crate::limits::config::FailMode::Open,
+            timeout: Duration::from_millis(10),
+            sync: None,
+        };
+        let redis = RedisBackend::new(&config).unwrap_or_else(|e| panic!("{e}"));
+        SyncedBackend::start(redis, Duration::from_secs(3600))
+    }
+
+    /// Ten seconds of TAT charged here on `k`, not yet synced.
+    fn charged(store: &SyncedBackend) {
+        let now = store.local.now_us();
+        store.local.set_tat("k", now + 10 * SECOND);
+        store.lock().record("k", (10 * SECOND) as i64);
+    }
+
+    /// How far `k`'s TAT is ahead of now, in whole seconds (rounded).
+    fn ahead(store: &SyncedBackend) -> u64 {
+        let tat = store.local.tat("k");
+        (tat.saturating_sub(store.local.now_us()) + SECOND / 2) / SECOND
+    }
+
+    fn reply(now_us: u64, tat: u64) -> SyncReply {
+        SyncReply {
+            now_us,
+            tats: vec![tat],
+            others: vec![],
+            penalties: vec![],
+        }
+    }
+
+    fn read_k() -> SyncCall {
+        SyncCall {
+            buckets: vec![("k".into(), 0)],
+            ..SyncCall::default()
+        }
+    }
+
+    /// Redis's clock in these tests.
+    const T: u64 = 5_000 * SECOND;
+
+    #[tokio::test]
+    async fn a_read_that_redis_ran_before_a_sync_keeps_the_moves_in_flight() {
+        let s = store();
+        charged(&s);
+        let sync = s.take_call();
+        assert_eq!(sync.buckets, [("k".to_owned(), (10 * SECOND) as i64)]);
+        // Redis had nothing yet when it ran the read: the ten seconds are in flight.
+        s.apply(&read_k(), &reply(T, 0));
+        assert_eq!(ahead(&s), 10);
+        // The sync's reply has them.
+        s.apply(&sync, &reply(T + 1, T + 1 + 10 * SECOND));
+        assert_eq!(ahead(&s), 10);
+        assert!(s.lock().sending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_older_reply_taken_after_a_newer_one_changes_nothing() {
+        let s = store();
+        charged(&s);
+        let sync = s.take_call();
+        s.apply(&sync, &reply(T + 2, T + 2 + 10 * SECOND));
+        // The read Redis ran first (it saw an idle bucket) is taken last.
+        s.apply(&read_k(), &reply(T + 1, 0));
+        assert_eq!(ahead(&s), 10);
+    }
+
+    #[tokio::test]
+    async fn moves_in_flight_and_in_a_newer_reply_count_once() {
+        let s = store();
+        charged(&s);
+        let sync = s.take_call();
+        // Redis ran the sync, then the read; the read's reply is taken first and the
+        // moves are still in flight here: counted twice for now.
+        s.apply(&read_k(), &reply(T + 2, T + 2 + 10 * SECOND));
+        assert_eq!(ahead(&s), 20);
+        // The sync's own (older) reply takes the second count off.
+        s.apply(&sync, &reply(T + 1, T + 1 + 10 * SECOND));
+        assert_eq!(ahead(&s), 10);
+        assert!(s.lock().sending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_puts_its_moves_back() {
+        let s = store();
+        charged(&s);
+        let sync = s.take_call();
+        s.put_back(sync);
+        let state = s.lock();
+        assert!(state.sending.is_empty());
+        assert_eq!(state.moved.get("k"), Some(&((10 * SECOND) as i64)));
     }
 
     #[test]
