@@ -682,17 +682,17 @@ impl RedisTier {
         Ok(values
             .into_iter()
             .map(|v| {
-                let v = v?;
+                let mut v = v?;
                 let (json, left) = parse_value(&v, now)?;
-                let start = v.len() - json.len();
-                let mut v = v;
-                v.drain(..start);
+                let expiry_line = v.len() - json.len();
+                v.drain(..expiry_line);
                 Some((v, left))
             })
             .collect())
     }
 
-    /// Queue a write for the writer task; a full queue drops it (counted).
+    /// Queue a write for the writer task; a full queue (or a writer that ended, which
+    /// only a panic does while the tier lives) drops it, counted.
     fn queue(&self, key: String, value: Vec<u8>, ttl: Duration) {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         if self
