@@ -323,17 +323,7 @@ async fn login_sets_a_cookie_that_is_not_the_key_and_opens_reads_only() {
 
 #[tokio::test]
 async fn without_a_master_key_the_dashboard_is_off_and_says_how_to_turn_it_on() {
-    let h = harness(
-        r#"
-[[providers]]
-name = "sim"
-kind = "sim"
-[[models]]
-name = "gpt-4o-mini"
-provider = "sim"
-"#,
-    )
-    .await;
+    let h = harness(support::SIM_CHAT).await;
     let page = call(&h, request("GET", "/dashboard", &[])).await;
     assert_eq!(page.status, StatusCode::UNAUTHORIZED);
     assert!(page.text.contains("SLUICE_MASTER_KEY"), "{}", page.text);

@@ -476,17 +476,7 @@ fn data_lines(sse: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn stream_chunks_arrive_in_order_and_unchanged() {
-    let mut h = harness(
-        r#"
-        [[providers]]
-        name = "sim"
-        kind = "sim"
-        [[models]]
-        name = "gpt-4o-mini"
-        provider = "sim"
-    "#,
-    )
-    .await;
+    let mut h = harness(support::SIM_CHAT).await;
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
     let r = h.post("/v1/chat/completions", body.clone()).await;
@@ -519,17 +509,7 @@ async fn stream_chunks_arrive_in_order_and_unchanged() {
 
 #[tokio::test]
 async fn include_usage_is_honoured() {
-    let h = harness(
-        r#"
-        [[providers]]
-        name = "sim"
-        kind = "sim"
-        [[models]]
-        name = "gpt-4o-mini"
-        provider = "sim"
-    "#,
-    )
-    .await;
+    let h = harness(support::SIM_CHAT).await;
     let mut body = chat_body("gpt-4o-mini");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
