@@ -23,6 +23,7 @@
 //! serves from upstream, a write that fails (or finds the queue full) is dropped; both are
 //! counted (`sluice_cache_redis_errors_total`) and logged at most once a minute.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -601,13 +602,7 @@ fn redis_value(
 ) -> Option<Vec<u8>> {
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(
-        crate::usage::now_ms()
-            .saturating_add(ttl_ms)
-            .to_string()
-            .as_bytes(),
-    );
-    out.push(b'\n');
+    writeln!(out, "{}", crate::usage::now_ms().saturating_add(ttl_ms)).ok()?;
     json(&mut out).ok()?;
     Some(out)
 }
@@ -623,9 +618,8 @@ fn answer_value(answer: &CachedAnswer, raw: Option<&[u8]>, ttl: Duration) -> Opt
         // its `response` (a test holds the two to the same fields).
         out.extend_from_slice(b"{\"model\":");
         serde_json::to_writer(&mut *out, &answer.model)?;
-        out.extend_from_slice(b",\"stored_at\":");
-        out.extend_from_slice(answer.stored_at.to_string().as_bytes());
-        out.extend_from_slice(b",\"response\":");
+        write!(out, ",\"stored_at\":{},\"response\":", answer.stored_at)
+            .map_err(serde_json::Error::io)?;
         out.extend_from_slice(raw);
         out.push(b'}');
         Ok(())
