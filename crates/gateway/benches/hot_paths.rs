@@ -519,10 +519,11 @@ fn record_insert_sqlite_64(bencher: divan::Bencher) {
                     typical_record(next.get())
                 })
                 .collect::<Vec<_>>()
+                .into()
         })
-        .bench_local_values(|batch| {
+        .bench_local_values(|batch: sluice_gateway::telemetry::RecordBatch| {
             runtime
-                .block_on(store.insert(black_box(&batch)))
+                .block_on(store.insert_batch(black_box(&batch)))
                 .unwrap_or_else(|e| panic!("{e}"))
         });
     runtime.block_on(store.close());

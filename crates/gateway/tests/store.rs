@@ -354,3 +354,56 @@ async fn a_batch_repeating_an_id_keeps_one_row_on_both_backends() {
         store.close().await;
     }
 }
+
+#[tokio::test]
+async fn a_sqlite_file_holds_every_batch_once_closed_and_a_failed_batch_leaves_no_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log.db");
+    let target = sluice_gateway::store::StorageTarget::Sqlite(path.clone());
+    let store = support::open("sqlite file", &target).await;
+    let batch: Vec<RequestRecord> = (0..300).map(record).collect();
+    // Two batches at once, as the recorder's and another writer's might be.
+    let (a, b) = tokio::join!(store.insert(&batch[..150]), store.insert(&batch[150..]));
+    a.unwrap();
+    b.unwrap();
+
+    // A batch that fails (its table gone) is refused with SQLite's reason, and the
+    // writer's next batch is not caught in the failed one's transaction.
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.busy_timeout(std::time::Duration::from_secs(5))
+        .unwrap();
+    side.execute_batch("ALTER TABLE requests RENAME TO requests_away")
+        .unwrap();
+    let err = store.insert(&[record(300)]).await.unwrap_err().to_string();
+    assert!(err.contains("no such table"), "{err}");
+    side.execute_batch("ALTER TABLE requests_away RENAME TO requests")
+        .unwrap();
+    drop(side);
+    store.insert(&[record(301)]).await.unwrap();
+    store.close().await;
+    // Every connection closed, the writer's too: SQLite removes the WAL with the last.
+    assert!(
+        !dir.path().join("log.db-wal").exists(),
+        "a connection is still open after close"
+    );
+
+    let store = support::open("sqlite file", &target).await;
+    let rows = store.stat_rows(0).await.unwrap();
+    assert_eq!(rows.len(), 301);
+    for r in &rows {
+        let want = record(r.request_id[4..].parse().unwrap());
+        assert_eq!(
+            (r.started_at_ms, r.latency_ms, r.ttft_ms, r.user.as_deref()),
+            (
+                want.started_at_ms as i64,
+                want.latency_ms,
+                want.ttft_ms,
+                want.user.as_deref()
+            ),
+            "{}",
+            r.request_id
+        );
+    }
+    assert!(!rows.iter().any(|r| r.request_id == "req_0300"));
+    store.close().await;
+}

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::redis_conn::RedisPool;
-use crate::telemetry::{RecordSink, RequestRecord};
+use crate::telemetry::{RecordBatch, RecordSink};
 
 /// The shared limit store when `[redis]` is configured, on `pool`'s connection.
 pub fn shared_backend(
@@ -48,8 +48,8 @@ pub struct AbuseSink(pub Arc<Limiter>);
 
 #[async_trait]
 impl RecordSink for AbuseSink {
-    async fn write(&mut self, batch: &[RequestRecord]) {
-        for record in batch {
+    async fn write(&mut self, batch: &RecordBatch) {
+        for record in batch.iter() {
             self.0.observe(record).await;
         }
     }

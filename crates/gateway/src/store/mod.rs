@@ -1,10 +1,12 @@
 //! Storage: the request log, feedback and virtual keys, in SQLite (default, one file,
 //! WAL) or PostgreSQL. One set of queries serves both through sqlx's `Any` driver;
-//! placeholders are written `$N`, which both backends read (the hot insert alone is
-//! written per backend, see [`insert_sql`]). Migrations are versioned per backend.
+//! placeholders are written `$N`, which both backends read. The hot insert alone is
+//! written per backend (see [`insert_sql`]), and SQLite's goes through a writer of its
+//! own (log_writer.rs). Migrations are versioned per backend.
 
 mod experiments;
 mod keys;
+mod log_writer;
 mod records;
 mod redact;
 mod spend;
@@ -28,7 +30,8 @@ pub use redact::redact_secrets;
 pub use spend::{SpendFilter, SpendGroup, SpendRow};
 pub use stats::{CellKey, CellQuery, StatCell, bucket_origin};
 
-use crate::telemetry::{RecordSink, RequestRecord};
+use crate::telemetry::{RecordBatch, RecordSink, RequestRecord};
+use log_writer::LogWriter;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -57,6 +60,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite's request log writes (see log_writer.rs); PostgreSQL's go through `pool`.
+    writer: Option<LogWriter>,
     /// Records that could not be written after retries.
     failed: AtomicU64,
 }
@@ -179,6 +184,14 @@ impl Store {
     /// the migrations.
     pub async fn open(target: &StorageTarget) -> anyhow::Result<Arc<Store>> {
         sqlx::any::install_default_drivers();
+        // An in-memory database is named, with a shared cache, so the log's writer
+        // opens the same one; unique per store, as each `Memory` store is its own.
+        static MEMORY_SEQ: AtomicU64 = AtomicU64::new(0);
+        let memory_name = format!(
+            "file:sluice-memory-{}-{}",
+            std::process::id(),
+            MEMORY_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         let (pool, backend) = match target {
             StorageTarget::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -187,8 +200,11 @@ impl Store {
                 let url = format!("sqlite://{}?mode=rwc", path.display());
                 (sqlite_pool(&url, 4).await?, Backend::Sqlite)
             }
-            // One connection: every in-memory connection would be its own database.
-            StorageTarget::Memory => (sqlite_pool("sqlite::memory:", 1).await?, Backend::Sqlite),
+            // One connection: the writer's is the other.
+            StorageTarget::Memory => (
+                sqlite_pool(&format!("sqlite:{memory_name}?mode=memory"), 1).await?,
+                Backend::Sqlite,
+            ),
             StorageTarget::Postgres { url, schema } => (
                 postgres_pool(url, schema.as_deref()).await?,
                 Backend::Postgres,
@@ -198,9 +214,17 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
         }
+        let writer = match target {
+            StorageTarget::Sqlite(path) => Some(LogWriter::open(log_writer::Target::File(path))?),
+            StorageTarget::Memory => {
+                Some(LogWriter::open(log_writer::Target::Memory(&memory_name))?)
+            }
+            StorageTarget::Postgres { .. } => None,
+        };
         Ok(Arc::new(Store {
             pool,
             backend,
+            writer,
             failed: AtomicU64::new(0),
         }))
     }
@@ -219,21 +243,39 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
-    /// Insert a batch in one transaction, one prepared row statement each: the same
-    /// SQL every time, so both backends reuse the prepared statement (a multi-row
-    /// statement of varying size is re-planned per batch, which measured slower under
-    /// load). Re-inserting a request id is ignored, so a retried batch never duplicates.
-    pub async fn insert(&self, batch: &[RequestRecord]) -> Result<(), sqlx::Error> {
+    /// Insert a batch in one transaction (see [`Store::insert_batch`]); copies the
+    /// records for SQLite's writer thread.
+    pub async fn insert(&self, batch: &[RequestRecord]) -> anyhow::Result<()> {
+        match self.writer {
+            Some(_) => self.insert_batch(&Arc::new(batch.to_vec())).await,
+            None => self.insert_sqlx(batch).await,
+        }
+    }
+
+    /// Insert a batch in one transaction, as a few multi-row statements of the sizes in
+    /// [`INSERT_ROWS`], so each is prepared once and reused. Re-inserting a request id is
+    /// ignored, so a retried batch never duplicates. SQLite's rows go to the log's
+    /// writer thread (log_writer.rs), which shares the batch rather than copying it.
+    pub async fn insert_batch(&self, batch: &RecordBatch) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match &self.writer {
+            Some(writer) => writer.insert(batch.clone()).await,
+            None => self.insert_sqlx(batch).await,
+        }
+    }
+
+    async fn insert_sqlx(&self, batch: &[RequestRecord]) -> anyhow::Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
         // A few multi-row statements instead of one per row: each statement is a round
-        // trip to SQLite's worker thread (a thread wake-up each way), which cost more
-        // than the rows themselves.
+        // trip to the database, which cost more than the rows themselves.
         let mut tx = self.pool.begin().await?;
         let mut rest = batch;
         while !rest.is_empty() {
-            let (sql, rows) = insert_sql(self.backend, rest.len());
+            let (sql, rows, _) = insert_sql(self.backend, rest.len());
             let (chunk, tail) = rest.split_at(rows);
             let mut query = sqlx::query(sql);
             for r in chunk {
@@ -242,7 +284,7 @@ impl Store {
             query.execute(&mut *tx).await?;
             rest = tail;
         }
-        tx.commit().await
+        Ok(tx.commit().await?)
     }
 
     /// The key that made a request: `None` when there is no such request.
@@ -338,6 +380,10 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        // The writer first: the last connection to close checkpoints the WAL.
+        if let Some(writer) = &self.writer {
+            writer.close().await;
+        }
         self.pool.close().await;
     }
 }
@@ -347,10 +393,10 @@ impl Store {
 const INSERT_ROWS: [usize; 4] = [64, 16, 4, 1];
 
 /// The largest `INSERT INTO requests (...) VALUES (...), ... ON CONFLICT DO NOTHING`
-/// that fits in `rows` remaining rows, and how many rows it takes. Built once per
-/// backend and size. SQLite gets anonymous `?` placeholders: for `$N` ones sqlx asks
-/// SQLite each parameter's name, a linear search per parameter.
-fn insert_sql(backend: Backend, rows: usize) -> (&'static str, usize) {
+/// that fits in `rows` remaining rows, how many rows it takes, and its index in
+/// [`INSERT_ROWS`]. Built once per backend and size. SQLite gets anonymous `?`
+/// placeholders, bound by position.
+fn insert_sql(backend: Backend, rows: usize) -> (&'static str, usize, usize) {
     static SQL: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
         let mut all = Vec::new();
         for backend in [Backend::Sqlite, Backend::Postgres] {
@@ -383,59 +429,86 @@ fn insert_sql(backend: Backend, rows: usize) -> (&'static str, usize) {
         Backend::Sqlite => 0,
         Backend::Postgres => INSERT_ROWS.len(),
     };
-    (&SQL[offset + i], INSERT_ROWS[i])
+    (&SQL[offset + i], INSERT_ROWS[i], i)
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
+/// One column's value of a record, borrowed from it, as both writers bind it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Value<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+    Real(Option<f64>),
+}
+
+/// A record's values in `COLUMNS` order: the one mapping of record fields to columns,
+/// for the SQLite writer and for sqlx.
+fn values(r: &RequestRecord) -> [Value<'_>; COLUMNS.len()] {
+    use Value::{Int, Real, Text};
+    fn text(v: &Option<String>) -> Value<'_> {
+        Value::Text(v.as_deref())
+    }
+    let int = |v: u64| Int(Some(to_i64(v)));
+    [
+        Text(Some(&r.request_id)),
+        int(r.started_at_ms),
+        Text(Some(r.endpoint.as_str())),
+        Int(Some(i64::from(r.stream))),
+        text(&r.key_id),
+        text(&r.user),
+        text(&r.tier),
+        text(&r.feature),
+        text(&r.model_requested),
+        text(&r.model),
+        text(&r.provider),
+        text(&r.prompt_id),
+        text(&r.prompt_version),
+        text(&r.prompt_hash),
+        text(&r.experiment),
+        text(&r.variant),
+        Text(Some(r.outcome().as_str())),
+        Int(Some(i64::from(r.status))),
+        text(&r.error_code),
+        Int(Some(i64::from(r.retries))),
+        Int(Some(i64::from(r.upstream_calls))),
+        Text(r.fallback.map(|f| f.as_str())),
+        text(&r.cache_status),
+        Int(Some(i64::from(r.prompt_tokens))),
+        Int(Some(i64::from(r.completion_tokens))),
+        Int(Some(i64::from(r.tokens_estimated))),
+        Int(r.cost_micros),
+        Real(Some(to_micros(r.latency_ms))),
+        Real(r.ttft_ms.map(to_micros)),
+        Real(r.upstream_ms.map(to_micros)),
+        Real(r.overhead_ms.map(to_micros)),
+        text(&r.input_hash),
+        text(&r.regeneration_of),
+        text(&r.request_body),
+        text(&r.response_body),
+        text(&r.guard_changes),
+        text(&r.guard_flags),
+        text(&r.output_check),
+        text(&r.owner),
+        text(&r.limited_by),
+        Int(r.cost_nanos),
+        Int(r.cost_saved_nanos),
+        Int(Some(i64::from(r.cached_prompt_tokens))),
+        text(&r.output_checks),
+        text(&r.routed_by),
+    ]
+}
+
 /// Bind one record's values, in `COLUMNS` order.
-fn bind_record<'q>(query: AnyQuery<'q>, r: &RequestRecord) -> AnyQuery<'q> {
+fn bind_record<'q>(mut query: AnyQuery<'q>, r: &RequestRecord) -> AnyQuery<'q> {
+    for value in values(r) {
+        query = match value {
+            Value::Text(v) => query.bind(v.map(str::to_string)),
+            Value::Int(v) => query.bind(v),
+            Value::Real(v) => query.bind(NullableF64(v)),
+        };
+    }
     query
-        .bind(r.request_id.clone())
-        .bind(to_i64(r.started_at_ms))
-        .bind(r.endpoint.as_str().to_string())
-        .bind(i64::from(r.stream))
-        .bind(r.key_id.clone())
-        .bind(r.user.clone())
-        .bind(r.tier.clone())
-        .bind(r.feature.clone())
-        .bind(r.model_requested.clone())
-        .bind(r.model.clone())
-        .bind(r.provider.clone())
-        .bind(r.prompt_id.clone())
-        .bind(r.prompt_version.clone())
-        .bind(r.prompt_hash.clone())
-        .bind(r.experiment.clone())
-        .bind(r.variant.clone())
-        .bind(r.outcome().as_str().to_string())
-        .bind(i64::from(r.status))
-        .bind(r.error_code.clone())
-        .bind(i64::from(r.retries))
-        .bind(i64::from(r.upstream_calls))
-        .bind(r.fallback.map(|f| f.as_str().to_string()))
-        .bind(r.cache_status.clone())
-        .bind(i64::from(r.prompt_tokens))
-        .bind(i64::from(r.completion_tokens))
-        .bind(i64::from(r.tokens_estimated))
-        .bind(r.cost_micros)
-        .bind(to_micros(r.latency_ms))
-        .bind(NullableF64(r.ttft_ms.map(to_micros)))
-        .bind(NullableF64(r.upstream_ms.map(to_micros)))
-        .bind(NullableF64(r.overhead_ms.map(to_micros)))
-        .bind(r.input_hash.clone())
-        .bind(r.regeneration_of.clone())
-        .bind(r.request_body.clone())
-        .bind(r.response_body.clone())
-        .bind(r.guard_changes.clone())
-        .bind(r.guard_flags.clone())
-        .bind(r.output_check.clone())
-        .bind(r.owner.clone())
-        .bind(r.limited_by.clone())
-        .bind(r.cost_nanos)
-        .bind(r.cost_saved_nanos)
-        .bind(i64::from(r.cached_prompt_tokens))
-        .bind(r.output_checks.clone())
-        .bind(r.routed_by.clone())
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -506,10 +579,10 @@ pub struct StoreSink(pub Arc<Store>);
 
 #[async_trait]
 impl RecordSink for StoreSink {
-    async fn write(&mut self, batch: &[RequestRecord]) {
+    async fn write(&mut self, batch: &RecordBatch) {
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=3 {
-            match self.0.insert(batch).await {
+            match self.0.insert_batch(batch).await {
                 Ok(()) => return,
                 Err(e) if attempt < 3 => {
                     tracing::warn!(error = %e, attempt, rows = batch.len(), "request log write failed; retrying");

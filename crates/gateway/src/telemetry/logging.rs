@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::{RecordSink, RequestRecord};
+use super::{RecordBatch, RecordSink, RequestRecord};
 use crate::config::{LogFormat, TelemetryConfig};
 
 /// Writes one `ai_request_complete` line per record.
@@ -12,8 +12,8 @@ pub struct LogSink;
 
 #[async_trait]
 impl RecordSink for LogSink {
-    async fn write(&mut self, batch: &[RequestRecord]) {
-        for r in batch {
+    async fn write(&mut self, batch: &RecordBatch) {
+        for r in batch.iter() {
             log_record(r);
         }
     }

@@ -19,7 +19,7 @@ use metrics_exporter_prometheus::{
 
 use tokio::time::Instant;
 
-use super::{Outcome, RecordSink, Recorder, RequestRecord};
+use super::{Outcome, RecordBatch, RecordSink, Recorder, RequestRecord};
 
 /// Latency buckets, 1 ms to 120 s.
 const BUCKETS: [f64; 17] = [
@@ -491,8 +491,8 @@ impl MetricsSink {
 
 #[async_trait]
 impl RecordSink for MetricsSink {
-    async fn write(&mut self, batch: &[RequestRecord]) {
-        for r in batch {
+    async fn write(&mut self, batch: &RecordBatch) {
+        for r in batch.iter() {
             self.metrics.observe(r);
         }
         if self.last_upkeep.elapsed() >= UPKEEP_EVERY {
@@ -521,12 +521,12 @@ mod tests {
     async fn the_sink_drains_histograms_every_second_and_keeps_their_counts() {
         let metrics = Metrics::new().unwrap();
         let mut sink = MetricsSink::new(metrics.clone());
-        sink.write(&[record(), record()]).await;
+        sink.write(&Arc::new(vec![record(), record()])).await;
         assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 0, "not due yet");
         tokio::time::advance(UPKEEP_EVERY).await;
-        sink.write(&[record()]).await;
+        sink.write(&Arc::new(vec![record()])).await;
         assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 1);
-        sink.write(&[record()]).await;
+        sink.write(&Arc::new(vec![record()])).await;
         assert_eq!(metrics.upkeeps.load(Ordering::Relaxed), 1, "once a second");
         // Drained samples still count: four requests, in the buckets and the count.
         let text = metrics.handle.render();

@@ -183,11 +183,15 @@ impl RequestRecord {
     }
 }
 
+/// A batch of records as sinks get it: shared, so a sink can hand it to another thread
+/// (SQLite's writer) without a copy.
+pub type RecordBatch = Arc<Vec<RequestRecord>>;
+
 /// Where records go. Sinks run on the recorder's task, never on a request's; a sink
 /// gets every batch in order.
 #[async_trait]
 pub trait RecordSink: Send + 'static {
-    async fn write(&mut self, batch: &[RequestRecord]);
+    async fn write(&mut self, batch: &RecordBatch);
 }
 
 /// Hands records to a channel; for tests and for sinks that live elsewhere.
@@ -195,8 +199,8 @@ pub struct ChannelSink(pub mpsc::UnboundedSender<RequestRecord>);
 
 #[async_trait]
 impl RecordSink for ChannelSink {
-    async fn write(&mut self, batch: &[RequestRecord]) {
-        for r in batch {
+    async fn write(&mut self, batch: &RecordBatch) {
+        for r in batch.iter() {
             let _ = self.0.send(r.clone());
         }
     }
@@ -274,21 +278,29 @@ impl Recorder {
         });
         let writer = inner.clone();
         tasks.spawn(async move {
-            let mut batch = Vec::with_capacity(max_batch);
+            let mut buffer = Vec::with_capacity(max_batch);
             // Up to one interval's records a batch (a closed channel ends the wait at
             // once, so shutdown never waits on it).
-            while crate::batch::gather(&mut rx, &mut batch, max_batch, interval, |_| false).await
+            while crate::batch::gather(&mut rx, &mut buffer, max_batch, interval, |_| false).await
                 > 0
             {
+                let batch = Arc::new(std::mem::take(&mut buffer));
                 for sink in sinks.iter_mut() {
                     sink.write(&batch).await;
                 }
                 let mut unwritten = writer.unwritten();
-                for r in &batch {
+                for r in batch.iter() {
                     unwritten.remove(&r.request_id);
                 }
                 drop(unwritten);
-                batch.clear();
+                // The buffer back for the next batch, unless a sink kept a reference.
+                buffer = Arc::try_unwrap(batch).map_or_else(
+                    |_| Vec::with_capacity(max_batch),
+                    |mut records| {
+                        records.clear();
+                        records
+                    },
+                );
             }
         });
         Recorder { tx, inner }
@@ -511,7 +523,7 @@ mod tests {
 
     #[async_trait]
     impl RecordSink for Stuck {
-        async fn write(&mut self, _batch: &[RequestRecord]) {
+        async fn write(&mut self, _batch: &RecordBatch) {
             std::future::pending::<()>().await;
         }
     }
