@@ -8,7 +8,9 @@
 //! bound, and the statement's iterator driven back), measured with callgrind at 100
 //! requests a second (bench/instructions.sh). The request log writes a row per request,
 //! the hottest statement the gateway runs; rusqlite over the same libsqlite3-sys binds
-//! borrowed values with no copy of ours. Reads, migrations and PostgreSQL stay on sqlx.
+//! borrowed values with no copy of ours (SQLite still copies each text it is given),
+//! which took 12k–17k instructions off a request (bench/RESULTS.md, Run 26). Reads,
+//! migrations and PostgreSQL stay on sqlx.
 
 use std::path::Path;
 use std::sync::{Mutex, mpsc};
