@@ -13,7 +13,8 @@
 //! migrations and PostgreSQL stay on sqlx.
 
 use std::path::Path;
-use std::sync::{Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Statement};
@@ -33,6 +34,17 @@ pub(super) struct LogWriter {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     /// Fires when the thread has closed its connection.
     stopped: Mutex<Option<oneshot::Receiver<()>>>,
+    /// False once the thread has ended, however it ended (a panic too).
+    running: Arc<AtomicBool>,
+}
+
+/// Marks the writer stopped when the thread ends, by return or by panic.
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Where the writer's connection goes.
@@ -62,17 +74,28 @@ impl LogWriter {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let (tx, rx) = mpsc::channel::<Job>();
         let (stopped_tx, stopped_rx) = oneshot::channel();
+        let running = Arc::new(AtomicBool::new(true));
+        let marker = Running(running.clone());
         std::thread::Builder::new()
             .name("sluice-log-writer".into())
             .spawn(move || {
                 run(&conn, rx);
                 drop(conn);
+                // Marked before `close` hears of it (on a panic, the unwinding drops it).
+                drop(marker);
                 let _ = stopped_tx.send(());
             })?;
         Ok(LogWriter {
             jobs: Mutex::new(Some(tx)),
             stopped: Mutex::new(Some(stopped_rx)),
+            running,
         })
+    }
+
+    /// Whether the thread is there to write (for `/readyz`: a request log that can no
+    /// longer be written is not ready).
+    pub(super) fn running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
     }
 
     /// Write `batch` in one transaction; returns once it is committed.
@@ -154,12 +177,11 @@ fn write<'c>(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
 
     #[tokio::test]
-    async fn a_closed_writer_refuses_and_says_so() {
+    async fn a_closed_writer_is_not_running_and_refuses_batches() {
         let name = format!("file:log-writer-test-{}", std::process::id());
         // Keep the in-memory database alive, with the table, while the writer runs.
         let keep = Connection::open_with_flags(
@@ -173,7 +195,9 @@ mod tests {
         .unwrap();
         keep.execute_batch("CREATE TABLE t (x)").unwrap();
         let writer = LogWriter::open(Target::Memory(&name)).unwrap();
+        assert!(writer.running());
         writer.close().await;
+        assert!(!writer.running(), "the thread has ended");
         let err = writer
             .insert(Arc::new(Vec::new()))
             .await

@@ -238,9 +238,10 @@ impl Store {
         self.failed.load(Ordering::Relaxed)
     }
 
-    /// Whether the store answers, for `/readyz`.
+    /// Whether the store answers and its request log can be written, for `/readyz`.
     pub async fn ping(&self) -> bool {
-        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+        self.writer.as_ref().is_none_or(LogWriter::running)
+            && sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
     }
 
     /// Insert a batch in one transaction (see [`Store::insert_batch`]); copies the
