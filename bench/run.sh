@@ -4,7 +4,7 @@
 # with CPU and memory per target, streams held open, start to ready, a soak, and the
 # issue's targets checked. See bench/README.md for what each figure means.
 #
-#   bench/run.sh                          # defaults: about 8 minutes after the build
+#   bench/run.sh                          # defaults: about 17 minutes after the build
 #   RATE=1000 DURATION=20s SOAK=10m bench/run.sh
 #
 # Knobs (environment):
@@ -26,6 +26,11 @@
 #                   gateway (DURATION each), for issue #2's added p50: the median of
 #                   the rounds' differences, steadier on a noisy machine than one pair
 #                   of runs (0 skips)
+#   TPUT_ROUNDS=3   extra closed-loop runs at CONNS connections for every gateway target,
+#                   each right after one straight to the mock (DURATION each): the
+#                   throughput verdict is the median of these pairs' ratios, each
+#                   measured within seconds, where the single direct run minutes earlier
+#                   moves with the VM by a quarter (0: the verdict uses the single runs)
 #   FLOOR=1         also measure a byte pump (socat, placed like the gateway) between
 #                   loadgen and the mock, in the fixed-rate, 1-connection and round runs:
 #                   what any proxy process costs on this machine for the extra hop and
@@ -73,6 +78,7 @@ SOAK_RATE=${SOAK_RATE:-$RATE}
 SAMPLE_EVERY=${SAMPLE_EVERY:-10}
 READY_RUNS=${READY_RUNS:-5}
 ROUNDS=${ROUNDS:-5}
+TPUT_ROUNDS=${TPUT_ROUNDS:-3}
 FLOOR=${FLOOR:-1}
 CACHE_MB=${CACHE_MB:-16}
 REDIS_URL=${REDIS_URL-redis://127.0.0.1:6379}
@@ -91,7 +97,7 @@ for tool in cargo curl jq ss awk; do
   command -v "$tool" >/dev/null || { echo "run.sh: needs $tool" >&2; exit 2; }
 done
 
-COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS FLOOR=$FLOOR PIN=$PIN LATENCY_CPU=$LATENCY_CPU LOG_LEVEL=$LOG_LEVEL bench/run.sh"
+COMMAND="${SLUICE_BIN:+SLUICE_BIN=$SLUICE_BIN }${GATEWAY_ENV:+GATEWAY_ENV=\"$GATEWAY_ENV\" }RATE=$RATE DURATION=$DURATION WARMUP=$WARMUP CONNS=$CONNS STREAM=$STREAM STREAMS=$STREAMS HOLD=$HOLD SOAK=$SOAK ROUNDS=$ROUNDS TPUT_ROUNDS=$TPUT_ROUNDS FLOOR=$FLOOR PIN=$PIN LATENCY_CPU=$LATENCY_CPU LOG_LEVEL=$LOG_LEVEL bench/run.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 KEEP=$WORK
@@ -566,6 +572,16 @@ run_gateway() { # target config-function [redis]
       load "rate-round-$round" default "$GW_URL/v1/chat/completions" "$GW_PID" --rate "$RATE" "${COMMON[@]}"
     done
   fi
+  # Throughput pairs: the mock alone, then this gateway, seconds apart (placed as in the
+  # throughput run above).
+  local pair
+  for ((pair = 1; pair <= TPUT_ROUNDS; pair++)); do
+    load "cN-pair:$target:$pair" direct "$DIRECT" "$MOCK_PID" --connections "$CONNS" "${COMMON[@]}"
+    place "$GW_PID" own
+    load "cN-pair:$target:$pair" "$target" "$GW_URL/v1/chat/completions" "$GW_PID" \
+      --connections "$CONNS" "${COMMON[@]}" "${key[@]}"
+    place "$GW_PID" latency
+  done
   if [[ $target != default ]]; then
     # The same request every time: after the first, every one is a cache hit.
     load hit "$target" "$GW_URL/v1/chat/completions" "$GW_PID" --connections 1 \
@@ -657,6 +673,23 @@ rounds_summary() { # target
       end' "$RESULTS"
 }
 
+# Throughput over the pairs (direct, then the target, TPUT_ROUNDS times) for one target:
+# "MEDIAN R1/R2/..." in percent of direct, or nothing without pairs.
+pairs_ratio() { # target
+  jq -rs --arg t "$1" '
+    [ map(select((.scenario | split(":")) as $p | $p[0] == "cN-pair" and $p[1] == $t))
+      | group_by(.scenario)[]
+      | (map(select(.target == "direct"))[0]) as $d
+      | (map(select(.target == $t))[0]) as $g
+      | select($d != null and $g != null and $d.rps > 0)
+      | ($g.rps / $d.rps * 1000 | round / 10) ] as $ratios
+    | if ($ratios | length) == 0 then empty else
+      ($ratios | sort) as $s
+      | (($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2 * 10 | round / 10) as $median
+      | "\($median) \($ratios | map(tostring) | join("/"))"
+      end' "$RESULTS"
+}
+
 lat_rows() { # scenario title [base-scenario]
   local s=$1 title=$2 base=${3:-$1} t
   local d
@@ -707,9 +740,15 @@ targets_table() {
   done
   echo "$line"
   line="| throughput at $CONNS conns ≥ 30% of direct |"
+  local pairs
   for t in "${TARGETS[@]:1}"; do
     tput=$(one cN "$t" | jq -r --argjson d "$cNd" 'if . == null or $d == null or $d.rps == 0 then "" else (.rps / $d.rps * 1000 | round / 10) end')
-    line+=" $(verdict "$(le 30 "${tput:-0}")" "$tput%") |"
+    pairs=$(pairs_ratio "$t")
+    if [[ -n $pairs ]]; then
+      line+=" $(verdict "$(le 30 "${pairs%% *}")" "median ${pairs%% *}% of paired runs ${pairs#* }; single run $tput%") |"
+    else
+      line+=" $(verdict "$(le 30 "${tput:-0}")" "$tput%") |"
+    fi
   done
   echo "$line"
   line="| idle RSS ≤ 30 MB |"
