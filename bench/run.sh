@@ -652,19 +652,24 @@ mib() { # KiB (or null) -> MiB with one decimal
   jq -rn --argjson k "${1:-null}" 'if $k == null then "–" else ($k / 1024 * 10 | round / 10 | tostring) end'
 }
 
+# jq helpers for runs that alternate direct and a target: `pairs(select-run; round;
+# $t)` gives [direct run, target run] per round in which both ran; `median` of numbers.
+JQ_PAIRS='
+def median: sort as $s | ($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2;
+def pairs(f; round; $t):
+  map(select(f)) | group_by(round)[]
+  | (map(select(.target == "direct"))[0]) as $d
+  | (map(select(.target == $t))[0]) as $g
+  | select($d != null and $g != null) | [$d, $g];'
+
 # Added p50 at RATE over the alternating rounds (direct, [floor,] default, ROUNDS times),
 # for one target: its median and each round's.
 rounds_summary() { # target
-  jq -rs --arg rate "$RATE" --arg t "$1" '
-    [ map(select(.scenario | startswith("rate-round-")))
-      | group_by(.scenario | ltrimstr("rate-round-") | tonumber)[]
-      | (map(select(.target == "direct"))[0]) as $d
-      | (map(select(.target == $t))[0]) as $g
-      | select($d != null and $g != null)
-      | $g.latency.p50_us - $d.latency.p50_us ] as $added
+  jq -rs --arg rate "$RATE" --arg t "$1" "$JQ_PAIRS"'
+    [ pairs(.scenario | startswith("rate-round-"); .scenario | ltrimstr("rate-round-") | tonumber; $t)
+      | .[1].latency.p50_us - .[0].latency.p50_us ] as $added
     | if ($added | length) == 0 then empty else
-      ($added | sort) as $s
-      | (($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2) as $median
+      ($added | median) as $median
       | if $t == "default" then
           "Added p50 at \($rate)/s, default config, \($added | length) alternating rounds: median **\($median) µs** (rounds: \($added | map(tostring) | join(", ")) µs); issue #2 asks ≤ 200 µs."
         else
@@ -676,17 +681,12 @@ rounds_summary() { # target
 # Throughput over the pairs (direct, then the target, TPUT_ROUNDS times) for one target:
 # "MEDIAN R1/R2/..." in percent of direct, or nothing without pairs.
 pairs_ratio() { # target
-  jq -rs --arg t "$1" '
-    [ map(select((.scenario | split(":")) as $p | $p[0] == "cN-pair" and $p[1] == $t))
-      | group_by(.scenario)[]
-      | (map(select(.target == "direct"))[0]) as $d
-      | (map(select(.target == $t))[0]) as $g
-      | select($d != null and $g != null and $d.rps > 0)
-      | ($g.rps / $d.rps * 1000 | round / 10) ] as $ratios
+  jq -rs --arg t "$1" "$JQ_PAIRS"'
+    [ pairs((.scenario | split(":")) as $p | $p[0] == "cN-pair" and $p[1] == $t;
+            .scenario | split(":")[2] | tonumber; $t)
+      | select(.[0].rps > 0) | (.[1].rps / .[0].rps * 1000 | round / 10) ] as $ratios
     | if ($ratios | length) == 0 then empty else
-      ($ratios | sort) as $s
-      | (($s[(($s | length) - 1) / 2 | floor] + $s[($s | length) / 2 | floor]) / 2 * 10 | round / 10) as $median
-      | "\($median) \($ratios | map(tostring) | join("/"))"
+      "\($ratios | median * 10 | round / 10) \($ratios | map(tostring) | join("/"))"
       end' "$RESULTS"
 }
 
