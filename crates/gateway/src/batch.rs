@@ -1,9 +1,14 @@
 //! Gathering queued work into batches: the request log's writer and the cache's Redis
-//! writer both take what is queued, wait a little for more, and send it as one.
+//! writer both take what is queued, wait a little for more, and send it as one
+//! ([`gather`]); the Redis limit store and budget counters send what arrives while their
+//! previous call is on its way as one call ([`Combiner`]).
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Wait for at least one item, then take more into `batch` until it holds `max`, the
 /// channel is empty once `linger` has passed since the first arrived, or `enough` says
@@ -32,6 +37,196 @@ pub async fn gather<T>(
         }
     }
     taken
+}
+
+/// Several jobs sent as one call, one reply per job, in order.
+pub trait Batch: Send + Sync + 'static {
+    type Job: Send + Sync + 'static;
+    type Reply: Send + 'static;
+    type Error: Clone + Send + 'static;
+
+    /// Jobs in one call at most; more wait for the next.
+    const MAX_JOBS: usize;
+
+    fn send(
+        &self,
+        jobs: &[&Self::Job],
+    ) -> impl Future<Output = Result<Vec<Self::Reply>, Self::Error>> + Send;
+
+    /// How long a queued job waits for its reply.
+    fn patience(&self) -> Duration;
+
+    /// The error for a job that got no reply: `why` says what happened.
+    fn gave_up(&self, why: &str) -> Self::Error;
+}
+
+type Waiting<B> = (
+    <B as Batch>::Job,
+    oneshot::Sender<Result<<B as Batch>::Reply, <B as Batch>::Error>>,
+);
+
+struct Queue<B: Batch> {
+    /// A call is on its way; new jobs wait in `waiting`.
+    flying: bool,
+    waiting: Vec<Waiting<B>>,
+}
+
+/// Combines calls: a job that finds nothing in flight goes at once, from its caller's
+/// task, alone (at low load nothing waits); jobs that arrive while a call is on its way
+/// wait for it and go together in the next, sent from a task of its own. Under load this
+/// is one call per round trip whatever the number of callers.
+///
+/// Written here rather than taken from a crate: the batching crates found gather with a
+/// fixed wait or size, which costs a wait at low load; this batches only what queues
+/// behind a call in flight.
+pub struct Combiner<B: Batch> {
+    batch: B,
+    queue: Mutex<Queue<B>>,
+    /// Calls made, and the jobs they carried.
+    calls: AtomicU64,
+    jobs: AtomicU64,
+}
+
+/// Ends an inline call's turn, also when its caller gives up on it: what queued
+/// meanwhile goes next.
+struct Turn<'a, B: Batch>(&'a Arc<Combiner<B>>);
+
+impl<B: Batch> Drop for Turn<'_, B> {
+    fn drop(&mut self) {
+        self.0.next();
+    }
+}
+
+impl<B: Batch> Combiner<B> {
+    pub fn new(batch: B) -> Arc<Self> {
+        Arc::new(Combiner {
+            batch,
+            queue: Mutex::new(Queue {
+                flying: false,
+                waiting: Vec::new(),
+            }),
+            calls: AtomicU64::new(0),
+            jobs: AtomicU64::new(0),
+        })
+    }
+
+    /// What sends the calls.
+    pub fn batch(&self) -> &B {
+        &self.batch
+    }
+
+    /// Calls made so far and the jobs they carried.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.jobs.load(Ordering::Relaxed),
+        )
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue<B>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run `job`: alone when nothing is in flight, else with whatever queues behind the
+    /// call in flight, waiting at most [`Batch::patience`] for it.
+    pub async fn run(self: &Arc<Self>, job: B::Job) -> Result<B::Reply, B::Error> {
+        let wait = {
+            let mut queue = self.queue();
+            if queue.flying {
+                let (tx, rx) = oneshot::channel();
+                queue.waiting.push((job, tx));
+                Err(rx)
+            } else {
+                queue.flying = true;
+                Ok(job)
+            }
+        };
+        match wait {
+            Ok(job) => {
+                let _turn = Turn(self);
+                let mut replies = self.together(&[&job]).await?;
+                replies.pop().ok_or_else(|| self.batch.gave_up("no reply"))
+            }
+            Err(rx) => match tokio::time::timeout(self.batch.patience(), rx).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(_)) => Err(self.batch.gave_up("the call was dropped (shutting down)")),
+                Err(_) => Err(self
+                    .batch
+                    .gave_up(&format!("no answer within {:?}", self.batch.patience()))),
+            },
+        }
+    }
+
+    /// After a call: send what queued meanwhile from a task of its own, or mark the
+    /// way clear.
+    fn next(self: &Arc<Self>) {
+        let mut queue = self.queue();
+        if queue.waiting.is_empty() {
+            queue.flying = false;
+            return;
+        }
+        let batch = std::mem::take(&mut queue.waiting);
+        drop(queue);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(self.clone().drain(batch));
+            }
+            // No runtime left (shutting down): the waiting calls fail as dropped.
+            Err(_) => {
+                self.queue().flying = false;
+                drop(batch);
+            }
+        }
+    }
+
+    /// Send batches until nothing waits.
+    async fn drain(self: Arc<Self>, mut batch: Vec<Waiting<B>>) {
+        loop {
+            let rest = if batch.len() > B::MAX_JOBS {
+                batch.split_off(B::MAX_JOBS.max(1))
+            } else {
+                Vec::new()
+            };
+            let jobs: Vec<&B::Job> = batch.iter().map(|(job, _)| job).collect();
+            match self.together(&jobs).await {
+                Ok(replies) => {
+                    for ((_, tx), reply) in batch.drain(..).zip(replies) {
+                        let _ = tx.send(Ok(reply));
+                    }
+                }
+                Err(e) => {
+                    for (_, tx) in batch.drain(..) {
+                        let _ = tx.send(Err(e.clone()));
+                    }
+                }
+            }
+            batch = rest;
+            if batch.is_empty() {
+                let mut queue = self.queue();
+                if queue.waiting.is_empty() {
+                    queue.flying = false;
+                    return;
+                }
+                batch = std::mem::take(&mut queue.waiting);
+            }
+        }
+    }
+
+    /// `jobs` in one call, whatever else is in flight: one reply per job, in order.
+    pub async fn together(&self, jobs: &[&B::Job]) -> Result<Vec<B::Reply>, B::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let replies = self.batch.send(jobs).await?;
+        if replies.len() == jobs.len() {
+            Ok(replies)
+        } else {
+            Err(self.batch.gave_up(&format!(
+                "{} replies for {} jobs",
+                replies.len(),
+                jobs.len()
+            )))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -672,3 +672,211 @@ async fn a_check_and_a_settlement_cost_one_round_trip_each() {
     assert!(matches!(more, Verdict::Allowed { .. }), "{more:?}");
     assert_eq!(remaining(&more), [520, 520, 520]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_that_arrive_together_go_as_one_script_call_and_stay_exact() {
+    let prefix = support::unique_redis_prefix();
+    let b = Arc::new(store(&prefix).await);
+    const N: usize = 200;
+    let (calls_before, jobs_before) = b.checks().counts();
+    // As 200 requests of one key and one user at once: 60 a minute, a cap of 50 at once.
+    let tasks: Vec<JoinHandle<Result<Verdict, BackendError>>> = (0..N)
+        .map(|i| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let check = Check {
+                    penalty_key: Some("p:o:u".into()),
+                    charges: vec![
+                        charge("k:rpm", 60, MINUTE, 1),
+                        charge("u:rpm", 1000, MINUTE, 1),
+                    ],
+                    leases: vec![lease("u:conc", 50, &format!("req-{i}"), MINUTE)],
+                };
+                b.check(&check).await
+            })
+        })
+        .collect();
+    let (mut allowed, mut by_rate, mut by_cap) = (0, 0, 0);
+    for t in tasks {
+        match t.await.unwrap_or_else(|e| panic!("task: {e}")) {
+            Ok(Verdict::Allowed { .. }) => allowed += 1,
+            Ok(Verdict::Refused { index: 0, .. }) => by_rate += 1,
+            Ok(Verdict::Refused { index: 2, .. }) => by_cap += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        (allowed, by_rate + by_cap),
+        (50, N - 50),
+        "the cap of 50 binds first"
+    );
+    let (calls, jobs) = b.checks().counts();
+    let (calls, jobs) = (calls - calls_before, jobs - jobs_before);
+    assert_eq!(jobs, N as u64, "one job per check");
+    eprintln!("{jobs} checks at once: {calls} script calls");
+    assert!(
+        calls * 4 <= jobs,
+        "{jobs} checks arriving together took {calls} script calls"
+    );
+    // Exactly the admitted ones hold a lease and were charged: ten more fit the minute's
+    // 60, and the per-user bucket counted the same 50.
+    let mut raw = support::redis_raw().await;
+    let lease_set = format!("{prefix}rl:v1:l:u:conc");
+    let held: u64 = redis::cmd("ZCARD")
+        .arg(&lease_set)
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("ZCARD: {e}"));
+    assert_eq!(held, 50);
+    let probe = ok(b
+        .check(&charges(vec![
+            charge("k:rpm", 60, MINUTE, 10),
+            charge("u:rpm", 1000, MINUTE, 1),
+        ]))
+        .await);
+    assert_eq!(remaining(&probe), [0, 949], "{probe:?}");
+    let keys = support::keys_under(&prefix).await;
+    support::assert_every_key_expires(&keys).await;
+}
+
+/// The script's `check` and `settle` operations with several jobs in one call: each job
+/// sees the ones before it, as separate calls back to back would.
+#[tokio::test]
+async fn several_jobs_in_one_call_run_in_order() {
+    use redis::Value;
+    use sluice_gateway::limits::combine::{CheckJob, SettleJob};
+
+    let prefix = support::unique_redis_prefix();
+    let b = store(&prefix).await;
+    let (bucket, leases, penalty) = (
+        format!("{prefix}b"),
+        format!("{prefix}l"),
+        format!("{prefix}p"),
+    );
+    const HALF: u64 = 30_000_000;
+    const PERIOD: u64 = 60_000_000;
+    // Two a minute: each charge moves the bucket by half the period; one slot.
+    let check = |id: &str, charges: usize, penalized: bool| CheckJob {
+        penalty: penalized.then(|| penalty.clone()),
+        charges: vec![(bucket.clone(), HALF, PERIOD); charges],
+        leases: if id.is_empty() {
+            vec![]
+        } else {
+            vec![(leases.clone(), 1, PERIOD, id.to_string())]
+        },
+    };
+    let ints = |v: &Value| -> Vec<i64> {
+        let Value::Array(items) = v else {
+            panic!("not an array: {v:?}")
+        };
+        items
+            .iter()
+            .map(|i| match i {
+                Value::Int(n) => *n,
+                other => panic!("not a number: {other:?}"),
+            })
+            .collect()
+    };
+    let half = HALF as i64;
+    let jobs = [
+        check("a", 1, true),
+        // The slot is a's.
+        check("b", 1, true),
+        // Two charges on one bucket: the second sees the first and does not fit.
+        check("", 2, false),
+    ];
+    let replies = ok(b.checks().together(&jobs.iter().collect::<Vec<_>>()).await);
+    assert_eq!(replies.len(), 3);
+    let first = ints(&replies[0]);
+    let now = first[1];
+    assert_eq!(first, [1, now, -1, 0], "allowed, from an empty bucket");
+    assert_eq!(
+        ints(&replies[1]),
+        [1, now, 1, now + half],
+        "refused at the lease"
+    );
+    assert_eq!(
+        ints(&replies[2]),
+        [1, now, 1, now + half, now + 2 * half],
+        "the second charge saw the first"
+    );
+    // Written once each: a's charge (the refused jobs moved nothing), a's lease alone.
+    let mut raw = support::redis_raw().await;
+    let read_tat = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        let bucket = bucket.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(&bucket)
+                .query_async::<Option<i64>>(&mut raw)
+                .await
+                .unwrap_or_else(|e| panic!("GET: {e}"))
+        }
+    };
+    assert_eq!(read_tat(&mut raw).await, Some(now + half));
+    let members = |raw: &mut redis::aio::MultiplexedConnection| {
+        let mut raw = raw.clone();
+        let leases = leases.clone();
+        async move {
+            redis::cmd("ZRANGE")
+                .arg(&leases)
+                .arg(0)
+                .arg(-1)
+                .query_async::<Vec<String>>(&mut raw)
+                .await
+                .unwrap_or_else(|e| panic!("ZRANGE: {e}"))
+        }
+    };
+    assert_eq!(members(&mut raw).await, ["a"]);
+    support::assert_every_key_expires(&[bucket.clone(), leases.clone()]).await;
+
+    // Settlements together: a refunds its charge and gives its slot back (a release of
+    // a lease never taken changes nothing), then a later request is charged half more.
+    let settle = |forward: bool, id: &str| SettleJob {
+        forward,
+        buckets: vec![(bucket.clone(), HALF)],
+        leases: vec![(leases.clone(), id.to_string())],
+    };
+    let jobs = [settle(false, "a"), settle(true, "never")];
+    let replies = ok(b
+        .settlements()
+        .together(&jobs.iter().collect::<Vec<_>>())
+        .await);
+    assert_eq!(replies, [Value::Int(1), Value::Int(1)]);
+    let tat = read_tat(&mut raw).await.unwrap_or(0);
+    // Back to now, then forward by half: about now + half again, on the later clock.
+    assert!(tat > now + half && tat < now + half + 5_000_000, "{tat}");
+    assert!(members(&mut raw).await.is_empty(), "the slot was released");
+
+    // A penalty answers every check that names it, and only those.
+    let _: () = redis::cmd("SET")
+        .arg(&penalty)
+        .arg("block")
+        .arg("PX")
+        .arg(5_000)
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("SET: {e}"));
+    let jobs = [
+        check("d", 0, true),
+        check("", 0, false),
+        check("e", 0, true),
+    ];
+    let replies = ok(b.checks().together(&jobs.iter().collect::<Vec<_>>()).await);
+    for i in [0, 2] {
+        let Value::Array(items) = &replies[i] else {
+            panic!("{:?}", replies[i])
+        };
+        assert_eq!(items[0], Value::Int(0), "job {i} is penalized");
+        assert_eq!(items[1], Value::BulkString(b"block".to_vec()));
+        assert!(matches!(items[2], Value::Int(1..=5_000)), "{:?}", items[2]);
+    }
+    assert_eq!(ints(&replies[1])[2], -1, "no penalty named: allowed");
+    let _: () = redis::cmd("DEL")
+        .arg(&bucket)
+        .arg(&leases)
+        .arg(&penalty)
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("DEL: {e}"));
+}

@@ -1,9 +1,10 @@
 -- limits_v1: Sluice's rate-limit script, version 1. Its keys live under `<prefix>rl:v1:`;
 -- a change to what a key holds is a new file (limits_v2.lua) with new keys, so two
 -- versions running side by side during a rollout never read each other's numbers. An
--- operation may be added (as `settle` and `sync` were) or dropped (as `adjust` was, a one-bucket
--- `settle`) without one: the keys mean what they meant, and each gateway runs the
--- script text it was built with.
+-- operation may be added (as `settle` and `sync` were), dropped (as `adjust` was, a
+-- one-bucket `settle`) or take new arguments (as `check` and `settle` did, to take
+-- several requests at once) without one: the keys mean what they meant, and each
+-- gateway runs the script text it was built with.
 --
 -- ARGV[1] picks the operation; each is one atomic step on Redis's own clock (TIME), so
 -- any number of gateways share exact limits. Layouts (KEYS / ARGV) are documented in
@@ -44,16 +45,18 @@ local function ms_until(until_us, now)
   return int(math.ceil((until_us - now) / 1000) + 1)
 end
 
--- Move a bucket's TAT (`tat`, as read) by `inc` µs: forward ('+', a charge after the
--- fact) or back ('-', a refund; unused allowance does not carry into the future).
--- Returns the new TAT.
-local function adjust(key, tat, sign, inc, now)
-  local new_tat
+-- A bucket's TAT (`tat`) moved by `inc` µs: forward ('+', a charge after the fact) or
+-- back ('-', a refund; unused allowance does not carry into the future).
+local function moved(tat, sign, inc, now)
   if sign == '+' then
-    new_tat = math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
-  else
-    new_tat = math.max(tat - inc, now)
+    return math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
   end
+  return math.max(tat - inc, now)
+end
+
+-- Move a bucket's TAT (`tat`, as read) and write it. Returns the new TAT.
+local function adjust(key, tat, sign, inc, now)
+  local new_tat = moved(tat, sign, inc, now)
   if new_tat > now then
     redis.call('SET', key, int(new_tat), 'PX', ms_until(new_tat, now))
   else
@@ -64,105 +67,195 @@ end
 
 local op = ARGV[1]
 
-if op == 'check' then
-  -- KEYS: [penalty key if ARGV[2] == '1'], n bucket keys, m lease keys.
-  -- ARGV: 'check', has_penalty, n, m, then (increment_us, period_us) per charge,
-  --       then (max, ttl_us, lease id) per lease.
-  -- Returns {0, penalty, pttl_ms} when penalized, else
-  --         {1, now_us, refused (0-based, -1 = none), tat each charge started from...}.
+if op == 'check' or op == 'settle' then
+  -- One or more requests' checks (or settlements), run one after the other exactly as
+  -- separate calls would run back to back at one instant: the gateway sends the ones
+  -- that arrive while its previous call is on its way together. Each bucket is read
+  -- once and written once, each lease set added to (or released from) once: a
+  -- redis.call costs more than the Lua around it, and concurrent requests mostly name
+  -- the same buckets (a key's, a tier's, the total).
+  -- KEYS: each job's keys, in job order: a check's penalty key (when it names one), then
+  --   its bucket keys and lease keys; a settlement's bucket keys, then lease keys.
+  -- ARGV: 'check' or 'settle', the job count, then per job:
+  --   check: has_penalty ('1'/'0'), n, m, then (increment_us, period_us) per charge, then
+  --          (max, ttl_us, lease id) per lease;
+  --   settle: '+' or '-', n, m, then increment_us per bucket, then the lease id per lease.
+  -- Returns one reply per job, in order: a check's {0, penalty, pttl_ms} when
+  -- penalized, else {1, now_us, refused (0-based, -1 = none), tat each charge started
+  -- from...}; a settlement's 1.
+  local check = op == 'check'
   local now = now_us()
-  local k = 1
-  if ARGV[2] == '1' then
-    local penalty = redis.call('GET', KEYS[1])
-    if penalty then
-      return {0, penalty, redis.call('PTTL', KEYS[1])}
+  local count = tonumber(ARGV[2])
+  -- Every bucket once, in one MGET.
+  local tats, stored, buckets = {}, {}, {}
+  if count == 1 then
+    local n = tonumber(ARGV[4])
+    local k = (check and ARGV[3] == '1') and 2 or 1
+    for i = k, k + n - 1 do
+      buckets[#buckets + 1] = KEYS[i]
     end
-    k = 2
+  else
+    local a, k = 3, 1
+    for _ = 1, count do
+      local n, m = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      if check then
+        if ARGV[a] == '1' then
+          k = k + 1
+        end
+        a = a + 3 + 2 * n + 3 * m
+      else
+        a = a + 3 + n + m
+      end
+      for i = k, k + n - 1 do
+        local key = KEYS[i]
+        if stored[key] == nil then
+          stored[key] = 0
+          buckets[#buckets + 1] = key
+        end
+      end
+      k = k + n + m
+    end
   end
-  local n, m = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local out = {1, now, -1}
-  local refused = -1
-  -- Several charges may name the same bucket: each sees the ones before it.
-  local tats, stored, order = {}, {}, {}
-  -- Every bucket in one MGET: a redis.call costs more than the read it makes.
-  local read = n > 0 and redis.call('MGET', unpack(KEYS, k, k + n - 1)) or {}
-  for i = 0, n - 1 do
-    local key = KEYS[k + i]
-    local inc, period = tonumber(ARGV[5 + 2 * i]), tonumber(ARGV[6 + 2 * i])
-    local tat = tats[key]
-    if tat == nil then
-      tat = tonumber(read[i + 1]) or 0
-      stored[key] = tat
-      order[#order + 1] = key
+  if #buckets > 0 then
+    local read = redis.call('MGET', unpack(buckets))
+    for i, key in ipairs(buckets) do
+      local tat = tonumber(read[i]) or 0
+      tats[key], stored[key] = tat, tat
     end
-    out[#out + 1] = tat
-    local new_tat = math.max(tat, now) + inc
-    if new_tat <= now + period then
-      tats[key] = new_tat
+  end
+  -- Per lease set: the members to add ({expiry, id, ...}, one ZADD at the end) and the
+  -- latest expiry among them, or the ids to release (one ZREM).
+  local members, last = {}, {}
+  local out = {}
+  local a, k = 3, 1
+  if check then
+    -- Leases held per set (expired ones dropped on first sight), penalties per key.
+    local held, penalties = {}, {}
+    for _ = 1, count do
+      local n, m = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      local penalty = false
+      if ARGV[a] == '1' then
+        local key = KEYS[k]
+        k = k + 1
+        penalty = penalties[key]
+        if penalty == nil then
+          local value = redis.call('GET', key)
+          penalty = value and {0, value, redis.call('PTTL', key)} or false
+          penalties[key] = penalty
+        end
+      end
+      local charges, leases = a + 3, a + 3 + 2 * n
+      local lease_keys = k + n
+      if penalty then
+        out[#out + 1] = penalty
+      else
+        local reply = {1, now, -1}
+        local refused = -1
+        -- This check's own moves; several charges may name one bucket.
+        local mine = {}
+        for i = 0, n - 1 do
+          local key = KEYS[k + i]
+          local inc = tonumber(ARGV[charges + 2 * i])
+          local period = tonumber(ARGV[charges + 2 * i + 1])
+          local tat = mine[key] or tats[key]
+          reply[#reply + 1] = tat
+          local new_tat = math.max(tat, now) + inc
+          if new_tat <= now + period then
+            mine[key] = new_tat
+          else
+            mine[key] = tat
+            if refused < 0 then
+              refused = i
+            end
+          end
+        end
+        if refused < 0 then
+          local taken = {}
+          for j = 0, m - 1 do
+            local key = KEYS[lease_keys + j]
+            local c = held[key]
+            if c == nil then
+              redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
+              c = redis.call('ZCARD', key)
+              held[key] = c
+            end
+            local t = taken[key] or 0
+            if c + t >= tonumber(ARGV[leases + 3 * j]) then
+              refused = n + j
+              break
+            end
+            taken[key] = t + 1
+          end
+        end
+        reply[3] = refused
+        if refused < 0 then
+          for key, tat in pairs(mine) do
+            tats[key] = tat
+          end
+          for j = 0, m - 1 do
+            local key = KEYS[lease_keys + j]
+            local expiry = now + tonumber(ARGV[leases + 3 * j + 1])
+            held[key] = held[key] + 1
+            local list = members[key]
+            if list == nil then
+              list = {}
+              members[key] = list
+            end
+            list[#list + 1] = int(expiry)
+            list[#list + 1] = ARGV[leases + 3 * j + 2]
+            last[key] = math.max(last[key] or 0, expiry)
+          end
+        end
+        out[#out + 1] = reply
+      end
+      a = leases + 3 * m
+      k = k + n + m
+    end
+  else
+    for _ = 1, count do
+      local sign, n, m = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      for i = 0, n - 1 do
+        local key = KEYS[k + i]
+        tats[key] = moved(tats[key], sign, tonumber(ARGV[a + 3 + i]), now)
+      end
+      for j = 0, m - 1 do
+        local key = KEYS[k + n + j]
+        local list = members[key]
+        if list == nil then
+          list = {}
+          members[key] = list
+        end
+        list[#list + 1] = ARGV[a + 3 + n + j]
+      end
+      out[#out + 1] = 1
+      a = a + 3 + n + m
+      k = k + n + m
+    end
+  end
+  for _, key in ipairs(buckets) do
+    local tat = tats[key]
+    if tat ~= stored[key] then
+      if tat > now then
+        redis.call('SET', key, int(tat), 'PX', ms_until(tat, now))
+      elseif stored[key] > 0 then
+        redis.call('DEL', key)
+      end
+    end
+  end
+  for key, list in pairs(members) do
+    if check then
+      redis.call('ZADD', key, unpack(list))
+      -- The set outlives its longest lease: its TTL only grows (PTTL is -1 for the
+      -- set this ZADD made).
+      local want = ms_until(last[key], now)
+      if redis.call('PTTL', key) < tonumber(want) then
+        redis.call('PEXPIRE', key, want)
+      end
     else
-      tats[key] = tat
-      if refused < 0 then
-        refused = i
-      end
-    end
-  end
-  local lease_argv = 5 + 2 * n
-  if refused < 0 then
-    local taken = {}
-    for j = 0, m - 1 do
-      local key = KEYS[k + n + j]
-      local max = tonumber(ARGV[lease_argv + 3 * j])
-      if taken[key] == nil then
-        redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
-        taken[key] = 0
-      end
-      if redis.call('ZCARD', key) + taken[key] >= max then
-        refused = n + j
-        break
-      end
-      taken[key] = taken[key] + 1
-    end
-  end
-  out[3] = refused
-  if refused >= 0 then
-    return out
-  end
-  for _, key in ipairs(order) do
-    local tat = tats[key]
-    if tat ~= stored[key] and tat > now then
-      redis.call('SET', key, int(tat), 'PX', ms_until(tat, now))
-    end
-  end
-  for j = 0, m - 1 do
-    local key = KEYS[k + n + j]
-    local ttl, id = tonumber(ARGV[lease_argv + 3 * j + 1]), ARGV[lease_argv + 3 * j + 2]
-    redis.call('ZADD', key, int(now + ttl), id)
-    -- The set outlives its longest lease: its TTL only grows (PTTL is -1 for the set
-    -- this ZADD made).
-    local want = ms_until(now + ttl, now)
-    if redis.call('PTTL', key) < tonumber(want) then
-      redis.call('PEXPIRE', key, want)
+      redis.call('ZREM', key, unpack(list))
     end
   end
   return out
-elseif op == 'settle' then
-  -- A finished request, in one call: every bucket moved the same way, every lease
-  -- released. KEYS: n bucket keys, then lease keys. ARGV: 'settle', '+' or '-', n, then
-  -- increment_us per bucket, then the lease id per lease key.
-  local now = now_us()
-  local n = tonumber(ARGV[3])
-  -- One MGET, as in check; a bucket named twice sees its first adjustment.
-  local read = n > 0 and redis.call('MGET', unpack(KEYS, 1, n)) or {}
-  local tats = {}
-  for i = 1, n do
-    local key = KEYS[i]
-    local tat = tats[key] or tonumber(read[i]) or 0
-    tats[key] = adjust(key, tat, ARGV[2], tonumber(ARGV[3 + i]), now)
-  end
-  for j = n + 1, #KEYS do
-    redis.call('ZREM', KEYS[j], ARGV[3 + j])
-  end
-  return 1
 elseif op == 'sync' then
   -- One instance's reconciliation (`[redis] sync`): what it charged and
   -- refunded on its own since its last sync goes in, everybody's state comes back.

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod capacity;
+pub mod combine;
 pub mod config;
 pub mod gcra;
 pub mod limiter;

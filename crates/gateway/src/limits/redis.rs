@@ -1,7 +1,8 @@
 //! The Redis limit store: exact limits shared by every gateway instance. Each check,
-//! adjustment and abuse signal is one call of one Lua script (`limits_v1.lua`) that reads
+//! settlement and abuse signal is a job of one Lua script (`limits_v1.lua`) that reads
 //! Redis's clock, so the read-modify-write is atomic across instances and immune to
-//! their clock skew. The connection is a [`RedisConn`], which reconnects by itself;
+//! their clock skew. Checks and settlements that arrive while one call is on its way go
+//! together in the next ([`Combiner`], one for checks and one for settlements): one script run, each key read and written once. The connection is a [`RedisConn`], which reconnects by itself;
 //! every call is bounded by the configured timeout and fails as
 //! [`BackendError::Unavailable`], so the limiter can fall back or refuse.
 //!
@@ -17,12 +18,14 @@
 //!
 //! | op | KEYS | ARGV after the op |
 //! | --- | --- | --- |
-//! | `check` | penalty key (when given), one bucket key per charge, one lease key per lease | `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
-//! | `settle` | n bucket keys, then one key per lease | `+` or `-`, `n`, then `increment_us` per bucket, then the lease id per lease |
+//! | `check` | each check's keys in turn: its penalty key (when given), bucket keys, lease keys | the number of checks, then per check: `has_penalty` (`1`/`0`), `n` charges, `m` leases, then `increment_us period_us` per charge, then `max ttl_us id` per lease |
+//! | `settle` | each settlement's keys in turn: bucket keys, then lease keys | the number of settlements, then per settlement: `+` or `-`, `n`, `m`, then `increment_us` per bucket, then the lease id per lease |
 //! | `signal` | counter key, penalty key | `window_ms threshold penalty period_ms` |
 //! | `sync` | n bucket keys, m synced-lease hashes, p penalty keys | `n m p instance lease_ttl_ms`, then the signed TAT move (µs) per bucket, then the leases held per hash |
 //!
-//! `check` answers `{0, penalty, pttl_ms}` when penalized, else `{1, now_us, refused,
+//! `check` and `settle` take one request or several (as separate calls back to back
+//! would run) and answer one reply each: a settlement's `1`, a check's `{0, penalty,
+//! pttl_ms}` when penalized, else `{1, now_us, refused,
 //! tat...}` with `refused` the 0-based index of the first refusing charge or lease (-1
 //! for none) and, per charge, the TAT it was charged against; [`gcra::charge`] on those
 //! gives the exact bucket states here, so the script does no multiplication that a
@@ -33,6 +36,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,8 +45,10 @@ use redis::{RedisResult, Script, Value};
 use super::backend::{
     ActivePenalty, Backend, BackendError, Bucket, BucketState, Check, Lease, Signal, Verdict,
 };
+use super::combine::{CheckJob, LimitCalls, SettleJob};
 use super::config::RedisConfig;
 use super::gcra;
+use crate::batch::Combiner;
 use crate::redis_conn::RedisConn;
 
 /// The script's name and version; the version is also in every key it writes.
@@ -85,6 +91,10 @@ impl Kind {
 pub struct RedisBackend {
     conn: RedisConn,
     script: Script,
+    /// Checks, and apart from them settlements: an admission never waits behind the
+    /// settlements of requests that have finished.
+    checks: Arc<Combiner<LimitCalls<CheckJob>>>,
+    settlements: Arc<Combiner<LimitCalls<SettleJob>>>,
     /// `{prefix}rl:v1:`
     base: String,
 }
@@ -123,11 +133,24 @@ impl RedisBackend {
 
     /// A store for `config` on a connection made already (shared with other stores).
     pub fn with_conn(conn: RedisConn, config: &RedisConfig) -> RedisBackend {
+        let script = Script::new(SCRIPT_SOURCE);
         RedisBackend {
+            checks: Combiner::new(LimitCalls::new(conn.clone(), script.clone())),
+            settlements: Combiner::new(LimitCalls::new(conn.clone(), script.clone())),
             conn,
-            script: Script::new(SCRIPT_SOURCE),
+            script,
             base: format!("{}rl:{SCRIPT_VERSION}:", config.prefix),
         }
+    }
+
+    /// What sends the checks (its counts show how they were combined).
+    pub fn checks(&self) -> &Arc<Combiner<LimitCalls<CheckJob>>> {
+        &self.checks
+    }
+
+    /// What sends the settlements.
+    pub fn settlements(&self) -> &Arc<Combiner<LimitCalls<SettleJob>>> {
+        &self.settlements
     }
 
     /// The full Redis key for a logical key.
@@ -153,7 +176,7 @@ impl RedisBackend {
     }
 }
 
-fn bad_reply(what: &str) -> BackendError {
+pub(super) fn bad_reply(what: &str) -> BackendError {
     BackendError::Unavailable(format!("redis {what}: unexpected reply from {SCRIPT_NAME}"))
 }
 
@@ -358,32 +381,29 @@ impl Backend for RedisBackend {
         if check.penalty_key.is_none() && check.charges.is_empty() && check.leases.is_empty() {
             return Ok(Verdict::Allowed { states: Vec::new() });
         }
-        let mut call = self.script.prepare_invoke();
-        call.arg("check")
-            .arg(if check.penalty_key.is_some() {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(check.charges.len())
-            .arg(check.leases.len());
-        if let Some(penalty) = &check.penalty_key {
-            call.key(self.key(Kind::Penalty, penalty));
-        }
-        for c in &check.charges {
-            let (inc, period) = increment(c.cost, &c.bucket);
-            call.key(self.key(Kind::Bucket, &c.bucket.key))
-                .arg(inc)
-                .arg(period);
-        }
-        for l in &check.leases {
-            call.key(self.key(Kind::Lease, &l.key))
-                .arg(l.max)
-                .arg(span_us(l.ttl))
-                .arg(&l.id);
-        }
-        let mut con = self.conn.handle();
-        let reply: Value = self.within("check", call.invoke_async(&mut con)).await?;
+        let job = CheckJob {
+            penalty: check
+                .penalty_key
+                .as_ref()
+                .map(|p| self.key(Kind::Penalty, p)),
+            charges: check
+                .charges
+                .iter()
+                .map(|c| {
+                    let (inc, period) = increment(c.cost, &c.bucket);
+                    (self.key(Kind::Bucket, &c.bucket.key), inc, period)
+                })
+                .collect(),
+            leases: check
+                .leases
+                .iter()
+                .map(|l| {
+                    let key = self.key(Kind::Lease, &l.key);
+                    (key, l.max, span_us(l.ttl), l.id.clone())
+                })
+                .collect(),
+        };
+        let reply = self.checks.run(job).await?;
         verdict(&reply, check)
     }
 
@@ -397,9 +417,10 @@ impl Backend for RedisBackend {
         self.settle(&[], 0, std::slice::from_ref(lease)).await
     }
 
-    /// Every adjustment and release in one script call: one round trip (and one script
-    /// run) per finished request. The call names the script by its hash and loads it
-    /// again when Redis has lost it (a restart, `SCRIPT FLUSH`).
+    /// Every adjustment and release in one job: at most one round trip (and one script
+    /// run) per finished request, shared with whatever else goes at that moment. The
+    /// call names the script by its hash and loads it again when Redis has lost it (a
+    /// restart, `SCRIPT FLUSH`).
     async fn settle(
         &self,
         buckets: &[Bucket],
@@ -410,20 +431,21 @@ impl Backend for RedisBackend {
         if buckets.is_empty() && leases.is_empty() {
             return Ok(());
         }
-        let mut call = self.script.prepare_invoke();
-        call.arg("settle")
-            .arg(if delta > 0 { "+" } else { "-" })
-            .arg(buckets.len());
-        for bucket in buckets {
-            call.key(self.key(Kind::Bucket, &bucket.key))
-                .arg(adjust_increment(bucket, delta));
+        let job = SettleJob {
+            forward: delta > 0,
+            buckets: buckets
+                .iter()
+                .map(|b| (self.key(Kind::Bucket, &b.key), adjust_increment(b, delta)))
+                .collect(),
+            leases: leases
+                .iter()
+                .map(|l| (self.key(Kind::Lease, &l.key), l.id.clone()))
+                .collect(),
+        };
+        match self.settlements.run(job).await? {
+            Value::Int(1) => Ok(()),
+            _ => Err(bad_reply("settle")),
         }
-        for lease in leases {
-            call.key(self.key(Kind::Lease, &lease.key)).arg(&lease.id);
-        }
-        let mut con = self.conn.handle();
-        self.within("settle", call.invoke_async::<()>(&mut con))
-            .await
     }
 
     async fn signal(&self, signal: &Signal) -> Result<bool, BackendError> {
