@@ -163,16 +163,25 @@ async fn charge_200_at_once(
 async fn two_instances_charging_at_once_cross_each_threshold_exactly_once() {
     let prefix = support::unique_redis_prefix();
     let source: Arc<dyn SpendSource> = Arc::new(Fixed(0, AtomicU64::new(0)));
-    let ledgers: [Arc<dyn BudgetLedger>; 2] = [
+    let redis = [
         Arc::new(ledger(&prefix, source.clone()).await),
         Arc::new(ledger(&prefix, source.clone()).await),
     ];
+    let ledgers: [Arc<dyn BudgetLedger>; 2] = [redis[0].clone(), redis[1].clone()];
     let counters = two_counters();
     let all = charge_200_at_once(&ledgers, &counters).await;
+    // Charges that arrive together go as one script call, and each still learns what
+    // it alone crossed: the spend right after it.
     for x in &all {
         let t = counters[x.counter].thresholds[x.threshold];
         assert!(x.spent >= t && x.spent < t + 61, "{x:?} crossed {t}");
     }
+    let (calls, jobs) = redis
+        .iter()
+        .map(|l| l.charges().counts())
+        .fold((0, 0), |(c, j), (c1, j1)| (c + c1, j + j1));
+    assert_eq!(jobs, 200);
+    assert!(calls * 4 <= jobs, "200 charges at once took {calls} calls");
     let spend = ledgers[0].check(&counters).await.unwrap();
     assert_eq!(spend[0].spent, 200 * 61);
     assert_eq!(spend[1].spent, 200 * 61);

@@ -1,7 +1,8 @@
 -- budgets_v1: Sluice's budget counters, version 1. Keys live under `<prefix>budget:v1:`;
 -- a change to what a key holds is a new file (budgets_v2.lua) with new keys, so two
 -- versions running side by side during a rollout never read each other's numbers. A new
--- way to call it (as `each` was added) keeps the keys' meaning and needs none.
+-- way to call it (as `each` and `batch` were added, and a one-request form dropped for
+-- `batch`) keeps the keys' meaning and needs none.
 --
 -- Each key holds one counter's spend (one rule, one period, one key / owner / end user /
 -- feature) in integer nano-dollars. Keys are created only by the gateway, with
@@ -9,17 +10,23 @@
 -- instances initialising one counter at once agree on its start; this script never
 -- creates one.
 --
--- charge: KEYS = the counters one request counts against.
---   ARGV[1] = amount (nano-dollars, > 0), then per key: expire_at_ms, n, then n
---   thresholds (absolute nano-dollars, ascending).
---   Or ARGV[1] = 'each', then per key: its own amount (> 0), expire_at_ms, n, then n
---   thresholds: several requests' charges summed per counter (`[redis] sync`).
---   A missing key charges nothing anywhere: returns {0, i, ...} with the 1-based index
---   of every missing key, so the caller initialises them and calls again.
---   Otherwise returns {1, spend_1, crossed_1, spend_2, crossed_2, ...}: each counter's
---   spend after the charge and a bit mask of the thresholds this charge crossed
---   (bit j-1 for threshold j, when old < t_j <= new). INCRBY is atomic, so across any
---   number of instances exactly one charge crosses each threshold of a period.
+-- Two ways to call it, each with KEYS = the counters charged, each once:
+--   ARGV[1] = 'batch': several requests' charges, run as separate calls back to back
+--   would run (the gateway sends the charges that arrive while one call is on its way
+--   together). Then per key: the sum charged to it (> 0), expire_at_ms, n, then n
+--   thresholds (absolute nano-dollars, ascending); then the number of charges, then per
+--   charge: its amount (> 0), c, then the 1-based indices of its c keys.
+--   Returns {1, charge_1, charge_2, ...}, each charge {spend_1, crossed_1, spend_2,
+--   crossed_2, ...} for its keys in its order: the counter's spend after that charge and
+--   a bit mask of the thresholds that charge crossed (bit j-1 for threshold j, when
+--   old < t_j <= new).
+--   ARGV[1] = 'each': charges already summed per counter (`[redis] sync`). Then per key:
+--   its amount (> 0), expire_at_ms, n, then n thresholds. Returns {1, spend_1,
+--   crossed_1, spend_2, crossed_2, ...} for the sums.
+--   Either way, a missing key charges nothing anywhere: returns {0, i, ...} with the
+--   1-based index of every missing key, so the caller initialises them and calls
+--   again. INCRBY is atomic, so across any number of instances exactly one charge
+--   crosses each threshold of a period.
 --
 -- Precision: INCRBY works on 64-bit integers; Lua numbers are doubles, exact below 2^53
 -- nano-dollars (about $9 million per counter and period). Past that the comparisons
@@ -28,8 +35,6 @@
 if redis.replicate_commands then
   redis.replicate_commands()
 end
-
-local each = ARGV[1] == 'each'
 
 local missing = {}
 for i, key in ipairs(KEYS) do
@@ -45,33 +50,67 @@ if #missing > 0 then
   return reply
 end
 
-local reply = {1}
-local a = 2
-for _, key in ipairs(KEYS) do
-  -- The amount goes to INCRBY as the caller wrote it: a Lua number would be formatted
-  -- with 14 significant digits.
-  local amount = ARGV[1]
-  if each then
-    amount = ARGV[a]
-    a = a + 1
+-- Add `amount` (as the caller wrote it: a Lua number would be formatted with 14
+-- significant digits) to KEYS[i]; repair a lost expiry. Returns the spend before.
+local function add(i, amount, expire_at)
+  local new = redis.call('INCRBY', KEYS[i], amount)
+  -- Set when the key was made; this only repairs a key that lost its expiry.
+  if redis.call('PTTL', KEYS[i]) == -1 then
+    redis.call('PEXPIREAT', KEYS[i], expire_at)
   end
-  local expire_at = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  local new = redis.call('INCRBY', key, amount)
-  local old = new - tonumber(amount)
+  return new - tonumber(amount)
+end
+
+-- The thresholds (ARGV[a + 1 .. a + n]) a move from `old` to `new` crossed, as a mask.
+local function crossed(a, n, old, new)
   local mask = 0
   for j = 1, n do
-    local t = tonumber(ARGV[a + 1 + j])
+    local t = tonumber(ARGV[a + j])
     if old < t and t <= new then
       mask = mask + 2 ^ (j - 1)
     end
   end
-  -- Set when the key was made; this only repairs a key that lost its expiry.
-  if redis.call('PTTL', key) == -1 then
-    redis.call('PEXPIREAT', key, expire_at)
+  return mask
+end
+
+local reply = {1}
+local a = 2
+if ARGV[1] == 'batch' then
+  -- Per key: the spend before this batch, and where its thresholds are in ARGV.
+  local spend, at, count = {}, {}, {}
+  for i = 1, #KEYS do
+    local n = tonumber(ARGV[a + 2])
+    spend[i] = add(i, ARGV[a], ARGV[a + 1])
+    at[i], count[i] = a + 2, n
+    a = a + 3 + n
   end
+  local charges = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, charges do
+    local amount, c = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    local one = {}
+    for x = 1, c do
+      local i = tonumber(ARGV[a + 1 + x])
+      local old = spend[i]
+      spend[i] = old + amount
+      one[#one + 1] = spend[i]
+      one[#one + 1] = crossed(at[i], count[i], old, spend[i])
+    end
+    reply[#reply + 1] = one
+    a = a + 2 + c
+  end
+  return reply
+end
+
+if ARGV[1] ~= 'each' then
+  return redis.error_reply('budgets_v1: unknown operation')
+end
+for i = 1, #KEYS do
+  local amount, expire_at, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local old = add(i, amount, expire_at)
+  local new = old + tonumber(amount)
   reply[#reply + 1] = new
-  reply[#reply + 1] = mask
-  a = a + 2 + n
+  reply[#reply + 1] = crossed(a + 2, n, old, new)
+  a = a + 3 + n
 end
 return reply

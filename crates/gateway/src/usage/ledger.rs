@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use redis::{Script, Value};
 
+use crate::batch::{Batch, Combiner};
 use crate::limits::config::RedisConfig;
 use crate::redis_conn::RedisConn;
 use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
@@ -267,8 +268,17 @@ impl BudgetLedger for MemoryLedger {
 
 // ---- several instances ----
 
-/// Counters in Redis, shared by every instance.
+/// Counters in Redis, shared by every instance. Charges that arrive while one is on its
+/// way go together in the next ([`Combiner`]): one script call that adds each counter's
+/// sum once and reports what each charge crossed as if it had run alone.
 pub struct RedisLedger {
+    counters: Counters,
+    charges: Arc<Combiner<Counters>>,
+}
+
+/// What a [`RedisLedger`] reaches Redis with.
+#[derive(Clone)]
+struct Counters {
     conn: RedisConn,
     script: Script,
     /// `{prefix}budget:v1:`
@@ -279,8 +289,8 @@ pub struct RedisLedger {
 impl fmt::Debug for RedisLedger {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLedger")
-            .field("keys", &self.base)
-            .field("conn", &self.conn)
+            .field("keys", &self.counters.base)
+            .field("conn", &self.counters.conn)
             .finish_non_exhaustive()
     }
 }
@@ -303,14 +313,25 @@ impl RedisLedger {
         config: &RedisConfig,
         source: Arc<dyn SpendSource>,
     ) -> RedisLedger {
-        RedisLedger {
+        let counters = Counters {
             conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}budget:{SCRIPT_VERSION}:", config.prefix),
             source,
+        };
+        RedisLedger {
+            charges: Combiner::new(counters.clone()),
+            counters,
         }
     }
 
+    /// What sends the charges (its counts show how they were combined).
+    pub fn charges(&self) -> &Arc<Combiner<impl Batch>> {
+        &self.charges
+    }
+}
+
+impl Counters {
     fn key(&self, tail: &str) -> String {
         let mut k = String::with_capacity(self.base.len() + tail.len());
         k.push_str(&self.base);
@@ -353,38 +374,112 @@ impl RedisLedger {
         self.within("init", pipe.query_async::<()>(&mut con)).await
     }
 
-    /// One charge script call: `amounts` added to `counters`, each counter started from
-    /// the log first when Redis does not hold it.
-    async fn charge_amounts(
+    /// Sums already made per counter (`[redis] sync`) in one script call (`each`): what
+    /// each sum crossed, and each counter's spend after it.
+    async fn charge_sums(
         &self,
         counters: &[Counter],
-        amounts: Amounts<'_>,
+        amounts: &[i64],
     ) -> Result<Charged, LedgerError> {
         let mut call = self.script.prepare_invoke();
-        match amounts {
-            Amounts::One(nanos) => call.arg(nanos),
-            Amounts::Each(_) => call.arg("each"),
-        };
-        for (i, c) in counters.iter().enumerate() {
-            call.key(self.key(&c.key));
-            if let Amounts::Each(each) = amounts {
-                call.arg(each[i]);
-            }
-            call.arg(c.expires_at_ms).arg(c.thresholds.len());
-            for t in &c.thresholds {
-                call.arg(*t);
+        call.arg("each");
+        for (c, amount) in counters.iter().zip(amounts) {
+            call.key(self.key(&c.key)).arg(*amount);
+            self.counter_args(&mut call, c);
+        }
+        let keys: Vec<&Counter> = counters.iter().collect();
+        let items = self.charge_call(&call, &keys).await?;
+        charged(&items, counters)
+    }
+
+    /// Several requests' charges (counters, nano-dollars) in one script call (`batch`),
+    /// run as separate calls back to back would: what each charge crossed.
+    async fn charge_each(
+        &self,
+        charges: &[&(Vec<Counter>, i64)],
+    ) -> Result<Vec<Vec<Crossing>>, LedgerError> {
+        // Each counter once, with the sum charged to it.
+        let mut index: foldhash::HashMap<&str, usize> = foldhash::HashMap::default();
+        let mut keys: Vec<&Counter> = Vec::new();
+        let mut sums: Vec<i64> = Vec::new();
+        for (counters, nanos) in charges {
+            for c in counters {
+                let i = *index.entry(c.key.as_str()).or_insert_with(|| {
+                    keys.push(c);
+                    sums.push(0);
+                    keys.len() - 1
+                });
+                sums[i] = sums[i].saturating_add(*nanos);
             }
         }
-        // At most twice: a missing counter is started from the log between the calls.
+        let mut call = self.script.prepare_invoke();
+        call.arg("batch");
+        for (c, sum) in keys.iter().zip(&sums) {
+            call.key(self.key(&c.key)).arg(*sum);
+            self.counter_args(&mut call, c);
+        }
+        call.arg(charges.len());
+        for (counters, nanos) in charges {
+            call.arg(*nanos).arg(counters.len());
+            for c in counters {
+                call.arg(index.get(c.key.as_str()).map_or(0, |i| i + 1));
+            }
+        }
+        let items = self.charge_call(&call, &keys).await?;
+        if items.len() != charges.len() {
+            return Err(bad_reply());
+        }
+        items
+            .iter()
+            .zip(charges)
+            .map(|(item, (counters, _))| match item {
+                Value::Array(pairs) => charged(pairs, counters).map(|(crossings, _)| crossings),
+                _ => Err(bad_reply()),
+            })
+            .collect()
+    }
+
+    /// A counter's expiry and thresholds, as both ways of calling the script take them.
+    fn counter_args(&self, call: &mut redis::ScriptInvocation<'_>, c: &Counter) {
+        call.arg(c.expires_at_ms).arg(c.thresholds.len());
+        for t in &c.thresholds {
+            call.arg(*t);
+        }
+    }
+
+    /// Run a charge call on `keys` (in KEYS order): its reply after the leading `1`. When
+    /// Redis lacks some counters, they are started from the log and the call runs once
+    /// more.
+    async fn charge_call(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        keys: &[&Counter],
+    ) -> Result<Vec<Value>, LedgerError> {
         for _ in 0..2 {
             let mut con = self.conn.handle();
             let reply: Value = self.within("charge", call.invoke_async(&mut con)).await?;
-            match charge_reply(&reply, counters)? {
-                Ok(charged) => return Ok(charged),
-                Err(missing) => {
-                    let missing: Vec<&Counter> = missing.iter().map(|i| &counters[*i]).collect();
+            let Value::Array(mut items) = reply else {
+                return Err(bad_reply());
+            };
+            match items.first().and_then(int) {
+                Some(1) => {
+                    items.remove(0);
+                    return Ok(items);
+                }
+                Some(0) => {
+                    let missing = items[1..]
+                        .iter()
+                        .map(|v| {
+                            int(v)
+                                .and_then(|i| usize::try_from(i).ok())
+                                .and_then(|i| i.checked_sub(1))
+                                .and_then(|i| keys.get(i).copied())
+                                .ok_or_else(bad_reply)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
                     self.init(&missing).await?;
                 }
+                _ => return Err(bad_reply()),
             }
         }
         Err(LedgerError::Unavailable(
@@ -402,14 +497,6 @@ impl RedisLedger {
     }
 }
 
-/// What a charge adds: one amount to every counter (a request), or one per counter
-/// (several requests summed, [`SyncedLedger`]).
-#[derive(Clone, Copy)]
-enum Amounts<'a> {
-    One(i64),
-    Each(&'a [i64]),
-}
-
 fn bad_reply() -> LedgerError {
     LedgerError::Unavailable(format!("redis charge: unexpected reply from {SCRIPT_NAME}"))
 }
@@ -424,51 +511,30 @@ fn int(v: &Value) -> Option<i64> {
 /// What one charge did: the thresholds it crossed, and each counter's spend after it.
 type Charged = (Vec<Crossing>, Vec<i64>);
 
-/// Read the `charge` reply: `Err(missing)` with the 0-based indexes of missing counters,
-/// or what the charge did.
-fn charge_reply(
-    reply: &Value,
-    counters: &[Counter],
-) -> Result<Result<Charged, Vec<usize>>, LedgerError> {
-    let Value::Array(items) = reply else {
+/// One charge's part of a reply, `spend, crossed` per counter of `counters`: what it
+/// did.
+fn charged(pairs: &[Value], counters: &[Counter]) -> Result<Charged, LedgerError> {
+    if pairs.len() != 2 * counters.len() {
         return Err(bad_reply());
-    };
-    match items.first().and_then(int) {
-        Some(0) => {
-            let missing = items[1..]
-                .iter()
-                .map(|v| {
-                    int(v)
-                        .and_then(|i| usize::try_from(i).ok())
-                        .and_then(|i| i.checked_sub(1))
-                        .filter(|i| *i < counters.len())
-                        .ok_or_else(bad_reply)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Err(missing))
-        }
-        Some(1) if items.len() == 1 + 2 * counters.len() => {
-            let mut out = Vec::new();
-            let mut spends = Vec::with_capacity(counters.len());
-            for (i, (c, pair)) in counters.iter().zip(items[1..].chunks_exact(2)).enumerate() {
-                let (Some(spent), Some(mask)) = (int(&pair[0]), int(&pair[1])) else {
-                    return Err(bad_reply());
-                };
-                spends.push(spent);
-                out.extend(
-                    (0..c.thresholds.len())
-                        .filter(|j| mask & (1 << j) != 0)
-                        .map(|threshold| Crossing {
-                            counter: i,
-                            threshold,
-                            spent,
-                        }),
-                );
-            }
-            Ok(Ok((out, spends)))
-        }
-        _ => Err(bad_reply()),
     }
+    let mut out = Vec::new();
+    let mut spends = Vec::with_capacity(counters.len());
+    for (i, (c, pair)) in counters.iter().zip(pairs.chunks_exact(2)).enumerate() {
+        let (Some(spent), Some(mask)) = (int(&pair[0]), int(&pair[1])) else {
+            return Err(bad_reply());
+        };
+        spends.push(spent);
+        out.extend(
+            (0..c.thresholds.len())
+                .filter(|j| mask & (1 << j) != 0)
+                .map(|threshold| Crossing {
+                    counter: i,
+                    threshold,
+                    spent,
+                }),
+        );
+    }
+    Ok((out, spends))
 }
 
 #[async_trait]
@@ -477,6 +543,51 @@ impl BudgetLedger for RedisLedger {
         "redis"
     }
 
+    async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
+        self.counters.check(counters).await
+    }
+
+    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError> {
+        if counters.is_empty() || nanos <= 0 {
+            return Ok(Vec::new());
+        }
+        self.charges.run((counters.to_vec(), nanos)).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
+        self.counters.list(prefix).await
+    }
+}
+
+/// Charges, several in one script call.
+impl Batch for Counters {
+    type Job = (Vec<Counter>, i64);
+    type Reply = Vec<Crossing>;
+    type Error = LedgerError;
+
+    const MAX_JOBS: usize = 128;
+
+    async fn send(&self, jobs: &[&(Vec<Counter>, i64)]) -> Result<Vec<Vec<Crossing>>, LedgerError> {
+        // One charge alone is a sum of one: the script's `each` form, which costs Redis
+        // less than `batch` (~30k instructions a call less, counted under callgrind).
+        if let [(counters, nanos)] = jobs {
+            let amounts = vec![*nanos; counters.len()];
+            let (crossings, _) = self.charge_sums(counters, &amounts).await?;
+            return Ok(vec![crossings]);
+        }
+        self.charge_each(jobs).await
+    }
+
+    fn patience(&self) -> Duration {
+        self.conn.timeout()
+    }
+
+    fn gave_up(&self, why: &str) -> LedgerError {
+        LedgerError::Unavailable(format!("redis charge: {why}"))
+    }
+}
+
+impl Counters {
     async fn check(&self, counters: &[Counter]) -> Result<Vec<Spend>, LedgerError> {
         if counters.is_empty() {
             return Ok(Vec::new());
@@ -503,14 +614,6 @@ impl BudgetLedger for RedisLedger {
                 })
             })
             .collect()
-    }
-
-    async fn charge(&self, counters: &[Counter], nanos: i64) -> Result<Vec<Crossing>, LedgerError> {
-        if counters.is_empty() || nanos <= 0 {
-            return Ok(Vec::new());
-        }
-        let (crossings, _) = self.charge_amounts(counters, Amounts::One(nanos)).await?;
-        Ok(crossings)
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, i64)>, LedgerError> {
@@ -601,10 +704,7 @@ impl SyncedLedger {
         if counters.is_empty() {
             return Ok(());
         }
-        let result = self
-            .redis
-            .charge_amounts(&counters, Amounts::Each(&amounts))
-            .await;
+        let result = self.redis.counters.charge_sums(&counters, &amounts).await;
         let (crossings, spends) = match result {
             Ok(charged) => charged,
             Err(e) => {
@@ -819,16 +919,10 @@ mod tests {
     }
 
     #[test]
-    fn the_charge_reply_becomes_crossings() {
+    fn a_charge_reply_becomes_crossings() {
         let counters = [counter("a", 100, &[80, 100]), counter("b", 10, &[8])];
-        let reply = Value::Array(vec![
-            Value::Int(1),
-            Value::Int(90),
-            Value::Int(1),
-            Value::Int(12),
-            Value::Int(1),
-        ]);
-        let (crossings, spends) = charge_reply(&reply, &counters).unwrap().unwrap();
+        let pairs = [Value::Int(90), Value::Int(1), Value::Int(12), Value::Int(1)];
+        let (crossings, spends) = charged(&pairs, &counters).unwrap();
         assert_eq!(
             crossings,
             [
@@ -845,14 +939,11 @@ mod tests {
             ]
         );
         assert_eq!(spends, [90, 12], "each counter's spend after the charge");
-        let missing = Value::Array(vec![Value::Int(0), Value::Int(2)]);
-        assert_eq!(charge_reply(&missing, &counters).unwrap(), Err(vec![1]));
         for bad in [
-            Value::Int(1),
-            Value::Array(vec![Value::Int(1), Value::Int(3)]),
-            Value::Array(vec![Value::Int(0), Value::Int(3)]),
+            &pairs[..3],
+            &[Value::Int(90), Value::Nil, Value::Int(12), Value::Int(1)][..],
         ] {
-            assert!(charge_reply(&bad, &counters).is_err(), "{bad:?}");
+            assert!(charged(bad, &counters).is_err(), "{bad:?}");
         }
     }
 }
