@@ -283,4 +283,84 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::ZERO, "closed: no wait");
         assert_eq!(gather(&mut rx, &mut batch, 8, linger, |_| false).await, 0);
     }
+
+    /// Answers each job with ten times itself after `delay`, noting the calls.
+    struct Echo {
+        calls: Mutex<Vec<Vec<u32>>>,
+        delay: Duration,
+    }
+
+    impl Batch for Echo {
+        type Job = u32;
+        type Reply = u32;
+        type Error = String;
+
+        const MAX_JOBS: usize = 3;
+
+        async fn send(&self, jobs: &[&u32]) -> Result<Vec<u32>, String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(jobs.iter().map(|j| **j).collect());
+            tokio::time::sleep(self.delay).await;
+            Ok(jobs.iter().map(|j| **j * 10).collect())
+        }
+
+        fn patience(&self) -> Duration {
+            Duration::from_secs(60)
+        }
+
+        fn gave_up(&self, why: &str) -> String {
+            why.to_string()
+        }
+    }
+
+    fn echo() -> Arc<Combiner<Echo>> {
+        Combiner::new(Echo {
+            calls: Mutex::new(Vec::new()),
+            delay: Duration::from_millis(10),
+        })
+    }
+
+    fn spawn_run(
+        c: &Arc<Combiner<Echo>>,
+        job: u32,
+    ) -> tokio::task::JoinHandle<Result<u32, String>> {
+        let c = c.clone();
+        tokio::spawn(async move { c.run(job).await })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn alone_at_once_together_behind_a_call_in_flight() {
+        let c = echo();
+        let first = spawn_run(&c, 1);
+        tokio::task::yield_now().await;
+        // 1 is on its way: these wait, then go at most three a call.
+        let rest: Vec<_> = (2..=6).map(|j| spawn_run(&c, j)).collect();
+        assert_eq!(first.await.unwrap(), Ok(10));
+        for (j, t) in (2..=6).zip(rest) {
+            assert_eq!(t.await.unwrap(), Ok(j * 10));
+        }
+        // Nothing in flight: the next goes at once, alone.
+        assert_eq!(c.run(7).await, Ok(70));
+        let calls = c.batch().calls.lock().unwrap().clone();
+        assert_eq!(calls, [vec![1], vec![2, 3, 4], vec![5, 6], vec![7]]);
+        assert_eq!(c.counts(), (4, 7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_mid_call_hands_the_queue_on() {
+        let c = echo();
+        let first = spawn_run(&c, 1);
+        tokio::task::yield_now().await;
+        let second = spawn_run(&c, 2);
+        tokio::task::yield_now().await;
+        // The caller whose call is in flight goes away (a client hung up).
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        assert_eq!(second.await.unwrap(), Ok(20), "2 still went");
+        assert_eq!(c.run(3).await, Ok(30), "and the way is clear after it");
+        let calls = c.batch().calls.lock().unwrap().clone();
+        assert_eq!(calls, [vec![1], vec![2], vec![3]]);
+    }
 }

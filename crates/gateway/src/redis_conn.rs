@@ -6,12 +6,14 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, RedisResult};
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::batch::{Batch, Combiner};
 use crate::limits::config::RedisConfig;
 
 /// Reconnection backoff: a quick first retry, and at most a second between attempts so
@@ -188,6 +190,64 @@ impl RedisPool {
         self.conns
             .push((config.url.clone(), config.timeout, conn.clone()));
         Ok(conn)
+    }
+}
+
+/// Reads of one kind (the cache's lookups, the budget counters' reads) through a
+/// [`Combiner`](crate::batch::Combiner): the keys of the reads that queue behind one in
+/// flight go as one `MGET`. Each kind has its own, so a request's reads of different
+/// kinds still leave together, in one round trip.
+pub struct Reads {
+    conn: RedisConn,
+    what: &'static str,
+}
+
+impl Reads {
+    pub fn new(conn: RedisConn, what: &'static str) -> Arc<Combiner<Reads>> {
+        Combiner::new(Reads { conn, what })
+    }
+}
+
+impl Batch for Reads {
+    /// The keys of one read.
+    type Job = Vec<String>;
+    /// Each key's value (`None`: missing), in the read's order.
+    type Reply = Vec<Option<Vec<u8>>>;
+    type Error = String;
+
+    const MAX_JOBS: usize = 128;
+
+    async fn send(&self, reads: &[&Vec<String>]) -> Result<Vec<Self::Reply>, String> {
+        let mut mget = redis::cmd("MGET");
+        for keys in reads {
+            mget.arg(keys.as_slice());
+        }
+        let mut con = self.conn.handle();
+        let values: Vec<Option<Vec<u8>>> = self
+            .conn
+            .within(self.what, mget.query_async(&mut con))
+            .await?;
+        let total: usize = reads.iter().map(|keys| keys.len()).sum();
+        if values.len() != total {
+            return Err(format!(
+                "redis {}: {} values for {total} keys",
+                self.what,
+                values.len()
+            ));
+        }
+        let mut values = values.into_iter();
+        Ok(reads
+            .iter()
+            .map(|keys| values.by_ref().take(keys.len()).collect())
+            .collect())
+    }
+
+    fn patience(&self) -> Duration {
+        self.conn.timeout()
+    }
+
+    fn gave_up(&self, why: &str) -> String {
+        format!("redis {}: {why}", self.what)
     }
 }
 

@@ -376,3 +376,60 @@ async fn an_answer_with_the_upstream_bytes_is_stored_as_they_came() {
         String::from_utf8_lossy(&value)
     );
 }
+
+/// Lookups (and budget reads) that queue behind one in flight go as one `MGET`, and each
+/// gets the values of its own keys, in its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_arrive_together_go_as_one_mget() {
+    use sluice_gateway::redis_conn::{Reads, RedisConn};
+
+    let prefix = support::unique_redis_prefix();
+    let mut raw = support::redis_raw().await;
+    let key = |i: usize| format!("{prefix}k{i}");
+    for i in (0..40).step_by(2) {
+        let () = redis::cmd("SET")
+            .arg(key(i))
+            .arg(format!("v{i}"))
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut raw)
+            .await
+            .unwrap_or_else(|e| panic!("SET: {e}"));
+    }
+    let config = support::redis_config(
+        support::redis_url(),
+        &prefix,
+        FailMode::Open,
+        Duration::from_secs(5),
+    );
+    let conn = RedisConn::connect(&config, "test").unwrap_or_else(|e| panic!("{e}"));
+    let reads = Reads::new(conn, "test read");
+    // 100 reads at once, each of three keys (every other key is set).
+    let tasks: Vec<_> = (0..100)
+        .map(|r| {
+            let reads = reads.clone();
+            let keys: Vec<String> = (0..3).map(|j| key((r + j) % 40)).collect();
+            tokio::spawn(async move { (r, reads.run(keys).await) })
+        })
+        .collect();
+    for t in tasks {
+        let (r, got) = t.await.unwrap_or_else(|e| panic!("task: {e}"));
+        let got = got.unwrap_or_else(|e| panic!("read {r}: {e}"));
+        let want: Vec<Option<Vec<u8>>> = (0..3)
+            .map(|j| {
+                let i = (r + j) % 40;
+                (i % 2 == 0).then(|| format!("v{i}").into_bytes())
+            })
+            .collect();
+        assert_eq!(got, want, "read {r}");
+    }
+    let (calls, jobs) = reads.counts();
+    assert_eq!(jobs, 100);
+    assert!(calls * 4 <= jobs, "100 reads at once took {calls} MGETs");
+    let keys: Vec<String> = (0..40).map(key).collect();
+    let () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut raw)
+        .await
+        .unwrap_or_else(|e| panic!("DEL: {e}"));
+}

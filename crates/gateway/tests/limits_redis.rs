@@ -87,6 +87,13 @@ fn ok<T>(r: Result<T, BackendError>) -> T {
     r.unwrap_or_else(|e| panic!("the store failed: {e}"))
 }
 
+/// One command on the test server, straight (not through a store).
+async fn raw<T: redis::FromRedisValue>(cmd: &redis::Cmd) -> T {
+    cmd.query_async(&mut support::redis_raw().await)
+        .await
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_instances_admit_exactly_the_limit() {
     let prefix = support::unique_redis_prefix();
@@ -720,13 +727,8 @@ async fn checks_that_arrive_together_go_as_one_script_call_and_stay_exact() {
     );
     // Exactly the admitted ones hold a lease and were charged: ten more fit the minute's
     // 60, and the per-user bucket counted the same 50.
-    let mut raw = support::redis_raw().await;
     let lease_set = format!("{prefix}rl:v1:l:u:conc");
-    let held: u64 = redis::cmd("ZCARD")
-        .arg(&lease_set)
-        .query_async(&mut raw)
-        .await
-        .unwrap_or_else(|e| panic!("ZCARD: {e}"));
+    let held: u64 = raw(redis::cmd("ZCARD").arg(&lease_set)).await;
     assert_eq!(held, 50);
     let probe = ok(b
         .check(&charges(vec![
@@ -801,33 +803,11 @@ async fn several_jobs_in_one_call_run_in_order() {
         "the second charge saw the first"
     );
     // Written once each: a's charge (the refused jobs moved nothing), a's lease alone.
-    let mut raw = support::redis_raw().await;
-    let read_tat = |raw: &mut redis::aio::MultiplexedConnection| {
-        let mut raw = raw.clone();
-        let bucket = bucket.clone();
-        async move {
-            redis::cmd("GET")
-                .arg(&bucket)
-                .query_async::<Option<i64>>(&mut raw)
-                .await
-                .unwrap_or_else(|e| panic!("GET: {e}"))
-        }
-    };
-    assert_eq!(read_tat(&mut raw).await, Some(now + half));
-    let members = |raw: &mut redis::aio::MultiplexedConnection| {
-        let mut raw = raw.clone();
-        let leases = leases.clone();
-        async move {
-            redis::cmd("ZRANGE")
-                .arg(&leases)
-                .arg(0)
-                .arg(-1)
-                .query_async::<Vec<String>>(&mut raw)
-                .await
-                .unwrap_or_else(|e| panic!("ZRANGE: {e}"))
-        }
-    };
-    assert_eq!(members(&mut raw).await, ["a"]);
+    let tat = || async { raw::<Option<i64>>(redis::cmd("GET").arg(&bucket)).await };
+    let members =
+        || async { raw::<Vec<String>>(redis::cmd("ZRANGE").arg(&leases).arg(0).arg(-1)).await };
+    assert_eq!(tat().await, Some(now + half));
+    assert_eq!(members().await, ["a"]);
     support::assert_every_key_expires(&[bucket.clone(), leases.clone()]).await;
 
     // Settlements together: a refunds its charge and gives its slot back (a release of
@@ -843,20 +823,18 @@ async fn several_jobs_in_one_call_run_in_order() {
         .together(&jobs.iter().collect::<Vec<_>>())
         .await);
     assert_eq!(replies, [Value::Int(1), Value::Int(1)]);
-    let tat = read_tat(&mut raw).await.unwrap_or(0);
+    let tat = tat().await.unwrap_or(0);
     // Back to now, then forward by half: about now + half again, on the later clock.
     assert!(tat > now + half && tat < now + half + 5_000_000, "{tat}");
-    assert!(members(&mut raw).await.is_empty(), "the slot was released");
+    assert!(members().await.is_empty(), "the slot was released");
 
     // A penalty answers every check that names it, and only those.
-    let _: () = redis::cmd("SET")
+    let () = raw(redis::cmd("SET")
         .arg(&penalty)
         .arg("block")
         .arg("PX")
-        .arg(5_000)
-        .query_async(&mut raw)
-        .await
-        .unwrap_or_else(|e| panic!("SET: {e}"));
+        .arg(5_000))
+    .await;
     let jobs = [
         check("d", 0, true),
         check("", 0, false),
@@ -872,11 +850,5 @@ async fn several_jobs_in_one_call_run_in_order() {
         assert!(matches!(items[2], Value::Int(1..=5_000)), "{:?}", items[2]);
     }
     assert_eq!(ints(&replies[1])[2], -1, "no penalty named: allowed");
-    let _: () = redis::cmd("DEL")
-        .arg(&bucket)
-        .arg(&leases)
-        .arg(&penalty)
-        .query_async(&mut raw)
-        .await
-        .unwrap_or_else(|e| panic!("DEL: {e}"));
+    let () = raw(redis::cmd("DEL").arg(&bucket).arg(&leases).arg(&penalty)).await;
 }

@@ -34,8 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::config::CacheConfig;
 use super::key::CacheKey;
+use crate::batch::Combiner;
 use crate::limits::config::RedisConfig;
-use crate::redis_conn::{RedisConn, RedisPool};
+use crate::redis_conn::{Reads, RedisConn, RedisPool};
 use crate::telemetry::Metrics;
 use crate::wire::ChatResponse;
 
@@ -127,7 +128,8 @@ struct Counters {
 }
 
 struct RedisTier {
-    conn: RedisConn,
+    /// Lookups, those that queue behind one in flight sent as one `MGET`.
+    reads: Arc<Combiner<Reads>>,
     /// `{prefix}cache:v2:`.
     namespace: String,
     failures: Arc<Failures>,
@@ -255,7 +257,7 @@ impl ResponseCache {
                 from: Origin::NoRedis,
             };
         };
-        let found = match redis.get_many(&[redis.answer_key(key)]).await {
+        let found = match redis.get_many(vec![redis.answer_key(key)]).await {
             Ok(mut found) => found.pop().flatten(),
             Err(e) => {
                 self.redis_failed("chat", e);
@@ -386,7 +388,7 @@ impl ResponseCache {
             .iter()
             .map(|&i| redis.vector_key(&keys[i]))
             .collect();
-        match redis.get_many(&redis_keys).await {
+        match redis.get_many(redis_keys).await {
             Ok(hits) => {
                 for (&i, hit) in missing.iter().zip(hits) {
                     from[i] = Origin::Redis;
@@ -647,7 +649,7 @@ impl RedisTier {
         let linger = config.sync.unwrap_or(Duration::ZERO);
         let writes = Self::writer(conn.clone(), failures.clone(), linger);
         Self {
-            conn,
+            reads: Reads::new(conn.clone(), "cache get"),
             namespace: format!("{}{REDIS_NAMESPACE}", config.prefix),
             failures,
             writes,
@@ -664,14 +666,11 @@ impl RedisTier {
 
     /// Each key's value and remaining TTL, in one `MGET`; `None` for a missing key, one
     /// past its expiry, or a malformed value.
-    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<(Vec<u8>, Duration)>>, String> {
-        let mut mget = redis::cmd("MGET");
-        mget.arg(keys);
-        let mut con = self.conn.handle();
-        let values: Vec<Option<Vec<u8>>> = self
-            .conn
-            .within("cache get", mget.query_async(&mut con))
-            .await?;
+    async fn get_many(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<(Vec<u8>, Duration)>>, String> {
+        let values = self.reads.run(keys).await?;
         let now = crate::usage::now_ms();
         Ok(values
             .into_iter()

@@ -32,7 +32,7 @@ use redis::{Script, Value};
 
 use crate::batch::{Batch, Combiner};
 use crate::limits::config::RedisConfig;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{Reads, RedisConn};
 use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
 
 /// The script's version; also in every key it writes.
@@ -280,6 +280,8 @@ pub struct RedisLedger {
 #[derive(Clone)]
 struct Counters {
     conn: RedisConn,
+    /// Reads, those that queue behind one in flight sent as one `MGET`.
+    reads: Arc<Combiner<Reads>>,
     script: Script,
     /// `{prefix}budget:v1:`
     base: String,
@@ -314,6 +316,7 @@ impl RedisLedger {
         source: Arc<dyn SpendSource>,
     ) -> RedisLedger {
         let counters = Counters {
+            reads: Reads::new(conn.clone(), "budget check"),
             conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}budget:{SCRIPT_VERSION}:", config.prefix),
@@ -488,12 +491,25 @@ impl Counters {
     }
 
     async fn read(&self, counters: &[Counter]) -> Result<Vec<Option<i64>>, LedgerError> {
-        let mut cmd = redis::cmd("MGET");
-        for c in counters {
-            cmd.arg(self.key(&c.key));
-        }
-        let mut con = self.conn.handle();
-        self.within("check", cmd.query_async(&mut con)).await
+        let keys = counters.iter().map(|c| self.key(&c.key)).collect();
+        let values = self
+            .reads
+            .run(keys)
+            .await
+            .map_err(LedgerError::Unavailable)?;
+        values
+            .into_iter()
+            .map(|v| match v {
+                None => Ok(None),
+                Some(bytes) => std::str::from_utf8(&bytes)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        LedgerError::Unavailable("redis check: a counter is not a number".into())
+                    }),
+            })
+            .collect()
     }
 }
 
