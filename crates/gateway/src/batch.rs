@@ -48,6 +48,11 @@ pub trait Batch: Send + Sync + 'static {
     /// Jobs in one call at most; more wait for the next.
     const MAX_JOBS: usize;
 
+    /// Whether a queued job is still sent when its caller stopped waiting for it (gave
+    /// up, or went away with its client): a settlement or a charge must land; a check
+    /// or a read nobody waits for is better not made.
+    const SEND_ABANDONED: bool;
+
     fn send(
         &self,
         jobs: &[&Self::Job],
@@ -182,13 +187,21 @@ impl<B: Batch> Combiner<B> {
     /// Send batches until nothing waits.
     async fn drain(self: Arc<Self>, mut batch: Vec<Waiting<B>>) {
         loop {
+            if !B::SEND_ABANDONED {
+                batch.retain(|(_, tx)| !tx.is_closed());
+            }
             let rest = if batch.len() > B::MAX_JOBS {
                 batch.split_off(B::MAX_JOBS.max(1))
             } else {
                 Vec::new()
             };
             let jobs: Vec<&B::Job> = batch.iter().map(|(job, _)| job).collect();
-            match self.together(&jobs).await {
+            let replies = if jobs.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.together(&jobs).await
+            };
+            match replies {
                 Ok(replies) => {
                     for ((_, tx), reply) in batch.drain(..).zip(replies) {
                         let _ = tx.send(Ok(reply));
@@ -285,17 +298,18 @@ mod tests {
     }
 
     /// Answers each job with ten times itself after `delay`, noting the calls.
-    struct Echo {
+    struct Echo<const SEND: bool> {
         calls: Mutex<Vec<Vec<u32>>>,
         delay: Duration,
     }
 
-    impl Batch for Echo {
+    impl<const SEND: bool> Batch for Echo<SEND> {
         type Job = u32;
         type Reply = u32;
         type Error = String;
 
         const MAX_JOBS: usize = 3;
+        const SEND_ABANDONED: bool = SEND;
 
         async fn send(&self, jobs: &[&u32]) -> Result<Vec<u32>, String> {
             self.calls
@@ -315,15 +329,15 @@ mod tests {
         }
     }
 
-    fn echo() -> Arc<Combiner<Echo>> {
+    fn echo<const SEND: bool>() -> Arc<Combiner<Echo<SEND>>> {
         Combiner::new(Echo {
             calls: Mutex::new(Vec::new()),
             delay: Duration::from_millis(10),
         })
     }
 
-    fn spawn_run(
-        c: &Arc<Combiner<Echo>>,
+    fn spawn_run<const SEND: bool>(
+        c: &Arc<Combiner<Echo<SEND>>>,
         job: u32,
     ) -> tokio::task::JoinHandle<Result<u32, String>> {
         let c = c.clone();
@@ -332,7 +346,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn alone_at_once_together_behind_a_call_in_flight() {
-        let c = echo();
+        let c = echo::<true>();
         let first = spawn_run(&c, 1);
         tokio::task::yield_now().await;
         // 1 is on its way: these wait, then go at most three a call.
@@ -350,7 +364,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_caller_that_gives_up_mid_call_hands_the_queue_on() {
-        let c = echo();
+        let c = echo::<true>();
         let first = spawn_run(&c, 1);
         tokio::task::yield_now().await;
         let second = spawn_run(&c, 2);
@@ -362,5 +376,24 @@ mod tests {
         assert_eq!(c.run(3).await, Ok(30), "and the way is clear after it");
         let calls = c.batch().calls.lock().unwrap().clone();
         assert_eq!(calls, [vec![1], vec![2], vec![3]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_job_nobody_waits_for_is_sent_only_when_it_must_land() {
+        async fn calls<const SEND: bool>() -> Vec<Vec<u32>> {
+            let c = echo::<SEND>();
+            let first = spawn_run(&c, 1);
+            tokio::task::yield_now().await;
+            let gone = spawn_run(&c, 2);
+            let third = spawn_run(&c, 3);
+            tokio::task::yield_now().await;
+            // 2 queued behind 1, then its caller went away.
+            gone.abort();
+            assert_eq!(first.await.unwrap(), Ok(10));
+            assert_eq!(third.await.unwrap(), Ok(30));
+            c.batch().calls.lock().unwrap().clone()
+        }
+        assert_eq!(calls::<true>().await, [vec![1], vec![2, 3]], "a settlement");
+        assert_eq!(calls::<false>().await, [vec![1], vec![3]], "a check");
     }
 }

@@ -216,6 +216,7 @@ impl Batch for Reads {
     type Error = String;
 
     const MAX_JOBS: usize = 128;
+    const SEND_ABANDONED: bool = false;
 
     async fn send(&self, reads: &[&Vec<String>]) -> Result<Vec<Self::Reply>, String> {
         let mut mget = redis::cmd("MGET");

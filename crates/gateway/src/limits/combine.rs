@@ -42,12 +42,16 @@ pub struct SettleJob {
 pub trait ScriptJob: Send + Sync + 'static {
     /// The operation (ARGV[1]).
     const OP: &'static str;
+    /// Sent even when its caller stopped waiting (see [`Batch::SEND_ABANDONED`]).
+    const MUST_LAND: bool;
     /// This job's keys and arguments, after the ones before it.
     fn write(&self, call: &mut ScriptInvocation<'_>);
 }
 
 impl ScriptJob for CheckJob {
     const OP: &'static str = "check";
+    /// A check nobody waits for would charge for a request that is not admitted by it.
+    const MUST_LAND: bool = false;
 
     fn write(&self, call: &mut ScriptInvocation<'_>) {
         call.arg(if self.penalty.is_some() { "1" } else { "0" })
@@ -67,6 +71,8 @@ impl ScriptJob for CheckJob {
 
 impl ScriptJob for SettleJob {
     const OP: &'static str = "settle";
+    /// Refunds and releases what its check took.
+    const MUST_LAND: bool = true;
 
     fn write(&self, call: &mut ScriptInvocation<'_>) {
         call.arg(if self.forward { "+" } else { "-" })
@@ -104,6 +110,7 @@ impl<J: ScriptJob> Batch for LimitCalls<J> {
     type Error = BackendError;
 
     const MAX_JOBS: usize = 128;
+    const SEND_ABANDONED: bool = J::MUST_LAND;
 
     async fn send(&self, jobs: &[&J]) -> Result<Vec<Value>, BackendError> {
         // Each job's keys and arguments in turn, as separate calls would have them.

@@ -582,6 +582,8 @@ impl Batch for Counters {
     type Error = LedgerError;
 
     const MAX_JOBS: usize = 128;
+    /// Spend happened whether or not anybody waits to hear of it.
+    const SEND_ABANDONED: bool = true;
 
     async fn send(&self, jobs: &[&(Vec<Counter>, i64)]) -> Result<Vec<Vec<Crossing>>, LedgerError> {
         // One charge alone is a sum of one: the script's `each` form, which costs Redis
