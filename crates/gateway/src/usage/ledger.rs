@@ -397,7 +397,7 @@ impl Counters {
 
     /// Several requests' charges (counters, nano-dollars) in one script call (`batch`),
     /// run as separate calls back to back would: what each charge crossed.
-    async fn charge_each(
+    async fn charge_batch(
         &self,
         charges: &[&(Vec<Counter>, i64)],
     ) -> Result<Vec<Vec<Crossing>>, LedgerError> {
@@ -593,7 +593,7 @@ impl Batch for Counters {
             let (crossings, _) = self.charge_sums(counters, &amounts).await?;
             return Ok(vec![crossings]);
         }
-        self.charge_each(jobs).await
+        self.charge_batch(jobs).await
     }
 
     fn patience(&self) -> Duration {
