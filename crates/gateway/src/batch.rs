@@ -81,9 +81,9 @@ struct Queue<B: Batch> {
 /// wait for it and go together in the next, sent from a task of its own. Under load this
 /// is one call per round trip whatever the number of callers.
 ///
-/// Written here rather than taken from a crate: the batching crates found gather with a
-/// fixed wait or size, which costs a wait at low load; this batches only what queues
-/// behind a call in flight.
+/// Written here rather than taken from a crate: the batching crates looked at (`batched`,
+/// `batchy`) gather for a fixed window after the first job, a wait every lone request
+/// would pay; this batches only what queues behind a call in flight.
 pub struct Combiner<B: Batch> {
     batch: B,
     queue: Mutex<Queue<B>>,
