@@ -219,6 +219,11 @@ impl Batch for Reads {
     const SEND_ABANDONED: bool = false;
 
     async fn send(&self, reads: &[&Vec<String>]) -> Result<Vec<Self::Reply>, String> {
+        let total: usize = reads.iter().map(|keys| keys.len()).sum();
+        if total == 0 {
+            // Redis refuses an MGET of nothing.
+            return Ok(reads.iter().map(|_| Vec::new()).collect());
+        }
         let mut mget = redis::cmd("MGET");
         for keys in reads {
             mget.arg(keys.as_slice());
@@ -228,7 +233,6 @@ impl Batch for Reads {
             .conn
             .within(self.what, mget.query_async(&mut con))
             .await?;
-        let total: usize = reads.iter().map(|keys| keys.len()).sum();
         if values.len() != total {
             return Err(format!(
                 "redis {}: {} values for {total} keys",
