@@ -1,9 +1,9 @@
 //! Checks and settlements for the Redis limit store, combined ([`Combiner`]): while one
 //! script call is on its way, the calls that arrive wait and then go together as one
-//! `check` (or `settle`) call of `limits_v1.lua`. Redis runs the jobs one after the other exactly as it
-//! would run separate calls back to back, so limits stay exact; but it reads and writes
-//! each key once per batch, and concurrent requests mostly name the same buckets (their
-//! key's, their tier's, the total). At low load nothing waits.
+//! `check` (or `settle`) call of `limits_v1.lua`. Redis runs the jobs one after the
+//! other exactly as it would run separate calls back to back, so limits stay exact; but
+//! it reads and writes each key once per batch, and concurrent requests mostly name the
+//! same buckets (their key's, their tier's, the total). At low load nothing waits.
 //!
 //! [`Combiner`]: crate::batch::Combiner
 

@@ -2,8 +2,9 @@
 //! settlement and abuse signal is a job of one Lua script (`limits_v1.lua`) that reads
 //! Redis's clock, so the read-modify-write is atomic across instances and immune to
 //! their clock skew. Checks and settlements that arrive while one call is on its way go
-//! together in the next ([`Combiner`], one for checks and one for settlements): one script run, each key read and written once. The connection is a [`RedisConn`], which reconnects by itself;
-//! every call is bounded by the configured timeout and fails as
+//! together in the next ([`Combiner`], one for checks and one for settlements): one
+//! script run, each key read and written once. The connection is a [`RedisConn`], which
+//! reconnects by itself; every call is bounded by the configured timeout and fails as
 //! [`BackendError::Unavailable`], so the limiter can fall back or refuse.
 //!
 //! Keys: `{prefix}rl:v1:{kind}:{logical key}`, where `v1` is the script's version and
@@ -25,11 +26,10 @@
 //!
 //! `check` and `settle` take one request or several (as separate calls back to back
 //! would run) and answer one reply each: a settlement's `1`, a check's `{0, penalty,
-//! pttl_ms}` when penalized, else `{1, now_us, refused,
-//! tat...}` with `refused` the 0-based index of the first refusing charge or lease (-1
-//! for none) and, per charge, the TAT it was charged against; [`gcra::charge`] on those
-//! gives the exact bucket states here, so the script does no multiplication that a
-//! double could round.
+//! pttl_ms}` when penalized, else `{1, now_us, refused, tat...}` with `refused` the
+//! 0-based index of the first refusing charge or lease (-1 for none) and, per charge, the
+//! TAT it was charged against; [`gcra::charge`] on those gives the exact bucket states
+//! here, so the script does no multiplication that a double could round.
 //!
 //! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
 //! would hash to different slots.
