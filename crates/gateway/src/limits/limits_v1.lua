@@ -29,6 +29,29 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
+-- A global is a table lookup every time the script names it, a local is a register:
+-- what the loops below use is made local here, and the numbers a call repeats
+-- (periods, increments, limits) are parsed once a call. A check of 11 requests at once
+-- cost Redis 1.56M instructions before and 1.30M after (callgrind; RESULTS.md, Run 31).
+local KEYS, ARGV, redis = KEYS, ARGV, redis
+local tonumber, pairs, ipairs, unpack = tonumber, pairs, ipairs, unpack
+local format, max, min, ceil = string.format, math.max, math.min, math.ceil
+
+-- ARGV[i] as a number. Most of a call's arguments repeat (every job of a batch names
+-- the same periods), and a table lookup costs less than Lua's string-to-number parse.
+local parsed = {}
+local function num(i)
+  local s = ARGV[i]
+  local n = parsed[s]
+  if n == nil then
+    n = tonumber(s)
+    if n ~= nil then
+      parsed[s] = n
+    end
+  end
+  return n
+end
+
 local MAX_AHEAD_US = 2 ^ 51
 
 local function now_us()
@@ -37,21 +60,21 @@ local function now_us()
 end
 
 local function int(n)
-  return string.format('%d', n)
+  return format('%d', n)
 end
 
 -- Milliseconds a key must live to outlast the moment `until_us`.
 local function ms_until(until_us, now)
-  return int(math.ceil((until_us - now) / 1000) + 1)
+  return int(ceil((until_us - now) / 1000) + 1)
 end
 
 -- A bucket's TAT (`tat`) moved by `inc` µs: forward ('+', a charge after the fact) or
 -- back ('-', a refund; unused allowance does not carry into the future).
 local function moved(tat, sign, inc, now)
   if sign == '+' then
-    return math.min(math.max(tat, now) + inc, now + MAX_AHEAD_US)
+    return min(max(tat, now) + inc, now + MAX_AHEAD_US)
   end
-  return math.max(tat - inc, now)
+  return max(tat - inc, now)
 end
 
 -- Move a bucket's TAT (`tat`, as read) and write it. Returns the new TAT.
@@ -85,11 +108,11 @@ if op == 'check' or op == 'settle' then
   -- from...}; a settlement's 1.
   local check = op == 'check'
   local now = now_us()
-  local count = tonumber(ARGV[2])
+  local count = num(2)
   -- Every bucket once, in one MGET.
   local tats, stored, buckets = {}, {}, {}
   if count == 1 then
-    local n = tonumber(ARGV[4])
+    local n = num(4)
     local k = (check and ARGV[3] == '1') and 2 or 1
     for i = k, k + n - 1 do
       buckets[#buckets + 1] = KEYS[i]
@@ -97,7 +120,7 @@ if op == 'check' or op == 'settle' then
   else
     local a, k = 3, 1
     for _ = 1, count do
-      local n, m = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      local n, m = num(a + 1), num(a + 2)
       if check then
         if ARGV[a] == '1' then
           k = k + 1
@@ -132,7 +155,7 @@ if op == 'check' or op == 'settle' then
     -- Leases held per set (expired ones dropped on first sight), penalties per key.
     local held, penalties = {}, {}
     for _ = 1, count do
-      local n, m = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      local n, m = num(a + 1), num(a + 2)
       local penalty = false
       if ARGV[a] == '1' then
         local key = KEYS[k]
@@ -155,11 +178,11 @@ if op == 'check' or op == 'settle' then
         local mine = {}
         for i = 0, n - 1 do
           local key = KEYS[k + i]
-          local inc = tonumber(ARGV[charges + 2 * i])
-          local period = tonumber(ARGV[charges + 2 * i + 1])
+          local inc = num(charges + 2 * i)
+          local period = num(charges + 2 * i + 1)
           local tat = mine[key] or tats[key]
           reply[#reply + 1] = tat
-          local new_tat = math.max(tat, now) + inc
+          local new_tat = max(tat, now) + inc
           if new_tat <= now + period then
             mine[key] = new_tat
           else
@@ -180,7 +203,7 @@ if op == 'check' or op == 'settle' then
               held[key] = c
             end
             local t = taken[key] or 0
-            if c + t >= tonumber(ARGV[leases + 3 * j]) then
+            if c + t >= num(leases + 3 * j) then
               refused = n + j
               break
             end
@@ -194,7 +217,7 @@ if op == 'check' or op == 'settle' then
           end
           for j = 0, m - 1 do
             local key = KEYS[lease_keys + j]
-            local expiry = now + tonumber(ARGV[leases + 3 * j + 1])
+            local expiry = now + num(leases + 3 * j + 1)
             held[key] = held[key] + 1
             local list = members[key]
             if list == nil then
@@ -203,7 +226,7 @@ if op == 'check' or op == 'settle' then
             end
             list[#list + 1] = int(expiry)
             list[#list + 1] = ARGV[leases + 3 * j + 2]
-            last[key] = math.max(last[key] or 0, expiry)
+            last[key] = max(last[key] or 0, expiry)
           end
         end
         out[#out + 1] = reply
@@ -213,10 +236,10 @@ if op == 'check' or op == 'settle' then
     end
   else
     for _ = 1, count do
-      local sign, n, m = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+      local sign, n, m = ARGV[a], num(a + 1), num(a + 2)
       for i = 0, n - 1 do
         local key = KEYS[k + i]
-        tats[key] = moved(tats[key], sign, tonumber(ARGV[a + 3 + i]), now)
+        tats[key] = moved(tats[key], sign, num(a + 3 + i), now)
       end
       for j = 0, m - 1 do
         local key = KEYS[k + n + j]
@@ -268,15 +291,15 @@ elseif op == 'sync' then
   -- Returns {now_us, tat per bucket (0 = idle)..., other instances' leases per hash...,
   --          then per penalty key: value (false when none), pttl_ms}.
   local now = now_us()
-  local n, m, p = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-  local me, ttl = ARGV[5], tonumber(ARGV[6])
+  local n, m, p = num(2), num(3), num(4)
+  local me, ttl = ARGV[5], num(6)
   local out = {now}
   local read = n > 0 and redis.call('MGET', unpack(KEYS, 1, n)) or {}
   local tats = {}
   for i = 1, n do
     local key = KEYS[i]
     local tat = tats[key] or tonumber(read[i]) or 0
-    local net = tonumber(ARGV[6 + i])
+    local net = num(6 + i)
     if net > 0 then
       tat = adjust(key, tat, '+', net, now)
     elseif net < 0 then
@@ -288,7 +311,7 @@ elseif op == 'sync' then
   local now_ms = math.floor(now / 1000)
   for j = 1, m do
     local key = KEYS[n + j]
-    local held = tonumber(ARGV[6 + n + j])
+    local held = num(6 + n + j)
     if held > 0 then
       redis.call('HSET', key, me, held, me .. '@', int(now_ms + ttl))
     else
@@ -332,7 +355,7 @@ elseif op == 'signal' then
   if count == 1 or redis.call('PTTL', KEYS[1]) < 0 then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
   end
-  if count >= tonumber(ARGV[3]) and redis.call('EXISTS', KEYS[2]) == 0 then
+  if count >= num(3) and redis.call('EXISTS', KEYS[2]) == 0 then
     redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
     -- Counting starts afresh once the penalty is over.
     redis.call('DEL', KEYS[1])

@@ -36,6 +36,23 @@ if redis.replicate_commands then
   redis.replicate_commands()
 end
 
+-- A global is a table lookup every time the script names it, a local is a register;
+-- and a batch's thresholds are read once per charge of each key, so each distinct
+-- number is parsed once a call (as in limits_v1.lua).
+local KEYS, ARGV, redis, tonumber, ipairs = KEYS, ARGV, redis, tonumber, ipairs
+local parsed = {}
+local function num(i)
+  local s = ARGV[i]
+  local n = parsed[s]
+  if n == nil then
+    n = tonumber(s)
+    if n ~= nil then
+      parsed[s] = n
+    end
+  end
+  return n
+end
+
 local missing = {}
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 0 then
@@ -65,7 +82,7 @@ end
 local function crossed(a, n, old, new)
   local mask = 0
   for j = 1, n do
-    local t = tonumber(ARGV[a + j])
+    local t = num(a + j)
     if old < t and t <= new then
       mask = mask + 2 ^ (j - 1)
     end
@@ -79,18 +96,18 @@ if ARGV[1] == 'batch' then
   -- Per key: the spend before this batch, and where its thresholds are in ARGV.
   local spend, at, count = {}, {}, {}
   for i = 1, #KEYS do
-    local n = tonumber(ARGV[a + 2])
+    local n = num(a + 2)
     spend[i] = add(i, ARGV[a], ARGV[a + 1])
     at[i], count[i] = a + 2, n
     a = a + 3 + n
   end
-  local charges = tonumber(ARGV[a])
+  local charges = num(a)
   a = a + 1
   for _ = 1, charges do
-    local amount, c = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    local amount, c = num(a), num(a + 1)
     local one = {}
     for x = 1, c do
-      local i = tonumber(ARGV[a + 1 + x])
+      local i = num(a + 1 + x)
       local old = spend[i]
       spend[i] = old + amount
       one[#one + 1] = spend[i]
@@ -106,7 +123,7 @@ if ARGV[1] ~= 'each' then
   return redis.error_reply('budgets_v1: unknown operation')
 end
 for i = 1, #KEYS do
-  local amount, expire_at, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local amount, expire_at, n = ARGV[a], ARGV[a + 1], num(a + 2)
   local old = add(i, amount, expire_at)
   local new = old + tonumber(amount)
   reply[#reply + 1] = new
