@@ -87,9 +87,25 @@ struct Queue<B: Batch> {
 pub struct Combiner<B: Batch> {
     batch: B,
     queue: Mutex<Queue<B>>,
-    /// Calls made, and the jobs they carried.
+    counts: Arc<CallCounts>,
+}
+
+/// A combiner's calls made and the jobs they carried (jobs / calls is how well it
+/// combines), shared with whoever reports them (`/metrics`).
+#[derive(Debug, Default)]
+pub struct CallCounts {
     calls: AtomicU64,
     jobs: AtomicU64,
+}
+
+impl CallCounts {
+    /// Calls made so far and the jobs they carried.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.jobs.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Ends an inline call's turn, also when its caller gives up on it: what queued
@@ -110,8 +126,7 @@ impl<B: Batch> Combiner<B> {
                 flying: false,
                 waiting: Vec::new(),
             }),
-            calls: AtomicU64::new(0),
-            jobs: AtomicU64::new(0),
+            counts: Arc::default(),
         })
     }
 
@@ -122,10 +137,12 @@ impl<B: Batch> Combiner<B> {
 
     /// Calls made so far and the jobs they carried.
     pub fn counts(&self) -> (u64, u64) {
-        (
-            self.calls.load(Ordering::Relaxed),
-            self.jobs.load(Ordering::Relaxed),
-        )
+        self.counts.get()
+    }
+
+    /// The live counts behind [`Combiner::counts`], to be reported elsewhere.
+    pub fn call_counts(&self) -> Arc<CallCounts> {
+        self.counts.clone()
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue<B>> {
@@ -227,8 +244,10 @@ impl<B: Batch> Combiner<B> {
 
     /// `jobs` in one call, whatever else is in flight: one reply per job, in order.
     pub async fn together(&self, jobs: &[&B::Job]) -> Result<Vec<B::Reply>, B::Error> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.jobs.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        self.counts.calls.fetch_add(1, Ordering::Relaxed);
+        self.counts
+            .jobs
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
         let replies = self.batch.send(jobs).await?;
         if replies.len() == jobs.len() {
             Ok(replies)

@@ -118,6 +118,8 @@ pub struct Gateway {
     pub tasks: TaskTracker,
     /// Cancelled when shutdown's grace period is over: open streams end then.
     pub shutdown: CancellationToken,
+    /// The stores' Redis connections (for what `/metrics` reports of their calls).
+    pub redis: RedisPool,
 }
 
 impl Gateway {
@@ -203,6 +205,7 @@ impl Gateway {
             metrics,
             tasks,
             shutdown,
+            redis,
         }))
     }
 

@@ -6,14 +6,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, RedisResult};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::batch::{Batch, Combiner};
+use crate::batch::{Batch, CallCounts, Combiner};
 use crate::limits::config::RedisConfig;
 
 /// Reconnection backoff: a quick first retry, and at most a second between attempts so
@@ -28,7 +28,12 @@ pub struct RedisConn {
     timeout: Duration,
     /// Scrubbed from every error message.
     password: Option<SecretString>,
+    /// The combiners sending on this connection (`/metrics`).
+    combiners: Arc<Mutex<Vec<Combined>>>,
 }
+
+/// A combiner's kind of call and its counts.
+type Combined = (&'static str, Arc<CallCounts>);
 
 impl fmt::Debug for RedisConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,6 +88,7 @@ impl RedisConn {
             con,
             timeout: config.timeout,
             password,
+            combiners: Arc::default(),
         };
         // Connect now rather than on the first request; a failure here only means the
         // manager tries again when the next command needs it.
@@ -104,6 +110,17 @@ impl RedisConn {
     /// A handle for one call (clones share the connection).
     pub fn handle(&self) -> ConnectionManager {
         self.con.clone()
+    }
+
+    /// A [`Combiner`] for `batch`'s calls on this connection, its calls and jobs
+    /// counted on `/metrics` as the kind `call` ([`RedisPool::combined_calls`]).
+    pub fn combiner<B: Batch>(&self, call: &'static str, batch: B) -> Arc<Combiner<B>> {
+        let combiner = Combiner::new(batch);
+        self.combiners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((call, combiner.call_counts()));
+        combiner
     }
 
     pub fn timeout(&self) -> Duration {
@@ -175,6 +192,26 @@ impl fmt::Debug for RedisPool {
 }
 
 impl RedisPool {
+    /// Per kind of combined call (`limit_check`, `cache_read`, ...): the calls made and
+    /// the jobs (requests' checks, reads, charges) they carried, over every connection.
+    pub fn combined_calls(&self) -> Vec<(&'static str, u64, u64)> {
+        let mut out: Vec<(&'static str, u64, u64)> = Vec::new();
+        for (_, _, conn) in &self.conns {
+            let combiners = conn.combiners.lock().unwrap_or_else(|e| e.into_inner());
+            for (call, counts) in combiners.iter() {
+                let (calls, jobs) = counts.get();
+                match out.iter_mut().find(|(c, _, _)| c == call) {
+                    Some(row) => {
+                        row.1 += calls;
+                        row.2 += jobs;
+                    }
+                    None => out.push((call, calls, jobs)),
+                }
+            }
+        }
+        out
+    }
+
     /// The connection for `config`'s server: the one already made for it, else a new
     /// one (see [`RedisConn::connect`]).
     pub fn conn(&mut self, config: &RedisConfig) -> Result<RedisConn, String> {
@@ -203,8 +240,9 @@ pub struct Reads {
 }
 
 impl Reads {
-    pub fn new(conn: RedisConn, what: &'static str) -> Arc<Combiner<Reads>> {
-        Combiner::new(Reads { conn, what })
+    /// Reads named `what` in messages, counted as the kind `call` on `/metrics`.
+    pub fn new(conn: RedisConn, what: &'static str, call: &'static str) -> Arc<Combiner<Reads>> {
+        conn.clone().combiner(call, Reads { conn, what })
     }
 }
 

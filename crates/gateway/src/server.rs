@@ -160,9 +160,12 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let text = gw
-        .metrics
-        .render(&gw.recorder, gw.store.failed(), &gw.limiter.status());
+    let text = gw.metrics.render(
+        &gw.recorder,
+        gw.store.failed(),
+        &gw.limiter.status(),
+        &gw.redis.combined_calls(),
+    );
     (
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         text,

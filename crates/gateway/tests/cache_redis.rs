@@ -403,7 +403,7 @@ async fn reads_that_arrive_together_go_as_one_mget() {
         Duration::from_secs(5),
     );
     let conn = RedisConn::connect(&config, "test").unwrap_or_else(|e| panic!("{e}"));
-    let reads = Reads::new(conn, "test read");
+    let reads = Reads::new(conn, "test read", "test_read");
     // 100 reads at once, each of three keys (every other key is set).
     let tasks: Vec<_> = (0..100)
         .map(|r| {

@@ -380,10 +380,10 @@ async fn repeated_injection_attempts_block_a_user_for_a_while() {
     // The penalty lifts by itself.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(h.chat_as("mallory", "hello").await.status, StatusCode::OK);
-    let metrics = h
-        .gateway
-        .metrics
-        .render(&h.gateway.recorder, 0, &h.gateway.limiter.status());
+    let metrics =
+        h.gateway
+            .metrics
+            .render(&h.gateway.recorder, 0, &h.gateway.limiter.status(), &[]);
     assert!(
         metrics.contains("sluice_abuse_penalties_total{signal=\"injection\"} 1"),
         "{metrics}"

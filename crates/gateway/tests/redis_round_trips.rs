@@ -217,4 +217,68 @@ async fn limits_budgets_and_the_cache_cost_one_round_trip_before_the_upstream_ca
         1,
         "round trips before an embeddings request's upstream call"
     );
+
+    // `/metrics` counts each kind of combined call and the jobs it carried: eight
+    // requests at once (the user may have ten in flight) are eight jobs of each kind,
+    // in as many calls or fewer.
+    quiet(&proxy).await;
+    let kinds = [
+        "limit_check",
+        "limit_settle",
+        "budget_read",
+        "budget_charge",
+        "cache_read",
+    ];
+    let before = redis_calls(&h, &kinds).await;
+    let questions: Vec<String> = (0..8).map(|i| format!("Lock number {i}?")).collect();
+    let asks = questions.iter().map(|q| ask(&h, q, "store"));
+    for status in futures::future::join_all(asks).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+    quiet(&proxy).await;
+    let after = redis_calls(&h, &kinds).await;
+    for (kind, ((calls_before, jobs_before), (calls, jobs))) in
+        kinds.iter().zip(before.into_iter().zip(after))
+    {
+        assert_eq!(jobs - jobs_before, 8, "{kind}: jobs of eight requests");
+        let made = calls - calls_before;
+        assert!((1..=8).contains(&made), "{kind}: {made} calls for 8 jobs");
+    }
+}
+
+/// Each kind's `sluice_redis_calls_total` and `sluice_redis_call_jobs_total`.
+async fn redis_calls(h: &support::Harness, kinds: &[&str]) -> Vec<(u64, u64)> {
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::get("/metrics")
+                .body(Body::empty())
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = String::from_utf8_lossy(&bytes);
+    let value = |name: &str, kind: &str| -> u64 {
+        let series = format!("{name}{{call=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{series}: {e}"))
+    };
+    kinds
+        .iter()
+        .map(|kind| {
+            (
+                value("sluice_redis_calls_total", kind),
+                value("sluice_redis_call_jobs_total", kind),
+            )
+        })
+        .collect()
 }

@@ -649,7 +649,7 @@ impl RedisTier {
         let linger = config.sync.unwrap_or(Duration::ZERO);
         let writes = Self::writer(conn.clone(), failures.clone(), linger);
         Self {
-            reads: Reads::new(conn.clone(), "cache get"),
+            reads: Reads::new(conn.clone(), "cache get", "cache_read"),
             namespace: format!("{}{REDIS_NAMESPACE}", config.prefix),
             failures,
             writes,

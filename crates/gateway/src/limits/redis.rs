@@ -135,8 +135,11 @@ impl RedisBackend {
     pub fn with_conn(conn: RedisConn, config: &RedisConfig) -> RedisBackend {
         let script = Script::new(SCRIPT_SOURCE);
         RedisBackend {
-            checks: Combiner::new(LimitCalls::new(conn.clone(), script.clone())),
-            settlements: Combiner::new(LimitCalls::new(conn.clone(), script.clone())),
+            checks: conn.combiner("limit_check", LimitCalls::new(conn.clone(), script.clone())),
+            settlements: conn.combiner(
+                "limit_settle",
+                LimitCalls::new(conn.clone(), script.clone()),
+            ),
             conn,
             script,
             base: format!("{}rl:{SCRIPT_VERSION}:", config.prefix),

@@ -307,8 +307,13 @@ impl Metrics {
         recorder: &Recorder,
         store_failed: u64,
         limits: &crate::limits::LimiterStatus,
+        redis_calls: &[(&'static str, u64, u64)],
     ) -> String {
         self.with(|| {
+            for &(call, calls, jobs) in redis_calls {
+                counter!("sluice_redis_calls_total", "call" => call).absolute(calls);
+                counter!("sluice_redis_call_jobs_total", "call" => call).absolute(jobs);
+            }
             if let Some(up) = limits.shared_up {
                 gauge!("sluice_limits_store_up", "backend" => limits.backend)
                     .set(f64::from(u8::from(up)));
@@ -447,6 +452,14 @@ fn describe() {
     describe_counter!(
         "sluice_cache_flight_waiters_total",
         "Requests that waited for an identical in-flight request, by result (shared, timeout, leader_failed)."
+    );
+    describe_counter!(
+        "sluice_redis_calls_total",
+        "Redis calls of each combined kind (limit_check, limit_settle, budget_read, budget_charge, cache_read): what arrives while one is on its way goes in the next."
+    );
+    describe_counter!(
+        "sluice_redis_call_jobs_total",
+        "Requests' checks, settlements, reads and charges those calls carried: jobs / calls is how many went in one call."
     );
     describe_counter!(
         "sluice_embedding_batches_total",

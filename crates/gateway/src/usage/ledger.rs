@@ -316,14 +316,14 @@ impl RedisLedger {
         source: Arc<dyn SpendSource>,
     ) -> RedisLedger {
         let counters = Counters {
-            reads: Reads::new(conn.clone(), "budget check"),
+            reads: Reads::new(conn.clone(), "budget check", "budget_read"),
             conn,
             script: Script::new(SCRIPT_SOURCE),
             base: format!("{}budget:{SCRIPT_VERSION}:", config.prefix),
             source,
         };
         RedisLedger {
-            charges: Combiner::new(counters.clone()),
+            charges: counters.conn.combiner("budget_charge", counters.clone()),
             counters,
         }
     }
