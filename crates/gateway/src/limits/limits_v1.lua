@@ -23,34 +23,9 @@
 -- conversion to a 64-bit integer) is exact, as '%.0f' was; '%.0f' took glibc's
 -- multi-precision path, a tenth of the check's instructions.
 
--- Redis < 5 replicates scripts verbatim unless told otherwise, and TIME would then make
--- replicas diverge; from Redis 7 on this call does nothing.
-if redis.replicate_commands then
-  redis.replicate_commands()
-end
-
--- A global is a table lookup every time the script names it, a local is a register:
--- what the loops below use is made local here, and the numbers a call repeats
--- (periods, increments, limits) are parsed once a call. A check of 11 requests at once
--- cost Redis 1.56M instructions before and 1.30M after (callgrind; RESULTS.md, Run 31).
-local KEYS, ARGV, redis = KEYS, ARGV, redis
-local tonumber, pairs, ipairs, unpack = tonumber, pairs, ipairs, unpack
+-- Runs after ../redis_prelude.lua (KEYS, ARGV, redis, tonumber, pairs, ipairs, unpack
+-- as locals; `num`). Local too, for the loops below:
 local format, max, min, ceil = string.format, math.max, math.min, math.ceil
-
--- ARGV[i] as a number. Most of a call's arguments repeat (every job of a batch names
--- the same periods), and a table lookup costs less than Lua's string-to-number parse.
-local parsed = {}
-local function num(i)
-  local s = ARGV[i]
-  local n = parsed[s]
-  if n == nil then
-    n = tonumber(s)
-    if n ~= nil then
-      parsed[s] = n
-    end
-  end
-  return n
-end
 
 local MAX_AHEAD_US = 2 ^ 51
 

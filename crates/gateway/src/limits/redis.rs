@@ -54,7 +54,11 @@ use crate::redis_conn::RedisConn;
 /// The script's name and version; the version is also in every key it writes.
 pub const SCRIPT_NAME: &str = "limits_v1";
 const SCRIPT_VERSION: &str = "v1";
-const SCRIPT_SOURCE: &str = include_str!("limits_v1.lua");
+/// The script as Redis runs it: the prelude every Sluice script shares, then its own.
+const SCRIPT_SOURCE: &str = concat!(
+    include_str!("../redis_prelude.lua"),
+    include_str!("limits_v1.lua")
+);
 
 /// Periods, lease ttls and increments are clamped to 2^50 µs (~35.7 years) so every sum
 /// the script makes stays an exact integer in a Lua double (see `limits_v1.lua`).

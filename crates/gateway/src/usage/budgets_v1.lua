@@ -32,26 +32,9 @@
 -- nano-dollars (about $9 million per counter and period). Past that the comparisons
 -- are off by at most a few nano-dollars, far below any threshold's meaning.
 
-if redis.replicate_commands then
-  redis.replicate_commands()
-end
-
--- A global is a table lookup every time the script names it, a local is a register;
--- and a batch's thresholds are read once per charge of each key, so each distinct
--- number is parsed once a call (as in limits_v1.lua).
-local KEYS, ARGV, redis, tonumber, ipairs = KEYS, ARGV, redis, tonumber, ipairs
-local parsed = {}
-local function num(i)
-  local s = ARGV[i]
-  local n = parsed[s]
-  if n == nil then
-    n = tonumber(s)
-    if n ~= nil then
-      parsed[s] = n
-    end
-  end
-  return n
-end
+-- Runs after ../redis_prelude.lua (KEYS, ARGV, redis, tonumber, ipairs as locals;
+-- `num`, ARGV[i] as a number, each distinct string parsed once a call: a batch's
+-- thresholds are read once per charge of each key).
 
 local missing = {}
 for i, key in ipairs(KEYS) do

@@ -38,7 +38,11 @@ use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
 /// The script's version; also in every key it writes.
 pub const SCRIPT_NAME: &str = "budgets_v1";
 const SCRIPT_VERSION: &str = "v1";
-const SCRIPT_SOURCE: &str = include_str!("budgets_v1.lua");
+/// The script as Redis runs it: the prelude every Sluice script shares, then its own.
+const SCRIPT_SOURCE: &str = concat!(
+    include_str!("../redis_prelude.lua"),
+    include_str!("budgets_v1.lua")
+);
 
 /// How long a counter outlives its period: long enough for `/admin/budgets` and late
 /// charges of requests that started before the period ended.
