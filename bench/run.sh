@@ -234,6 +234,16 @@ redis_cpu_s() {
   redis-cli -u "$REDIS_URL" info cpu 2>/dev/null |
     awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.2f\n", s }'
 }
+# The gateway's combined Redis calls so far, from its /metrics: {"kind": [calls, jobs]}
+# (`sluice_redis_calls_total`, `sluice_redis_call_jobs_total`; {} when it has none).
+redis_calls() {
+  curl -fsS "$GW_URL/metrics" 2>/dev/null | awk '
+    /^sluice_redis_call(s|_jobs)_total\{/ {
+      match($0, /call="[^"]*"/); k = substr($0, RSTART + 6, RLENGTH - 7)
+      if ($1 ~ /^sluice_redis_calls_total/) c[k] = $NF; else j[k] = $NF
+    }
+    END { printf "{"; n = 0; for (k in c) printf "%s\"%s\":[%s,%s]", (n++ ? "," : ""), k, c[k], j[k] + 0; print "}" }'
+}
 rss_kb() { # pid
   awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
 }
@@ -435,21 +445,25 @@ load() { # scenario target url pid loadgen-args...
   local scenario=$1 target=$2 url=$3 pid=$4
   shift 4
   echo "== $scenario / $target" >&2
-  local line cpu0 cpu1 redis0=0 redis1=0
+  local line cpu0 cpu1 redis0=0 redis1=0 calls0='{}' calls1='{}'
   cpu0=$(cpu_s "$pid")
-  [[ $target == full-redis* ]] && redis0=$(redis_cpu_s)
+  [[ $target == full-redis* ]] && redis0=$(redis_cpu_s) && calls0=$(redis_calls)
   if line=$("${PIN_GEN[@]}" "$LOADGEN" --json --label "$scenario/$target" --url "$url" \
     --duration "$DURATION" --warmup "$WARMUP" "$@"); then :; else
     FAILED=1
     echo "   (more than 1% errors)" >&2
   fi
   cpu1=$(cpu_s "$pid")
-  [[ $target == full-redis* ]] && redis1=$(redis_cpu_s)
+  [[ $target == full-redis* ]] && redis1=$(redis_cpu_s) && calls1=$(redis_calls)
   if [[ -n $line ]]; then
+    # Jobs a Redis call carried in this run, per kind of combined call (exact mode).
     jq -c --arg s "$scenario" --arg t "$target" --argjson c0 "$cpu0" --argjson c1 "$cpu1" \
-      --argjson r0 "$redis0" --argjson r1 "$redis1" \
+      --argjson r0 "$redis0" --argjson r1 "$redis1" --argjson k0 "$calls0" --argjson k1 "$calls1" \
       '. + {scenario: $s, target: $t, server_cpu_s: (($c1 - $c0) * 100 | round / 100)}
-         + (if ($t | startswith("full-redis")) then {redis_cpu_s: (($r1 - $r0) * 100 | round / 100)} else {} end)' \
+         + (if ($t | startswith("full-redis")) then {redis_cpu_s: (($r1 - $r0) * 100 | round / 100)} else {} end)
+         + (if ($k1 | length) > 0 then {redis_jobs_per_call: ($k1 | with_entries(
+             .value = ((.value[0] - ($k0[.key][0] // 0)) as $calls | (.value[1] - ($k0[.key][1] // 0)) as $jobs
+               | if $calls > 0 then ($jobs / $calls * 10 | round / 10) else null end)))} else {} end)' \
       <<<"$line" >>"$RESULTS"
     jq -r '"   \(.requests) ok, \(.errors) errors, \(.rps) req/s, p50 \(.latency.p50_us) µs, p99 \(.latency.p99_us) µs"' <<<"$line" >&2
   fi
@@ -839,6 +853,13 @@ BUSY_AFTER=$(cpu_busy)
   lat_rows c1 "closed loop, 1 conn"
   lat_rows cN "closed loop, $CONNS conns"
   lat_rows hit "cache hit, 1 conn" c1
+  # shellcheck disable=SC2016  # the backticks are Markdown, for jq to print
+  combined=$(one cN full-redis | jq -r '.redis_jobs_per_call // empty | to_entries | sort_by(.key)
+    | map("\(.key) \(.value)") | join(", ")')
+  if [[ -n $combined ]]; then
+    echo
+    echo "Redis calls combined, full-redis at $CONNS connections (jobs a call, from \`/metrics\`): $combined."
+  fi
   rounds_line=$(rounds_summary default)
   if [[ -n $rounds_line ]]; then
     echo
