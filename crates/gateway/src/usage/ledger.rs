@@ -474,16 +474,10 @@ impl Counters {
                     return Ok(items);
                 }
                 Some(0) => {
-                    let missing = items[1..]
-                        .iter()
-                        .map(|v| {
-                            int(v)
-                                .and_then(|i| usize::try_from(i).ok())
-                                .and_then(|i| i.checked_sub(1))
-                                .and_then(|i| keys.get(i).copied())
-                                .ok_or_else(bad_reply)
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let missing = missing(&items[1..], keys.len())?
+                        .into_iter()
+                        .map(|i| keys[i])
+                        .collect::<Vec<_>>();
                     self.init(&missing).await?;
                 }
                 _ => return Err(bad_reply()),
@@ -526,6 +520,21 @@ fn int(v: &Value) -> Option<i64> {
         Value::Int(i) => Some(*i),
         _ => None,
     }
+}
+
+/// The 0-based indexes of the counters a charge reply says Redis lacks (its 1-based
+/// indexes after the leading `0`), each below `n`.
+fn missing(indexes: &[Value], n: usize) -> Result<Vec<usize>, LedgerError> {
+    indexes
+        .iter()
+        .map(|v| {
+            int(v)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| i.checked_sub(1))
+                .filter(|i| *i < n)
+                .ok_or_else(bad_reply)
+        })
+        .collect()
 }
 
 /// What one charge did: the thresholds it crossed, and each counter's spend after it.
@@ -961,6 +970,13 @@ mod tests {
             ]
         );
         assert_eq!(spends, [90, 12], "each counter's spend after the charge");
+        assert_eq!(missing(&[Value::Int(2)], counters.len()).unwrap(), [1]);
+        for bad in [Value::Int(3), Value::Int(0), Value::Nil] {
+            assert!(
+                missing(std::slice::from_ref(&bad), counters.len()).is_err(),
+                "{bad:?}"
+            );
+        }
         for bad in [
             &pairs[..3],
             &[Value::Int(90), Value::Nil, Value::Int(12), Value::Int(1)][..],
