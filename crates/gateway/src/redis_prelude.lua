@@ -31,3 +31,10 @@ local function num(i)
   return n
 end
 
+
+-- A whole number as Redis and the gateway read it: '%d' is exact below 2^53, where
+-- Lua's own tostring keeps only 14 significant digits.
+local format, concat = string.format, table.concat
+local function int(n)
+  return format('%d', n)
+end

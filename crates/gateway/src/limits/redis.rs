@@ -26,9 +26,10 @@
 //!
 //! `check` and `settle` take one request or several (as separate calls back to back
 //! would run) and answer one reply each: a settlement's `1`, a check's `{0, penalty,
-//! pttl_ms}` when penalized, else `{1, now_us, refused, tat...}` with `refused` the
-//! 0-based index of the first refusing charge or lease (-1 for none) and, per charge, the
-//! TAT it was charged against; [`gcra::charge`] on those gives the exact bucket states
+//! pttl_ms}` when penalized, else the string `1 now_us refused tat...` (one reply
+//! value, not 3 + n: the `redis` crate's parser costs ~1.3k instructions a value) with
+//! `refused` the 0-based index of the first refusing charge or lease (-1 for none) and,
+//! per charge, the TAT it was charged against; [`gcra::charge`] on those gives the exact bucket states
 //! here, so the script does no multiplication that a double could round.
 //!
 //! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
@@ -208,13 +209,13 @@ fn increment(cost: u64, bucket: &Bucket) -> (u64, u64) {
     (inc, period)
 }
 
-/// Read the `check` reply into a verdict, deriving the bucket states exactly.
+/// Read the `check` reply into a verdict, deriving the bucket states exactly: the
+/// string `1 now_us refused tat...` when the check ran, `{0, penalty, pttl_ms}` when a
+/// penalty stands.
 fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
-    let Value::Array(items) = reply else {
-        return Err(bad_reply("check"));
-    };
-    match items.first().and_then(int) {
-        Some(0) => {
+    match reply {
+        Value::BulkString(text) => checked(text, check).ok_or_else(|| bad_reply("check")),
+        Value::Array(items) if items.first().and_then(int) == Some(0) => {
             let penalty = items
                 .get(1)
                 .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
@@ -228,51 +229,48 @@ fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
                 remaining: Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
             })
         }
-        Some(1) => {
-            let n = check.charges.len();
-            let (Some(now), Some(refused)) = (
-                items
-                    .get(1)
-                    .and_then(int)
-                    .and_then(|v| u64::try_from(v).ok()),
-                items.get(2).and_then(int),
-            ) else {
-                return Err(bad_reply("check"));
-            };
-            if items.len() != 3 + n {
-                return Err(bad_reply("check"));
-            }
-            let mut states = Vec::with_capacity(n);
-            let mut steps = Vec::with_capacity(n);
-            for (c, tat) in check.charges.iter().zip(&items[3..]) {
-                let tat = int(tat)
-                    .and_then(|v| u64::try_from(v).ok())
-                    .ok_or_else(|| bad_reply("check"))?;
-                let period = span_us(c.bucket.period);
-                let step = gcra::charge(tat, now, c.cost, c.bucket.limit, period);
-                states.push(BucketState {
-                    limit: c.bucket.limit,
-                    remaining: step.remaining,
-                    reset: Duration::from_micros(step.reset_us),
-                });
-                steps.push(step);
-            }
-            let Ok(index) = usize::try_from(refused) else {
-                return Ok(Verdict::Allowed { states });
-            };
-            let retry_after = match steps.get(index) {
-                Some(step) => Duration::from_micros(step.retry_after_us),
-                None if index < n + check.leases.len() => LEASE_RETRY,
-                None => return Err(bad_reply("check")),
-            };
-            Ok(Verdict::Refused {
-                index,
-                retry_after,
-                states,
-            })
-        }
         _ => Err(bad_reply("check")),
     }
+}
+
+/// A check that ran: `1 now_us refused tat...` (decimal, one space apart), with one
+/// TAT per charge; `None` for anything else.
+fn checked(text: &[u8], check: &Check) -> Option<Verdict> {
+    let fields = crate::redis_conn::decimals(text)?;
+    let n = check.charges.len();
+    let [1, now, refused, ref tats @ ..] = fields[..] else {
+        return None;
+    };
+    if tats.len() != n {
+        return None;
+    }
+    let now = u64::try_from(now).ok()?;
+    let mut states = Vec::with_capacity(n);
+    let mut steps = Vec::with_capacity(n);
+    for (c, tat) in check.charges.iter().zip(tats) {
+        let tat = u64::try_from(*tat).ok()?;
+        let period = span_us(c.bucket.period);
+        let step = gcra::charge(tat, now, c.cost, c.bucket.limit, period);
+        states.push(BucketState {
+            limit: c.bucket.limit,
+            remaining: step.remaining,
+            reset: Duration::from_micros(step.reset_us),
+        });
+        steps.push(step);
+    }
+    let Ok(index) = usize::try_from(refused) else {
+        return Some(Verdict::Allowed { states });
+    };
+    let retry_after = match steps.get(index) {
+        Some(step) => Duration::from_micros(step.retry_after_us),
+        None if index < n + check.leases.len() => LEASE_RETRY,
+        None => return None,
+    };
+    Some(Verdict::Refused {
+        index,
+        retry_after,
+        states,
+    })
 }
 
 /// One instance's reconciliation with Redis: the `sync` operation (see
@@ -562,13 +560,8 @@ mod tests {
             leases: vec![],
         };
         // The second bucket already spent 8 of 10: refused, index 1.
-        let reply = Value::Array(vec![
-            Value::Int(1),
-            Value::Int(now as i64),
-            Value::Int(1),
-            Value::Int(0),
-            Value::Int((now + 48_000_000) as i64),
-        ]);
+        let text = format!("1 {now} 1 0 {}", now + 48_000_000);
+        let reply = Value::BulkString(text.clone().into_bytes());
         let Ok(Verdict::Refused {
             index,
             retry_after,
@@ -594,6 +587,35 @@ mod tests {
             })
         );
         assert!(verdict(&Value::Int(3), &check).is_err());
+        // Allowed: both charges fit (the second bucket had spent 2 of 10).
+        let fits = format!("1 {now} -1 0 {}", now + 12_000_000);
+        let Ok(Verdict::Allowed { states }) = verdict(&Value::BulkString(fits.into()), &check)
+        else {
+            panic!("expected admission")
+        };
+        assert_eq!(
+            states.iter().map(|s| s.remaining).collect::<Vec<_>>(),
+            [40, 3]
+        );
+        // A TAT too few or too many, a field that is not a number, a negative TAT or
+        // clock, a refusal index past every charge and lease, a status other than 1,
+        // two spaces: each a bad reply, never a verdict.
+        for bad in [
+            format!("1 {now} -1 0"),
+            format!("{text} 5"),
+            format!("1 {now} -1 0 x"),
+            format!("1 {now} -1 -4 0"),
+            "1 -5 -1 0 0".to_string(),
+            format!("1 {now} 2 0 0"),
+            format!("2 {now} -1 0 0"),
+            format!("1  {now} -1 0 0"),
+            String::new(),
+        ] {
+            assert!(
+                verdict(&Value::BulkString(bad.clone().into()), &check).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,10 +16,11 @@
 --   together). Then per key: the sum charged to it (> 0), expire_at_ms, n, then n
 --   thresholds (absolute nano-dollars, ascending); then the number of charges, then per
 --   charge: its amount (> 0), c, then the 1-based indices of its c keys.
---   Returns {1, charge_1, charge_2, ...}, each charge {spend_1, crossed_1, spend_2,
---   crossed_2, ...} for its keys in its order: the counter's spend after that charge and
---   a bit mask of the thresholds that charge crossed (bit j-1 for threshold j, when
---   old < t_j <= new).
+--   Returns {1, charge_1, charge_2, ...}, each charge the string 'spend_1 crossed_1
+--   spend_2 crossed_2 ...' (decimal, one space apart; one reply value, not two a key:
+--   fewer values cost Redis and the gateway's parser less than formatting them costs)
+--   for its keys in its order: the counter's spend after that charge and a bit mask of
+--   the thresholds that charge crossed (bit j-1 for threshold j, when old < t_j <= new).
 --   ARGV[1] = 'each': charges already summed per counter (`[redis] sync`). Then per key:
 --   its amount (> 0), expire_at_ms, n, then n thresholds. Returns {1, spend_1,
 --   crossed_1, spend_2, crossed_2, ...} for the sums.
@@ -32,9 +33,9 @@
 -- nano-dollars (about $9 million per counter and period). Past that the comparisons
 -- are off by at most a few nano-dollars, far below any threshold's meaning.
 
--- Runs after ../redis_prelude.lua (KEYS, ARGV, redis, tonumber, ipairs as locals;
--- `num`, ARGV[i] as a number, each distinct string parsed once a call: a batch's
--- thresholds are read once per charge of each key).
+-- Runs after ../redis_prelude.lua (KEYS, ARGV, redis, tonumber, ipairs, concat as
+-- locals; `num`, ARGV[i] as a number, each distinct string parsed once a call: a
+-- batch's thresholds are read once per charge of each key; `int`).
 
 local missing = {}
 for i, key in ipairs(KEYS) do
@@ -93,10 +94,10 @@ if ARGV[1] == 'batch' then
       local i = num(a + 1 + x)
       local old = spend[i]
       spend[i] = old + amount
-      one[#one + 1] = spend[i]
-      one[#one + 1] = crossed(at[i], count[i], old, spend[i])
+      one[#one + 1] = int(spend[i])
+      one[#one + 1] = int(crossed(at[i], count[i], old, spend[i]))
     end
-    reply[#reply + 1] = one
+    reply[#reply + 1] = concat(one, ' ')
     a = a + 2 + c
   end
   return reply

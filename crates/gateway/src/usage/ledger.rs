@@ -396,7 +396,8 @@ impl Counters {
         }
         let keys: Vec<&Counter> = counters.iter().collect();
         let items = self.charge_call(&call, &keys).await?;
-        charged(&items, counters)
+        let values = items.iter().map(int).collect::<Option<Vec<i64>>>();
+        charged(&values.ok_or_else(bad_reply)?, counters)
     }
 
     /// Several requests' charges (counters, nano-dollars) in one script call (`batch`),
@@ -440,7 +441,10 @@ impl Counters {
             .iter()
             .zip(charges)
             .map(|(item, (counters, _))| match item {
-                Value::Array(pairs) => charged(pairs, counters).map(|(crossings, _)| crossings),
+                Value::BulkString(text) => {
+                    let values = crate::redis_conn::decimals(text).ok_or_else(bad_reply)?;
+                    charged(&values, counters).map(|(crossings, _)| crossings)
+                }
                 _ => Err(bad_reply()),
             })
             .collect()
@@ -542,14 +546,14 @@ type Charged = (Vec<Crossing>, Vec<i64>);
 
 /// One charge's part of a reply, `spend, crossed` per counter of `counters`: what it
 /// did.
-fn charged(pairs: &[Value], counters: &[Counter]) -> Result<Charged, LedgerError> {
+fn charged(pairs: &[i64], counters: &[Counter]) -> Result<Charged, LedgerError> {
     if pairs.len() != 2 * counters.len() {
         return Err(bad_reply());
     }
     let mut out = Vec::new();
     let mut spends = Vec::with_capacity(counters.len());
     for (i, (c, pair)) in counters.iter().zip(pairs.chunks_exact(2)).enumerate() {
-        let (Some(spent), Some(mask)) = (int(&pair[0]), int(&pair[1])) else {
+        let [spent, mask] = *pair else {
             return Err(bad_reply());
         };
         spends.push(spent);
@@ -952,7 +956,7 @@ mod tests {
     #[test]
     fn a_charge_reply_becomes_crossings() {
         let counters = [counter("a", 100, &[80, 100]), counter("b", 10, &[8])];
-        let pairs = [Value::Int(90), Value::Int(1), Value::Int(12), Value::Int(1)];
+        let pairs = [90, 1, 12, 1];
         let (crossings, spends) = charged(&pairs, &counters).unwrap();
         assert_eq!(
             crossings,
@@ -977,10 +981,7 @@ mod tests {
                 "{bad:?}"
             );
         }
-        for bad in [
-            &pairs[..3],
-            &[Value::Int(90), Value::Nil, Value::Int(12), Value::Int(1)][..],
-        ] {
+        for bad in [&pairs[..3], &[90, 1, 12, 1, 0][..]] {
             assert!(charged(bad, &counters).is_err(), "{bad:?}");
         }
     }
