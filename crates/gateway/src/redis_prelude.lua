@@ -31,7 +31,6 @@ local function num(i)
   return n
 end
 
-
 -- A whole number as Redis and the gateway read it: '%d' is exact below 2^53, where
 -- Lua's own tostring keeps only 14 significant digits.
 local format, concat = string.format, table.concat

@@ -77,8 +77,7 @@ if op == 'check' or op == 'settle' then
   -- Returns one reply per job, in order: a check's {0, penalty, pttl_ms} when
   -- penalized, else the string '1 now_us refused tat...' (refused 0-based, -1 = none;
   -- the TAT each charge started from), numbers in decimal separated by one space: one
-  -- reply value instead of 3 + n, each of which costs the gateway's RESP parser more
-  -- than formatting the number costs here; a settlement's 1.
+  -- reply value instead of 3 + n, which the gateway reads for less; a settlement's 1.
   local check = op == 'check'
   local now = now_us()
   local count = num(2)

@@ -27,10 +27,10 @@
 //! `check` and `settle` take one request or several (as separate calls back to back
 //! would run) and answer one reply each: a settlement's `1`, a check's `{0, penalty,
 //! pttl_ms}` when penalized, else the string `1 now_us refused tat...` (one reply
-//! value, not 3 + n: the `redis` crate's parser costs ~1.3k instructions a value) with
-//! `refused` the 0-based index of the first refusing charge or lease (-1 for none) and,
-//! per charge, the TAT it was charged against; [`gcra::charge`] on those gives the exact bucket states
-//! here, so the script does no multiplication that a double could round.
+//! value, not 3 + n; see [`decimals`](crate::redis_conn::decimals)) with `refused` the
+//! 0-based index of the first refusing charge or lease (-1 for none) and, per charge,
+//! the TAT it was charged against; [`gcra::charge`] on those gives the exact bucket
+//! states here, so the script does no multiplication that a double could round.
 //!
 //! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
 //! would hash to different slots.
