@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult};
+use redis::{IntoConnectionInfo, RedisResult, Value};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::batch::{Batch, CallCounts, Combiner};
@@ -291,6 +291,14 @@ impl Batch for Reads {
 
     fn gave_up(&self, why: &str) -> String {
         format!("redis {}: {why}", self.what)
+    }
+}
+
+/// A script reply's integer (`None` for any other kind of value).
+pub fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        _ => None,
     }
 }
 

@@ -50,7 +50,7 @@ use super::combine::{CheckJob, LimitCalls, SettleJob};
 use super::config::RedisConfig;
 use super::gcra;
 use crate::batch::Combiner;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{RedisConn, decimals, int};
 
 /// The script's name and version; the version is also in every key it writes.
 pub const SCRIPT_NAME: &str = "limits_v1";
@@ -188,13 +188,6 @@ pub(super) fn bad_reply(what: &str) -> BackendError {
     BackendError::Unavailable(format!("redis {what}: unexpected reply from {SCRIPT_NAME}"))
 }
 
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
 /// How far `delta` units move `bucket`'s TAT, in µs, for `settle`.
 fn adjust_increment(bucket: &Bucket, delta: i64) -> u64 {
     let period = span_us(bucket.period);
@@ -236,7 +229,7 @@ fn verdict(reply: &Value, check: &Check) -> Result<Verdict, BackendError> {
 /// A check that ran: `1 now_us refused tat...` (decimal, one space apart), with one
 /// TAT per charge; `None` for anything else.
 fn checked(text: &[u8], check: &Check) -> Option<Verdict> {
-    let fields = crate::redis_conn::decimals(text)?;
+    let fields = decimals(text)?;
     let n = check.charges.len();
     let [1, now, refused, ref tats @ ..] = fields[..] else {
         return None;

@@ -18,8 +18,9 @@
 --   charge: its amount (> 0), c, then the 1-based indices of its c keys.
 --   Returns {1, charge_1, charge_2, ...}, each charge the string 'spend_1 crossed_1
 --   spend_2 crossed_2 ...' (decimal, one space apart; one reply value, not two a key,
---   which the gateway reads for less) for its keys in its order: the counter's spend after that charge and a bit mask of
---   the thresholds that charge crossed (bit j-1 for threshold j, when old < t_j <= new).
+--   which the gateway reads for less) for its keys in its order: the counter's spend
+--   after that charge and a bit mask of the thresholds that charge crossed (bit j-1
+--   for threshold j, when old < t_j <= new).
 --   ARGV[1] = 'each': charges already summed per counter (`[redis] sync`). Then per key:
 --   its amount (> 0), expire_at_ms, n, then n thresholds. Returns {1, spend_1,
 --   crossed_1, spend_2, crossed_2, ...} for the sums.

@@ -32,7 +32,7 @@ use redis::{Script, Value};
 
 use crate::batch::{Batch, Combiner};
 use crate::limits::config::RedisConfig;
-use crate::redis_conn::{Reads, RedisConn};
+use crate::redis_conn::{Reads, RedisConn, decimals, int};
 use crate::store::{SpendFilter, SpendGroup, SpendRow, Store};
 
 /// The script's version; also in every key it writes.
@@ -442,7 +442,7 @@ impl Counters {
             .zip(charges)
             .map(|(item, (counters, _))| match item {
                 Value::BulkString(text) => {
-                    let values = crate::redis_conn::decimals(text).ok_or_else(bad_reply)?;
+                    let values = decimals(text).ok_or_else(bad_reply)?;
                     charged(&values, counters).map(|(crossings, _)| crossings)
                 }
                 _ => Err(bad_reply()),
@@ -517,13 +517,6 @@ impl Counters {
 
 fn bad_reply() -> LedgerError {
     LedgerError::Unavailable(format!("redis charge: unexpected reply from {SCRIPT_NAME}"))
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
 }
 
 /// The 0-based indexes of the counters a charge reply says Redis lacks (its 1-based
