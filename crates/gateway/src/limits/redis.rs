@@ -251,9 +251,10 @@ fn checked(text: &[u8], check: &Check) -> Option<Verdict> {
         });
         steps.push(step);
     }
-    let Ok(index) = usize::try_from(refused) else {
+    if refused == -1 {
         return Some(Verdict::Allowed { states });
-    };
+    }
+    let index = usize::try_from(refused).ok()?;
     let retry_after = match steps.get(index) {
         Some(step) => Duration::from_micros(step.retry_after_us),
         None if index < n + check.leases.len() => LEASE_RETRY,
@@ -591,8 +592,8 @@ mod tests {
             [40, 3]
         );
         // A TAT too few or too many, a field that is not a number, a negative TAT or
-        // clock, a refusal index past every charge and lease, a status other than 1,
-        // two spaces: each a bad reply, never a verdict.
+        // clock, a refusal index past every charge and lease or below -1, a status other
+        // than 1, two spaces: each a bad reply, never a verdict.
         for bad in [
             format!("1 {now} -1 0"),
             format!("{text} 5"),
@@ -600,6 +601,7 @@ mod tests {
             format!("1 {now} -1 -4 0"),
             "1 -5 -1 0 0".to_string(),
             format!("1 {now} 2 0 0"),
+            format!("1 {now} -2 0 0"),
             format!("2 {now} -1 0 0"),
             format!("1  {now} -1 0 0"),
             String::new(),
