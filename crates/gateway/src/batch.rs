@@ -27,6 +27,15 @@ pub async fn gather<T>(
     if first == 0 {
         return 0;
     }
+    // `recv_many` took everything queued (up to `max`). Without a linger that is the
+    // batch: a timer, even one already due, would cost each batch a wake-up of the
+    // runtime's driver (a system call, and another turn of its loop) for nothing.
+    // `recv_many` took everything queued (up to `max`). Without a linger that is the
+    // batch: a timer, even one already due, would cost each batch a wake-up of the
+    // runtime's driver (a system call, and another turn of its loop) for nothing.
+    if linger.is_zero() {
+        return first;
+    }
     let mut taken = first;
     let deadline = tokio::time::Instant::now() + linger;
     while batch.len() < max && !enough(batch) {
@@ -289,6 +298,28 @@ mod tests {
             1
         );
         assert_eq!(batch, [3]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_linger_it_takes_what_is_queued_and_sets_no_timer() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 0..3 {
+            tx.send(i).await.unwrap();
+        }
+        // Between two of the timer's millisecond ticks, where a timer due now would
+        // wait for the next one.
+        tokio::time::advance(Duration::from_micros(1500)).await;
+        let start = tokio::time::Instant::now();
+        let mut batch = Vec::new();
+        assert_eq!(
+            gather(&mut rx, &mut batch, 8, Duration::ZERO, |_| false).await,
+            3
+        );
+        assert_eq!(batch, [0, 1, 2]);
+        // A paused clock jumps to the next timer whenever the runtime idles: a timer set
+        // by the wait (the cache's Redis writer set one a batch) would have moved it.
+        tokio::task::yield_now().await;
+        assert_eq!(tokio::time::Instant::now(), start, "no timer was set");
     }
 
     #[tokio::test(start_paused = true)]
