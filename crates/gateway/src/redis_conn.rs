@@ -302,8 +302,9 @@ pub fn int(v: &Value) -> Option<i64> {
     }
 }
 
-/// The whole numbers of a script's packed reply: decimal, one space apart (`""` holds
-/// none); `None` for anything else. The scripts pack a request's numbers into one
+/// The whole numbers of a script's packed reply: decimal (`-` only as a sign; Lua's
+/// `'%d'` never writes a `+`), one space apart (`""` holds none); `None` for anything
+/// else. The scripts pack a request's numbers into one
 /// string because the `redis` crate's parser costs more for a reply of many values:
 /// packing a check's and a charge's saved ~4.5k of a lone full-redis request's ~333k
 /// gateway instructions, and Redis spent about what it saved on the conversion
@@ -313,7 +314,10 @@ pub fn decimals(text: &[u8]) -> Option<Vec<i64>> {
         return Some(Vec::new());
     }
     text.split(|b| *b == b' ')
-        .map(|field| std::str::from_utf8(field).ok()?.parse().ok())
+        .map(|field| match field.first() {
+            Some(b'+') => None,
+            _ => std::str::from_utf8(field).ok()?.parse().ok(),
+        })
         .collect()
 }
 
@@ -397,6 +401,9 @@ mod tests {
             b"1 ",
             b"1 x",
             b"1.5",
+            b"+1",
+            b"1 +2",
+            b"-",
             b"99999999999999999999",
         ] {
             assert_eq!(decimals(bad), None, "{:?}", String::from_utf8_lossy(bad));
