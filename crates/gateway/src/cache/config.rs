@@ -5,15 +5,14 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-use crate::limits::config::{FailMode, RedisConfig, glob_match};
+use crate::limits::config::{
+    DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TIMEOUT, FailMode, RedisConfig, glob_match,
+};
 
 pub const DEFAULT_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_COALESCE_WINDOW: Duration = Duration::from_millis(2);
 pub const DEFAULT_COALESCE_MAX_BATCH: usize = 256;
-/// Used only when `[cache] redis_url` is set without a `[redis]` section to copy from.
-const DEFAULT_REDIS_PREFIX: &str = "sluice:";
-const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Whose requests may share an answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

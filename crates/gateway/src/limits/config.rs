@@ -160,8 +160,9 @@ impl LimitsConfig {
 pub const DEFAULT_KEY_REFRESH: Duration = Duration::from_secs(2);
 pub const DEFAULT_QUEUE_MAX: usize = 256;
 pub const DEFAULT_QUEUE_MAX_WAIT: Duration = Duration::from_secs(10);
-const DEFAULT_REDIS_PREFIX: &str = "sluice:";
-const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+/// `[redis]`'s defaults; also the cache's when `[cache] redis_url` stands alone.
+pub(crate) const DEFAULT_REDIS_PREFIX: &str = "sluice:";
+pub(crate) const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 /// Past this, instances would see each other's charges too late to share a limit.
 const MAX_REDIS_SYNC: Duration = Duration::from_secs(10);
 
