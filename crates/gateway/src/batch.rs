@@ -30,9 +30,6 @@ pub async fn gather<T>(
     // `recv_many` took everything queued (up to `max`). Without a linger that is the
     // batch: a timer, even one already due, would cost each batch a wake-up of the
     // runtime's driver (a system call, and another turn of its loop) for nothing.
-    // `recv_many` took everything queued (up to `max`). Without a linger that is the
-    // batch: a timer, even one already due, would cost each batch a wake-up of the
-    // runtime's driver (a system call, and another turn of its loop) for nothing.
     if linger.is_zero() {
         return first;
     }

@@ -304,10 +304,10 @@ pub fn int(v: &Value) -> Option<i64> {
 
 /// The whole numbers of a script's packed reply: decimal (`-` only as a sign; Lua's
 /// `'%d'` never writes a `+`), one space apart (`""` holds none); `None` for anything
-/// else. The scripts pack a request's numbers into one
-/// string because the `redis` crate's parser costs more for a reply of many values:
-/// packing a check's and a charge's saved ~4.5k of a lone full-redis request's ~333k
-/// gateway instructions, and Redis spent about what it saved on the conversion
+/// else. The scripts pack a request's numbers into one string because the `redis`
+/// crate's parser costs more for a reply of many values: packing a check's and a
+/// charge's saved ~4.5k of a lone full-redis request's ~333k gateway instructions, and
+/// Redis spent about what it saved on the conversion
 /// (bench/RESULTS.md, Run 32).
 pub fn decimals(text: &[u8]) -> Option<Vec<i64>> {
     if text.is_empty() {
