@@ -104,7 +104,7 @@ impl MemoryBackend {
         let mut refused: Option<(usize, u64)> = None;
         for (i, c) in check.charges.iter().enumerate() {
             let period = us(c.bucket.period);
-            let mut tat = self.bucket(&c.bucket.key);
+            let mut tat = made(&self.buckets, &c.bucket.key);
             let step = gcra::charge(*tat, now, c.cost, c.bucket.limit, period);
             states.push(BucketState {
                 limit: c.bucket.limit,
@@ -120,10 +120,7 @@ impl MemoryBackend {
         }
         if refused.is_none() {
             for (j, lease) in check.leases.iter().enumerate() {
-                let mut held = match self.leases.get_mut(lease.key.as_str()) {
-                    Some(held) => held,
-                    None => self.leases.entry(lease.key.clone()).or_default(),
-                };
+                let mut held = made(&self.leases, &lease.key);
                 held.retain(|(_, exp)| *exp > now);
                 if held.len() as u64 + others(&lease.key) >= lease.max {
                     refused = Some((check.charges.len() + j, 1_000_000));
@@ -157,20 +154,11 @@ impl MemoryBackend {
     /// Move a bucket's TAT for `delta` units after the fact; how far it moved (µs).
     pub(super) fn adjust_now(&self, bucket: &Bucket, delta: i64) -> i64 {
         let now = self.now_us();
-        let mut tat = self.bucket(&bucket.key);
+        let mut tat = made(&self.buckets, &bucket.key);
         let before = (*tat).max(now);
         *tat = gcra::adjust(*tat, now, delta, bucket.limit, us(bucket.period));
         let moved = i128::from(*tat) - i128::from(before);
         i64::try_from(moved).unwrap_or(if moved < 0 { i64::MIN } else { i64::MAX })
-    }
-
-    /// A bucket's TAT to read and move, made (0) when new. The key is copied only for
-    /// a new bucket: most checks find theirs, and `entry` takes an owned key.
-    fn bucket(&self, key: &str) -> dashmap::mapref::one::RefMut<'_, String, u64> {
-        match self.buckets.get_mut(key) {
-            Some(tat) => tat,
-            None => self.buckets.entry(key.to_owned()).or_insert(0),
-        }
     }
 
     /// Set a bucket's TAT (on [`Self::now_us`]'s clock); 0 forgets it.
@@ -231,6 +219,19 @@ impl MemoryBackend {
         if let Some(mut held) = self.leases.get_mut(&lease.key) {
             held.retain(|(id, _)| id != &lease.id);
         }
+    }
+}
+
+/// `map`'s entry for `key` to read and change, made (`Default`: a TAT of 0, no leases)
+/// when new. The key is copied only for a new entry: most checks find their buckets
+/// and lease sets, and `entry` takes an owned key.
+fn made<'a, V: Default>(
+    map: &'a DashMap<String, V, Hasher>,
+    key: &str,
+) -> dashmap::mapref::one::RefMut<'a, String, V> {
+    match map.get_mut(key) {
+        Some(v) => v,
+        None => map.entry(key.to_owned()).or_default(),
     }
 }
 
