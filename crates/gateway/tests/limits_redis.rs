@@ -772,11 +772,8 @@ async fn several_jobs_in_one_call_run_in_order() {
         let Value::BulkString(text) = v else {
             panic!("not a string: {v:?}")
         };
-        std::str::from_utf8(text)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .split(' ')
-            .map(|n| n.parse().unwrap_or_else(|e| panic!("{n:?}: {e}")))
-            .collect()
+        sluice_gateway::redis_conn::decimals(text)
+            .unwrap_or_else(|| panic!("not packed numbers: {:?}", String::from_utf8_lossy(text)))
     };
     let half = HALF as i64;
     let jobs = [
