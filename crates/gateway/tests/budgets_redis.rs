@@ -117,8 +117,24 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
         .unwrap();
     assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
 
+    // A counter that lost its expiry (only something outside Sluice removes it) gets it
+    // back with its next charge.
+    let _: i64 = redis::cmd("PERSIST")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    a.charge(&c, 1).await.unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
+    assert_eq!(b.check(&c).await.unwrap()[0].spent, 801);
+
     let listed = a.list("r:2025-06:").await.unwrap();
-    assert_eq!(listed, [("r:2025-06:global:".to_string(), 800)]);
+    assert_eq!(listed, [("r:2025-06:global:".to_string(), 801)]);
     assert!(a.list("other:").await.unwrap().is_empty());
 }
 

@@ -121,6 +121,9 @@ if op == 'check' or op == 'settle' then
   -- Per lease set: the members to add ({expiry, id, ...}, one ZADD at the end) and the
   -- latest expiry among them, or the ids to release (one ZREM).
   local members, last = {}, {}
+  -- The lease sets this check found empty: Redis keeps no empty set, so the ZADD below
+  -- makes a new one, with no TTL yet.
+  local fresh = {}
   local out = {}
   local a, k = 3, 1
   if check then
@@ -174,6 +177,7 @@ if op == 'check' or op == 'settle' then
               redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now))
               c = redis.call('ZCARD', key)
               held[key] = c
+              fresh[key] = c == 0
             end
             local t = taken[key] or 0
             if c + t >= num(leases + 3 * j) then
@@ -241,10 +245,10 @@ if op == 'check' or op == 'settle' then
   for key, list in pairs(members) do
     if check then
       redis.call('ZADD', key, unpack(list))
-      -- The set outlives its longest lease: its TTL only grows (PTTL is -1 for the
-      -- set this ZADD made).
+      -- The set outlives its longest lease: its TTL only grows (a new set has none,
+      -- so it needs no PTTL to tell).
       local want = ms_until(last[key], now)
-      if redis.call('PTTL', key) < tonumber(want) then
+      if fresh[key] or redis.call('PTTL', key) < tonumber(want) then
         redis.call('PEXPIRE', key, want)
       end
     else

@@ -37,10 +37,17 @@
 -- locals; `num`, ARGV[i] as a number, each distinct string parsed once a call: a
 -- batch's thresholds are read once per charge of each key; `int`).
 
-local missing = {}
+-- One PTTL a key says all the charge needs: -2, the key is missing; -1, it lost its
+-- expiry (set when the key was made; only something outside Sluice removes it), which
+-- the charge below repairs. (An EXISTS first and a PTTL after the INCRBY was a call a
+-- key more.)
+local missing, persistent = {}, {}
 for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then
     missing[#missing + 1] = i
+  elseif ttl == -1 then
+    persistent[i] = true
   end
 end
 if #missing > 0 then
@@ -55,8 +62,7 @@ end
 -- significant digits) to KEYS[i]; repair a lost expiry. Returns the spend before.
 local function add(i, amount, expire_at)
   local new = redis.call('INCRBY', KEYS[i], amount)
-  -- Set when the key was made; this only repairs a key that lost its expiry.
-  if redis.call('PTTL', KEYS[i]) == -1 then
+  if persistent[i] then
     redis.call('PEXPIREAT', KEYS[i], expire_at)
   end
   return new - tonumber(amount)
