@@ -20,7 +20,10 @@
 # callgrind.out in, for callgrind_annotate), COUNT=gateway; COUNT=redis counts a
 # private redis-server's instructions instead (full-redis, full-redis-sync): the config's [redis]
 # url is pointed at it, the gateway runs natively, and the figure is what each request
-# costs Redis (its scripts, the cache and budget commands).
+# costs Redis (its scripts, the cache and budget commands). That figure moves by up to
+# ±10 % between invocations (600k, 484k, 543k a request for one binary, Run 34): how
+# many requests meet in one combined call depends on the natively running gateway's
+# timing. Compare binaries within one invocation, not across them.
 set -euo pipefail
 
 RATE=${RATE:-100}
