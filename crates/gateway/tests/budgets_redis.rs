@@ -110,11 +110,7 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
         .await
         .unwrap();
     assert_eq!(value, 800);
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(&key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let pttl = support::pttl(&mut con, &key).await;
     assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
 
     // A counter that lost its expiry (only something outside Sluice removes it) gets it
@@ -125,11 +121,7 @@ async fn counters_start_from_the_log_once_and_expire_after_their_period() {
         .await
         .unwrap();
     a.charge(&c, 1).await.unwrap();
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(&key)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let pttl = support::pttl(&mut con, &key).await;
     assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
     assert_eq!(b.check(&c).await.unwrap()[0].spent, 801);
 

@@ -101,11 +101,7 @@ async fn entries_expire_with_their_ttl() {
         .await;
     let mut con = support::redis_raw().await;
     let redis_key = format!("{prefix}cache:v2:{}", key.hex());
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(&redis_key)
-        .query_async(&mut con)
-        .await
-        .unwrap_or_else(|e| panic!("PTTL: {e}"));
+    let pttl = support::pttl(&mut con, &redis_key).await;
     assert!((1..=300).contains(&pttl), "PTTL {pttl}");
     // The value starts with the same expiry, in Unix milliseconds, then the JSON.
     let value: Vec<u8> = redis::cmd("GET")

@@ -389,14 +389,6 @@ async fn answers_as_the_memory_store_does() {
     }
 }
 
-async fn pttl(con: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(con)
-        .await
-        .unwrap_or_else(|e| panic!("PTTL {key}: {e}"))
-}
-
 /// A lease set lives as long as its longest lease: a new set gets that TTL, a longer
 /// lease stretches it, a shorter one never cuts it.
 #[tokio::test]
@@ -419,19 +411,19 @@ async fn a_lease_set_outlives_its_longest_lease() {
             ok(b.check(&take(id, ttl)).await),
             Verdict::Allowed { .. }
         ));
-        let left = pttl(&mut con, &key).await;
+        let left = support::pttl(&mut con, &key).await;
         assert!(lives.contains(&left), "after lease {id}: PTTL {left}");
     }
     // Released to empty, the set is gone; the next lease makes a new one, with a TTL.
     for id in ["1", "2", "3"] {
         ok(b.release(&lease("c", 5, id, MINUTE)).await);
     }
-    assert_eq!(pttl(&mut con, &key).await, -2);
+    assert_eq!(support::pttl(&mut con, &key).await, -2);
     assert!(matches!(
         ok(b.check(&take("4", MINUTE)).await),
         Verdict::Allowed { .. }
     ));
-    let left = pttl(&mut con, &key).await;
+    let left = support::pttl(&mut con, &key).await;
     assert!((55_000..=60_001).contains(&left), "a new set: PTTL {left}");
 }
 

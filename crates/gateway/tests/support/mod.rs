@@ -151,15 +151,20 @@ pub async fn keys_under(prefix: &str) -> Vec<String> {
     }
 }
 
+/// `key`'s remaining TTL in the test Redis, in ms (-1: none, -2: no such key).
+pub async fn pttl(con: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(key)
+        .query_async(con)
+        .await
+        .unwrap_or_else(|e| panic!("PTTL {key}: {e}"))
+}
+
 /// Every one of `keys` has a TTL in the test Redis (it expires by itself).
 pub async fn assert_every_key_expires(keys: &[String]) {
     let mut con = redis_raw().await;
     for key in keys {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut con)
-            .await
-            .unwrap_or_else(|e| panic!("PTTL: {e}"));
+        let pttl = pttl(&mut con, key).await;
         assert!(pttl > 0, "{key} has no TTL ({pttl})");
     }
 }
