@@ -553,3 +553,88 @@ async fn an_unreachable_redis_is_reported_never_read_as_zero() {
         b.charge(&s, now_ms(), Cost::from_nanos(5)).await;
     }
 }
+
+/// Each scope's counter key (the tail of its Redis key, so what a restarted or newer
+/// gateway must find again) and the log filter it starts from.
+#[tokio::test]
+async fn each_scope_has_its_counter_key_and_filter() {
+    let tasks = TaskTracker::new();
+    let store = support::open("sqlite", &StorageTarget::Memory).await;
+    let rules = r#"
+        [[rules]]
+        name = "g"
+        scope = "global"
+        period = "day"
+        limit_usd = 1.0
+        [[rules]]
+        name = "k"
+        scope = "key"
+        period = "day"
+        limit_usd = 1.0
+        [[rules]]
+        name = "o"
+        scope = "owner"
+        period = "day"
+        limit_usd = 1.0
+        [[rules]]
+        name = "f"
+        scope = "feature"
+        period = "day"
+        limit_usd = 1.0
+        [[rules]]
+        name = "u"
+        scope = "user"
+        period = "day"
+        limit_usd = 1.0
+        "#;
+    let b = budgets_synced(&support::unique_redis_prefix(), store, rules, &tasks, None);
+    let subject = Subject {
+        feature: Some("search"),
+        user: Some("amy"),
+        ..key_subject()
+    };
+    // 2025-06-15T12:00:00Z.
+    let at = 1_749_988_800_000;
+    let counters = b.counters(&subject, at);
+    let keys: Vec<&str> = counters.iter().map(|(_, c)| c.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "g:2025-06-15:global:",
+            "k:2025-06-15:key:k1",
+            "o:2025-06-15:owner:acme",
+            "f:2025-06-15:feature:search",
+            "u:2025-06-15:user:4:acme:amy",
+        ]
+    );
+    let day = |f: SpendFilter| SpendFilter {
+        since_ms: 1_749_945_600_000,
+        until_ms: 1_750_032_000_000,
+        ..f
+    };
+    let filters: Vec<&SpendFilter> = counters.iter().map(|(_, c)| &c.filter).collect();
+    let some = |v: &str| Some(v.to_string());
+    assert_eq!(
+        filters,
+        [
+            &day(SpendFilter::default()),
+            &day(SpendFilter {
+                key_id: some("k1"),
+                ..SpendFilter::default()
+            }),
+            &day(SpendFilter {
+                owner: some("acme"),
+                ..SpendFilter::default()
+            }),
+            &day(SpendFilter {
+                feature: some("search"),
+                ..SpendFilter::default()
+            }),
+            &day(SpendFilter {
+                owner: some("acme"),
+                user: some("amy"),
+                ..SpendFilter::default()
+            }),
+        ]
+    );
+}

@@ -164,30 +164,33 @@ impl Budgets {
             .collect()
     }
 
+    /// Built for every rule a request counts against, twice (check and charge): the
+    /// scope's value goes into the key as text and then into the filter itself, no copy.
     fn counter(&self, rule: &BudgetRule, period: &Span, value: ScopeValue) -> Counter {
         let mut filter = base_filter(&rule.when, period);
-        let encoded = match &value {
-            ScopeValue::Global => String::new(),
+        let mut key = counter_prefix(rule, period);
+        match value {
+            ScopeValue::Global => {}
             ScopeValue::Key(k) => {
-                filter.key_id = Some(k.clone());
-                k.clone()
+                key.push_str(&k);
+                filter.key_id = Some(k);
             }
             ScopeValue::Owner(o) => {
-                filter.owner = Some(o.clone());
-                o.clone()
+                key.push_str(&o);
+                filter.owner = Some(o);
             }
             ScopeValue::Feature(f) => {
-                filter.feature = Some(f.clone());
-                f.clone()
+                key.push_str(&f);
+                filter.feature = Some(f);
             }
             ScopeValue::User { owner, user } => {
-                filter.owner = Some(owner.clone());
-                filter.user = Some(user.clone());
-                encode_user(owner, user)
+                push_user(&mut key, &owner, &user);
+                filter.owner = Some(owner);
+                filter.user = Some(user);
             }
-        };
+        }
         Counter {
-            key: counter_prefix(rule, period) + &encoded,
+            key,
             limit: rule.limit.nanos,
             thresholds: rule.alert_at.iter().map(|t| t.of(rule.limit)).collect(),
             expires_at_ms: period.end_ms.saturating_add(GRACE_MS),
@@ -570,9 +573,11 @@ fn record_cost_nanos(record: &RequestRecord) -> Option<i64> {
     })
 }
 
-/// `{owner length}:{owner}:{user}`: unambiguous whatever the two hold.
-fn encode_user(owner: &str, user: &str) -> String {
-    format!("{}:{owner}:{user}", owner.len())
+/// `{owner length}:{owner}:{user}` onto `out`: unambiguous whatever the two hold.
+fn push_user(out: &mut String, owner: &str, user: &str) {
+    use std::fmt::Write as _;
+    // Writing to a String cannot fail.
+    let _ = write!(out, "{}:{owner}:{user}", owner.len());
 }
 
 fn decode(scope: Scope, v: &str) -> Option<ScopeValue> {
@@ -607,6 +612,12 @@ fn base_filter(when: &BudgetMatch, period: &Span) -> SpendFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode_user(owner: &str, user: &str) -> String {
+        let mut out = String::new();
+        push_user(&mut out, owner, user);
+        out
+    }
 
     #[test]
     fn user_counters_round_trip_whatever_they_hold() {
