@@ -613,16 +613,11 @@ fn base_filter(when: &BudgetMatch, period: &Span) -> SpendFilter {
 mod tests {
     use super::*;
 
-    fn encode_user(owner: &str, user: &str) -> String {
-        let mut out = String::new();
-        push_user(&mut out, owner, user);
-        out
-    }
-
     #[test]
     fn user_counters_round_trip_whatever_they_hold() {
         for (owner, user) in [("acme", "alice"), ("", "bob"), ("a:b", ":c:"), ("ü", "x")] {
-            let v = encode_user(owner, user);
+            let mut v = String::new();
+            push_user(&mut v, owner, user);
             assert_eq!(
                 decode(Scope::User, &v),
                 Some(ScopeValue::User {
