@@ -496,6 +496,16 @@ async fn admit<T>(
     lookup: impl Future<Output = T>,
 ) -> Result<(RateHeaders, Option<String>, T), ApiError> {
     let budget_at = |r: &RequestRecord| i64::try_from(r.started_at_ms).unwrap_or(i64::MAX);
+    // The request's budget counters, built once: checked here, charged by the record's
+    // after-hook.
+    let check_budget = |r: &RequestRecord| {
+        let at = budget_at(r);
+        let counted = gw.budgets.count(&usage::Subject::of(r), at);
+        async move {
+            let decision = gw.budgets.check_counted(&counted, at).await;
+            (decision, counted)
+        }
+    };
     let (limits, budget, found) = {
         // The record's parts, not the guard (it is not `Sync`), go into the futures.
         let request_id = record.request_id();
@@ -514,33 +524,32 @@ async fn admit<T>(
             };
             Some(gw.limiter.admit(&subject).await)
         };
-        let budget = async {
-            let r = tagged.filter(|_| gw.budgets.is_enabled())?;
-            Some(gw.budgets.check(&usage::Subject::of(r), budget_at(r)).await)
-        };
+        let budget =
+            OptionFuture::from(tagged.filter(|_| gw.budgets.is_enabled()).map(check_budget));
         tokio::join!(limits, budget, lookup)
     };
-    let headers = take_limits(gw, record, limits)?;
+    let (headers, admission) = take_limits(record, limits)?;
     // A penalty may have moved the request to a stricter tier than `tier` (the record's
     // until now), and budgets match on the tier: then the budget read sent alongside was
     // for the wrong one. Read again.
     let budget = match record.peek() {
         Some(r) if budget.is_some() && r.tier.as_deref() != tier.map(|t| t.name.as_str()) => {
-            Some(gw.budgets.check(&usage::Subject::of(r), budget_at(r)).await)
+            Some(check_budget(r).await)
         }
         _ => budget,
     };
-    let downgrade = take_budget(record, budget)?;
+    let (decision, counted) = budget.unzip();
+    settle_after(gw, record, admission, counted);
+    let downgrade = take_budget(record, decision)?;
     Ok((headers, downgrade, found))
 }
 
-/// The limit check's verdict into the record; on admission, the settlement (and the
-/// budget charge) arranged for when the record is finished.
+/// The limit check's verdict into the record: its rate headers, and the admission to
+/// settle once the request is finished.
 fn take_limits(
-    gw: &Gateway,
     record: &mut RecordGuard,
     verdict: Option<Result<Admission, ApiError>>,
-) -> Result<RateHeaders, ApiError> {
+) -> Result<(RateHeaders, Option<Admission>), ApiError> {
     let admission = match verdict {
         None => None,
         Some(Ok(admission)) => Some(admission),
@@ -565,29 +574,40 @@ fn take_limits(
             r.limited_by = limited_by;
         });
     }
-    let budgets = gw.budgets.is_enabled().then(|| gw.budgets.clone());
-    if admission.is_some() || budgets.is_some() {
-        let tasks = gw.tasks.clone();
-        record.after(Box::new(move |r| {
-            let settle = admission.and_then(|a| a.settlement(r));
-            let charge = budgets.and_then(|b| b.charging(r));
-            if settle.is_none() && charge.is_none() {
-                return;
-            }
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return;
-            };
-            // In one task, sent together: on one Redis connection, one round trip.
-            let (settle, charge) = (OptionFuture::from(settle), OptionFuture::from(charge));
-            tasks.spawn_on(
-                async move {
-                    tokio::join!(settle, charge);
-                },
-                &runtime,
-            );
-        }));
+    Ok((headers, admission))
+}
+
+/// For when the record is finished: settle the admission (token estimates reconciled,
+/// concurrency released) and charge the request's cost to the budget counters it was
+/// checked against, in the background.
+fn settle_after(
+    gw: &Gateway,
+    record: &mut RecordGuard,
+    admission: Option<Admission>,
+    counted: Option<usage::Counted>,
+) {
+    if admission.is_none() && counted.is_none() {
+        return;
     }
-    Ok(headers)
+    let (tasks, budgets) = (gw.tasks.clone(), gw.budgets.clone());
+    record.after(Box::new(move |r| {
+        let settle = admission.and_then(|a| a.settlement(r));
+        let charge = counted.and_then(|c| budgets.charging(c, r));
+        if settle.is_none() && charge.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // In one task, sent together: on one Redis connection, one round trip.
+        let (settle, charge) = (OptionFuture::from(settle), OptionFuture::from(charge));
+        tasks.spawn_on(
+            async move {
+                tokio::join!(settle, charge);
+            },
+            &runtime,
+        );
+    }));
 }
 
 /// The budget check's verdict into the record: go ahead (`None`), answer with a cheaper

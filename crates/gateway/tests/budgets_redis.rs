@@ -595,8 +595,9 @@ async fn each_scope_has_its_counter_key_and_filter() {
     };
     // 2025-06-15T12:00:00Z.
     let at = 1_749_988_800_000;
-    let counters = b.counters(&subject, at);
-    let keys: Vec<&str> = counters.iter().map(|(_, c)| c.key.as_str()).collect();
+    let counted = b.count(&subject, at);
+    let counters = counted.counters();
+    let keys: Vec<&str> = counters.iter().map(|c| c.key.as_str()).collect();
     assert_eq!(
         keys,
         [
@@ -612,7 +613,7 @@ async fn each_scope_has_its_counter_key_and_filter() {
         until_ms: 1_750_032_000_000,
         ..f
     };
-    let filters: Vec<&SpendFilter> = counters.iter().map(|(_, c)| &c.filter).collect();
+    let filters: Vec<&SpendFilter> = counters.iter().map(|c| &c.filter).collect();
     let some = |v: &str| Some(v.to_string());
     assert_eq!(
         filters,

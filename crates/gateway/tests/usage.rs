@@ -457,12 +457,13 @@ async fn a_restarted_gateway_keeps_the_spend_on_both_backends() {
             "{name}"
         );
 
-        // The pipeline's way: the charge the record's `after` hook runs in the
-        // background, from only what it copied of the record.
+        // The pipeline's way: the check builds the counters, and the charge the
+        // record's `after` hook runs in the background adds the record's cost to them.
         let first = Arc::new(first);
         let r5 = record("r5", now, "k2", "u", 1);
+        let counted = first.count(&subject("k2", "u"), now);
         let charge = first
-            .charging(&r5)
+            .charging(counted, &r5)
             .unwrap_or_else(|| panic!("{name}: a record with a cost is charged"));
         charge.await;
         store.insert(&[r5]).await.unwrap();
@@ -648,6 +649,58 @@ async fn crossing_80_percent_sends_one_alert_through_a_failed_attempt() {
             .ends_with("-01T00:00:00Z")
     );
     assert!(alert["id"].as_str().unwrap().starts_with("team:"));
+}
+
+/// An alert names the counter that crossed: its scope's value (and, for end users, the
+/// key's owner they are counted within) and its period, whatever the scope. The values
+/// come from the counters built at the check, so each scope is pinned here.
+#[tokio::test]
+async fn each_scope_s_alert_names_its_value_and_period() {
+    let (url, _attempts, received) = receiver().await;
+    let store = support::open("sqlite", &sluice_gateway::store::StorageTarget::Memory).await;
+    let tasks = TaskTracker::new();
+    let mut rules = String::new();
+    for scope in ["global", "key", "owner", "user", "feature"] {
+        rules.push_str(&format!(
+            "[[rules]]\nname = \"{scope}\"\nscope = \"{scope}\"\nperiod = \"day\"\nlimit_usd = 1\n"
+        ));
+    }
+    let b = memory_budgets(budgets_config(&rules), store, alerter(Some(url), &tasks));
+    // 2025-06-15T12:00:00Z.
+    let at = 1_749_988_800_000;
+    b.charge(&subject("k1", "amy"), at, Cost::from_nanos(900_000_000))
+        .await;
+    tasks.close();
+    tasks.wait().await;
+    let mut seen: Vec<(String, Value, Value)> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            assert_eq!(a["scope"], a["budget"], "{a}");
+            assert_eq!(a["period_start"], "2025-06-15T00:00:00Z", "{a}");
+            assert_eq!(a["period_end"], "2025-06-16T00:00:00Z", "{a}");
+            let owner = a.get("owner").cloned().unwrap_or(Value::Null);
+            (
+                a["scope"].as_str().unwrap().to_string(),
+                a["scope_value"].clone(),
+                owner,
+            )
+        })
+        .collect();
+    seen.sort_by(|x, y| x.0.cmp(&y.0));
+    let expected = [
+        ("feature", Value::from("chat"), Value::Null),
+        ("global", Value::Null, Value::Null),
+        ("key", Value::from("k1"), Value::Null),
+        ("owner", Value::from("acme"), Value::Null),
+        ("user", Value::from("amy"), Value::from("acme")),
+    ];
+    let expected: Vec<(String, Value, Value)> = expected
+        .into_iter()
+        .map(|(s, v, o)| (s.to_string(), v, o))
+        .collect();
+    assert_eq!(seen, expected);
 }
 
 #[tokio::test]

@@ -69,6 +69,32 @@ pub enum BudgetDecision {
     Unavailable,
 }
 
+/// The counters one request counts against ([`Budgets::count`]), each with its rule.
+#[derive(Debug)]
+pub struct Counted {
+    endpoint: Endpoint,
+    /// Indices into the config's rules, one for each counter of `list`.
+    rules: Vec<usize>,
+    list: Vec<Counter>,
+}
+
+impl Counted {
+    /// The counters, in the config's rule order.
+    pub fn counters(&self) -> &[Counter] {
+        &self.list
+    }
+
+    fn pairs<'a>(
+        &'a self,
+        config: &'a BudgetsConfig,
+    ) -> impl Iterator<Item = (&'a BudgetRule, &'a Counter)> {
+        self.rules
+            .iter()
+            .zip(&self.list)
+            .filter_map(|(&i, c)| Some((config.rules.get(i)?, c)))
+    }
+}
+
 /// Budget rules, their counters and their alerts.
 pub struct Budgets {
     config: BudgetsConfig,
@@ -150,22 +176,32 @@ impl Budgets {
         self.ledger.name()
     }
 
-    /// The counters a request made at `at_ms` counts against, each with its rule.
-    pub fn counters(&self, s: &Subject<'_>, at_ms: i64) -> Vec<(&BudgetRule, Counter)> {
-        self.config
-            .rules
-            .iter()
-            .filter(|r| r.when.matches(s.tier, s.feature))
-            .filter_map(|r| {
-                let value = scope_value(r.scope, s)?;
-                let period = span(r.period, at_ms, self.config.utc_offset_s);
-                Some((r, self.counter(r, &period, value)))
-            })
-            .collect()
+    /// The counters a request made at `at_ms` counts against: built once a request, at
+    /// its check, and kept for its charge ([`Budgets::charging`]), since nothing a rule
+    /// counts by (key, owner, end user, tier, feature, start time) changes after the
+    /// check.
+    pub fn count(&self, s: &Subject<'_>, at_ms: i64) -> Counted {
+        let mut counted = Counted {
+            endpoint: s.endpoint,
+            rules: Vec::new(),
+            list: Vec::new(),
+        };
+        for (i, rule) in self.config.rules.iter().enumerate() {
+            if !rule.when.matches(s.tier, s.feature) {
+                continue;
+            }
+            let Some(value) = scope_value(rule.scope, s) else {
+                continue;
+            };
+            let period = span(rule.period, at_ms, self.config.utc_offset_s);
+            counted.rules.push(i);
+            counted.list.push(self.counter(rule, &period, value));
+        }
+        counted
     }
 
-    /// Built for every rule a request counts against, twice (check and charge): the
-    /// scope's value goes into the key as text and then into the filter itself, no copy.
+    /// The scope's value goes into the key as text and then into the filter itself, no
+    /// copy.
     fn counter(&self, rule: &BudgetRule, period: &Span, value: ScopeValue) -> Counter {
         let mut filter = base_filter(&rule.when, period);
         let mut key = counter_prefix(rule, period);
@@ -199,19 +235,22 @@ impl Budgets {
     }
 
     /// Before a request: may it spend? `at_ms` is the request's start
-    /// (`RequestRecord::started_at_ms`), the same moment [`Budgets::charge`] gets, so
-    /// both count in the same period. The first exhausted `block` rule (in config
-    /// order) refuses; else the first exhausted `downgrade` rule downgrades.
+    /// (`RequestRecord::started_at_ms`), the moment its charge counts at too, so both
+    /// count in the same period. See [`Budgets::check_counted`].
     pub async fn check(&self, s: &Subject<'_>, at_ms: i64) -> BudgetDecision {
         if !self.is_enabled() {
             return BudgetDecision::Allow;
         }
-        let (rules, list): (Vec<&BudgetRule>, Vec<Counter>) =
-            self.counters(s, at_ms).into_iter().unzip();
-        if list.is_empty() {
+        self.check_counted(&self.count(s, at_ms), at_ms).await
+    }
+
+    /// [`Budgets::check`] on counters already built. The first exhausted `block` rule
+    /// (in config order) refuses; else the first exhausted `downgrade` rule downgrades.
+    pub async fn check_counted(&self, counted: &Counted, at_ms: i64) -> BudgetDecision {
+        if counted.list.is_empty() {
             return BudgetDecision::Allow;
         }
-        let spends = match self.ledger.check(&list).await {
+        let spends = match self.ledger.check(&counted.list).await {
             Ok(s) => s,
             Err(e) => {
                 self.counter_error("check", &e);
@@ -222,19 +261,19 @@ impl Budgets {
             }
         };
         let mut downgrade = None;
-        for (rule, spend) in rules.iter().zip(&spends) {
+        for ((rule, counter), spend) in counted.pairs(&self.config).zip(&spends) {
             if !spend.exhausted() {
                 continue;
             }
             match &rule.on_exceeded {
-                OnExceeded::Downgrade { to } if s.endpoint == Endpoint::ChatCompletions => {
+                OnExceeded::Downgrade { to } if counted.endpoint == Endpoint::ChatCompletions => {
                     downgrade.get_or_insert_with(|| BudgetDecision::Downgrade {
                         budget: rule.name.clone(),
                         to: to.clone(),
                     });
                 }
                 OnExceeded::Block | OnExceeded::Downgrade { .. } => {
-                    let end = span(rule.period, at_ms, self.config.utc_offset_s).end_ms;
+                    let end = counter.expires_at_ms.saturating_sub(GRACE_MS);
                     return BudgetDecision::Block {
                         budget: rule.name.clone(),
                         spent: Cost::from_nanos(spend.spent),
@@ -255,12 +294,15 @@ impl Budgets {
         if !self.is_enabled() || cost.nanos <= 0 {
             return;
         }
-        let (rules, list): (Vec<&BudgetRule>, Vec<Counter>) =
-            self.counters(s, at_ms).into_iter().unzip();
-        if list.is_empty() {
+        self.charge_counted(&self.count(s, at_ms), cost).await;
+    }
+
+    /// [`Budgets::charge`] on counters already built.
+    async fn charge_counted(&self, counted: &Counted, cost: Cost) {
+        if counted.list.is_empty() || cost.nanos <= 0 {
             return;
         }
-        let crossings = match self.ledger.charge(&list, cost.nanos).await {
+        let crossings = match self.ledger.charge(&counted.list, cost.nanos).await {
             Ok(c) => c,
             Err(e) => {
                 self.counter_error("charge", &e);
@@ -269,17 +311,19 @@ impl Budgets {
         };
         let now = super::now_ms();
         for x in crossings {
-            let (Some(rule), Some(counter)) = (rules.get(x.counter), list.get(x.counter)) else {
+            let Some((rule, counter)) = counted.pairs(&self.config).nth(x.counter) else {
                 continue;
             };
             let Some(threshold) = rule.alert_at.get(x.threshold) else {
                 continue;
             };
-            let period = span(rule.period, at_ms, self.config.utc_offset_s);
-            let (owner, value) = match scope_value(rule.scope, s) {
-                Some(ScopeValue::User { owner, user }) => (Some(owner), Some(user)),
-                Some(v) => (None, v.plain()),
-                None => (None, None),
+            let f = &counter.filter;
+            let (owner, value) = match rule.scope {
+                Scope::Global => (None, None),
+                Scope::Key => (None, f.key_id.clone()),
+                Scope::Owner => (None, f.owner.clone()),
+                Scope::Feature => (None, f.feature.clone()),
+                Scope::User => (f.owner.clone(), f.user.clone()),
             };
             self.alerter.fire(Alert {
                 id: format!("{}@{}", counter.key, threshold.label()),
@@ -288,8 +332,8 @@ impl Budgets {
                 scope_value: value,
                 owner,
                 period: rule.period.as_str(),
-                period_start: rfc3339(period.start_ms),
-                period_end: rfc3339(period.end_ms),
+                period_start: rfc3339(f.since_ms),
+                period_end: rfc3339(f.until_ms),
                 threshold: threshold.as_f64(),
                 spent_usd: Cost::from_nanos(x.spent).usd(),
                 limit_usd: rule.limit.usd(),
@@ -309,31 +353,21 @@ impl Budgets {
             .await;
     }
 
-    /// [`Budgets::charge_record`] for the record's `after` hook, which runs once per
-    /// request (also for a cancelled stream) and must not wait: the caller runs it in
-    /// the background. Copies only what the charge needs; `None` when there is nothing
-    /// to charge.
+    /// The charge for the record's `after` hook, which runs once per request (also for
+    /// a cancelled stream) and must not wait: the caller runs it in the background.
+    /// `counted` is what the request was checked against ([`Budgets::count`]); the
+    /// record gives the cost. `None` when there is nothing to charge.
     pub fn charging(
         self: &Arc<Self>,
+        counted: Counted,
         record: &RequestRecord,
     ) -> Option<impl Future<Output = ()> + use<>> {
-        if !self.is_enabled() {
+        if !self.is_enabled() || counted.list.is_empty() {
             return None;
         }
-        let nanos = record_cost_nanos(record).filter(|n| *n > 0)?;
-        let owned = RequestRecord {
-            started_at_ms: record.started_at_ms,
-            endpoint: record.endpoint,
-            key_id: record.key_id.clone(),
-            owner: record.owner.clone(),
-            user: record.user.clone(),
-            tier: record.tier.clone(),
-            feature: record.feature.clone(),
-            cost_nanos: Some(nanos),
-            ..RequestRecord::default()
-        };
+        let cost = Cost::from_nanos(record_cost_nanos(record).filter(|n| *n > 0)?);
         let budgets = self.clone();
-        Some(async move { budgets.charge_record(&owned).await })
+        Some(async move { budgets.charge_counted(&counted, cost).await })
     }
 
     fn counter_error(&self, op: &'static str, e: &LedgerError) {

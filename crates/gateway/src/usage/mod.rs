@@ -16,7 +16,7 @@ pub mod ledger;
 pub mod prices;
 
 pub use budgets::{BudgetsConfig, RawBudgets};
-pub use enforce::{BudgetDecision, BudgetReport, Budgets, CounterReport, Subject};
+pub use enforce::{BudgetDecision, BudgetReport, Budgets, Counted, CounterReport, Subject};
 pub use prices::{Cost, PriceBook, Prices, TokenUsage};
 
 use crate::telemetry::RequestRecord;
