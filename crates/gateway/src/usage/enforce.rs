@@ -84,14 +84,14 @@ impl Counted {
         &self.list
     }
 
-    fn pairs<'a>(
+    /// The `i`-th counter with its rule (looked up by index, so a position always
+    /// names the same counter as in `list` and in the ledger's answers).
+    fn get<'a>(
         &'a self,
         config: &'a BudgetsConfig,
-    ) -> impl Iterator<Item = (&'a BudgetRule, &'a Counter)> {
-        self.rules
-            .iter()
-            .zip(&self.list)
-            .filter_map(|(&i, c)| Some((config.rules.get(i)?, c)))
+        i: usize,
+    ) -> Option<(&'a BudgetRule, &'a Counter)> {
+        Some((config.rules.get(*self.rules.get(i)?)?, self.list.get(i)?))
     }
 }
 
@@ -261,7 +261,10 @@ impl Budgets {
             }
         };
         let mut downgrade = None;
-        for ((rule, counter), spend) in counted.pairs(&self.config).zip(&spends) {
+        for (i, spend) in spends.iter().enumerate() {
+            let Some((rule, counter)) = counted.get(&self.config, i) else {
+                continue;
+            };
             if !spend.exhausted() {
                 continue;
             }
@@ -311,7 +314,7 @@ impl Budgets {
         };
         let now = super::now_ms();
         for x in crossings {
-            let Some((rule, counter)) = counted.pairs(&self.config).nth(x.counter) else {
+            let Some((rule, counter)) = counted.get(&self.config, x.counter) else {
                 continue;
             };
             let Some(threshold) = rule.alert_at.get(x.threshold) else {
