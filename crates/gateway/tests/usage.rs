@@ -402,6 +402,17 @@ async fn budgets_block_downgrade_and_leave_other_requests_alone() {
             Cost::from_nanos(2_000_000)
         )
     );
+    // Until the month (UTC) ends, to the millisecond.
+    let month_end = sluice_gateway::usage::calendar::span(
+        sluice_gateway::usage::calendar::Period::Month,
+        now,
+        0,
+    )
+    .end_ms;
+    assert_eq!(
+        retry_after,
+        Duration::from_millis(u64::try_from(month_end - now).unwrap())
+    );
     assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(31 * 86_400));
     let pro = Subject {
         tier: Some("pro"),

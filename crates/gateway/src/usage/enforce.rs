@@ -276,7 +276,7 @@ impl Budgets {
                     });
                 }
                 OnExceeded::Block | OnExceeded::Downgrade { .. } => {
-                    let end = counter.expires_at_ms.saturating_sub(GRACE_MS);
+                    let end = counter.filter.until_ms;
                     return BudgetDecision::Block {
                         budget: rule.name.clone(),
                         spent: Cost::from_nanos(spend.spent),
