@@ -320,14 +320,17 @@ impl Budgets {
             let Some(threshold) = rule.alert_at.get(x.threshold) else {
                 continue;
             };
-            let f = &counter.filter;
-            let (owner, value) = match rule.scope {
-                Scope::Global => (None, None),
-                Scope::Key => (None, f.key_id.clone()),
-                Scope::Owner => (None, f.owner.clone()),
-                Scope::Feature => (None, f.feature.clone()),
-                Scope::User => (f.owner.clone(), f.user.clone()),
-            };
+            // The counter's scope value, read back from its key as the report reads it.
+            let period = span(
+                rule.period,
+                counter.filter.since_ms,
+                self.config.utc_offset_s,
+            );
+            let (owner, value) = counter
+                .key
+                .strip_prefix(&counter_prefix(rule, &period))
+                .and_then(|v| decode(rule.scope, v))
+                .map_or((None, None), ScopeValue::parts);
             self.alerter.fire(Alert {
                 id: format!("{}@{}", counter.key, threshold.label()),
                 budget: rule.name.clone(),
@@ -335,8 +338,8 @@ impl Budgets {
                 scope_value: value,
                 owner,
                 period: rule.period.as_str(),
-                period_start: rfc3339(f.since_ms),
-                period_end: rfc3339(f.until_ms),
+                period_start: rfc3339(period.start_ms),
+                period_end: rfc3339(period.end_ms),
                 threshold: threshold.as_f64(),
                 spent_usd: Cost::from_nanos(x.spent).usd(),
                 limit_usd: rule.limit.usd(),
@@ -459,10 +462,7 @@ impl Budgets {
                         period.end_ms,
                         now_ms,
                     );
-                    let (owner, value) = match v {
-                        ScopeValue::User { owner, user } => (Some(owner), Some(user)),
-                        v => (None, v.plain()),
-                    };
+                    let (owner, value) = v.parts();
                     CounterReport {
                         scope_value: value,
                         owner,
@@ -563,11 +563,13 @@ enum ScopeValue {
 }
 
 impl ScopeValue {
-    fn plain(self) -> Option<String> {
+    /// `(owner, value)` as alerts and the report show them: the owner only for an end
+    /// user (counted within it), no value for a global budget.
+    fn parts(self) -> (Option<String>, Option<String>) {
         match self {
-            ScopeValue::Global => None,
-            ScopeValue::Key(v) | ScopeValue::Owner(v) | ScopeValue::Feature(v) => Some(v),
-            ScopeValue::User { user, .. } => Some(user),
+            ScopeValue::Global => (None, None),
+            ScopeValue::Key(v) | ScopeValue::Owner(v) | ScopeValue::Feature(v) => (None, Some(v)),
+            ScopeValue::User { owner, user } => (Some(owner), Some(user)),
         }
     }
 }
