@@ -529,3 +529,29 @@ fn record_insert_sqlite_64(bencher: divan::Bencher) {
     runtime.block_on(store.close());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An upstream's non-streamed answer as `sluice mock` sends it (about 500 bytes).
+const MOCK_ANSWER: &str = r#"{"choices":[{"finish_reason":"stop","index":0,"logprobs":null,"message":{"content":"Simulated reply: Gateway stable read they bytes budget bytes read a model. What stay while streams cache show routes each. In hits upstream answers stays work stable work stable budget metrics. Stay answers clients.","refusal":null,"role":"assistant"}}],"created":1700000000,"id":"chatcmpl-sim-0","model":"gpt-4o-mini","object":"chat.completion","system_fingerprint":"fp_sim","usage":{"completion_tokens":61,"prompt_tokens":14,"total_tokens":75}}"#;
+
+#[divan::bench]
+fn chat_response_parse(bencher: divan::Bencher) {
+    bencher.bench_local(|| {
+        black_box(
+            serde_json::from_str::<sluice_gateway::wire::ChatResponse>(black_box(MOCK_ANSWER)).ok(),
+        )
+    });
+}
+
+#[divan::bench]
+fn chat_response_parse_value(bencher: divan::Bencher) {
+    bencher.bench_local(|| {
+        black_box(serde_json::from_str::<serde_json::Value>(black_box(MOCK_ANSWER)).ok())
+    });
+}
+
+#[divan::bench]
+fn chat_response_parse_ignored(bencher: divan::Bencher) {
+    bencher.bench_local(|| {
+        black_box(serde_json::from_str::<serde::de::IgnoredAny>(black_box(MOCK_ANSWER)).ok())
+    });
+}

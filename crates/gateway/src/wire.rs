@@ -1,50 +1,163 @@
 //! OpenAI wire types the gateway owns: typed where the gateway reads a field, a flattened
 //! map for everything else so fields we do not know pass through to upstreams untouched.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
+
+/// `Deserialize` for a wire struct whose fields the gateway does not know go to its
+/// `extra` map. serde's `#[serde(flatten)]` does the same by first buffering each
+/// unknown field as serde's private `Content` tree and converting it again (and reads
+/// the struct as a map either way): parsing a typical upstream answer took 13.0k
+/// instructions with it and 9.1k without (bench/RESULTS.md, Run 36). Serialization
+/// keeps `#[serde(flatten)]`, which costs nothing extra there.
+///
+/// `fields` default when absent (`= default`); `required` are an error when absent,
+/// as serde's own "missing field"; `skipped` are never read (`= value`). A field named
+/// twice is an error, as with serde's derive.
+macro_rules! deserialize_with_extra {
+    (
+        $ty:ident, $name:literal,
+        fields { $($key:literal => $field:ident = $default:expr),* $(,)? }
+        required { $($rkey:literal => $rfield:ident),* $(,)? }
+        skipped { $($sfield:ident = $svalue:expr),* $(,)? }
+    ) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str(concat!("struct ", $name))
+                    }
+                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+                        $(let mut $field = None;)*
+                        $(let mut $rfield = None;)*
+                        let mut extra = Map::new();
+                        while let Some(FieldName(key)) = map.next_key()? {
+                            match key.as_ref() {
+                                $($key => {
+                                    if $field.is_some() {
+                                        return Err(de::Error::duplicate_field($key));
+                                    }
+                                    $field = Some(map.next_value()?);
+                                })*
+                                $($rkey => {
+                                    if $rfield.is_some() {
+                                        return Err(de::Error::duplicate_field($rkey));
+                                    }
+                                    $rfield = Some(map.next_value()?);
+                                })*
+                                _ => {
+                                    let value = map.next_value()?;
+                                    extra.insert(key.into_owned(), value);
+                                }
+                            }
+                        }
+                        Ok($ty {
+                            $($field: match $field { Some(v) => v, None => $default },)*
+                            $($rfield: $rfield.ok_or_else(|| de::Error::missing_field($rkey))?,)*
+                            $($sfield: $svalue,)*
+                            extra,
+                        })
+                    }
+                }
+                deserializer.deserialize_map(V)
+            }
+        }
+    };
+}
+
+/// An object key, borrowed from the input when it has no escapes (serde's own
+/// `Cow<str>` always copies).
+struct FieldName<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
+}
 
 /// `POST /v1/chat/completions` body.
 ///
 /// `model`, `stream`, `stream_options` and `sluice` are never serialized from here: the
 /// provider writes the upstream model and stream settings itself ([`UpstreamChat`]) and the
 /// `sluice` extras are for the gateway only.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ChatRequest {
     /// May be absent when the request names a prompt (its model answers); without a
     /// prompt, `parse_chat` refuses it empty with a 400 naming `model`.
-    #[serde(default, skip_serializing)]
+    #[serde(skip_serializing)]
     pub model: String,
     /// May be absent when the request names a prompt (the prompt renders the messages).
-    #[serde(default)]
     pub messages: Vec<ChatMessage>,
-    #[serde(default, skip_serializing)]
+    #[serde(skip_serializing)]
     pub stream: Option<bool>,
-    #[serde(default, skip_serializing)]
+    #[serde(skip_serializing)]
     pub stream_options: Option<StreamOptions>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_completion_tokens: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tools: Option<Vec<Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_choice: Option<Value>,
-    #[serde(default, skip_serializing)]
+    #[serde(skip_serializing)]
     pub sluice: Option<SluiceExtras>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+deserialize_with_extra!(ChatRequest, "ChatRequest",
+    fields {
+        "model" => model = String::new(),
+        "messages" => messages = Vec::new(),
+        "stream" => stream = None,
+        "stream_options" => stream_options = None,
+        "max_tokens" => max_tokens = None,
+        "max_completion_tokens" => max_completion_tokens = None,
+        "temperature" => temperature = None,
+        "top_p" => top_p = None,
+        "n" => n = None,
+        "stop" => stop = None,
+        "user" => user = None,
+        "tools" => tools = None,
+        "tool_choice" => tool_choice = None,
+        "sluice" => sluice = None,
+    }
+    required {}
+    skipped {}
+);
 
 impl ChatRequest {
     pub fn is_stream(&self) -> bool {
@@ -88,19 +201,49 @@ pub struct UpstreamChat<'a> {
     pub request: &'a ChatRequest,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct StreamOptions {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub include_usage: Option<bool>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+deserialize_with_extra!(StreamOptions, "StreamOptions",
+    fields { "include_usage" => include_usage = None }
+    required {}
+    skipped {}
+);
+
+#[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+/// A string or an array of strings, read in one pass (serde's `untagged` buffers the
+/// value and tries each variant in turn).
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Stop;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
+                Ok(Stop::One(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Stop, E> {
+                Ok(Stop::One(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Stop::Many)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
 }
 
 impl Stop {
@@ -131,20 +274,31 @@ pub struct SluiceExtras {
     pub quality: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<Content>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+deserialize_with_extra!(ChatMessage, "ChatMessage",
+    fields {
+        "content" => content = None,
+        "name" => name = None,
+        "tool_calls" => tool_calls = None,
+        "tool_call_id" => tool_call_id = None,
+    }
+    required { "role" => role }
+    skipped {}
+);
 
 impl ChatMessage {
     pub fn assistant(text: impl Into<String>) -> Self {
@@ -174,25 +328,46 @@ impl ChatMessage {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Content {
     Text(String),
     Parts(Vec<Value>),
 }
 
+/// A string or an array of parts, read in one pass (serde's `untagged` buffers the
+/// value, a copy of every message's text, and tries each variant in turn).
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Content, E> {
+                Ok(Content::Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Content, E> {
+                Ok(Content::Text(v))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Content::Parts)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
 /// Non-streamed chat completion.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ChatResponse {
     pub id: String,
-    #[serde(default = "chat_completion_object")]
     pub object: String,
-    #[serde(default)]
     pub created: u64,
-    #[serde(default)]
     pub model: String,
     pub choices: Vec<Choice>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -204,20 +379,34 @@ pub struct ChatResponse {
     pub raw: Option<bytes::Bytes>,
 }
 
-fn chat_completion_object() -> String {
-    "chat.completion".into()
-}
+deserialize_with_extra!(ChatResponse, "ChatResponse",
+    fields {
+        "object" => object = "chat.completion".into(),
+        "created" => created = 0,
+        "model" => model = String::new(),
+        "usage" => usage = None,
+    }
+    required { "id" => id, "choices" => choices }
+    skipped { raw = None }
+);
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Choice {
-    #[serde(default)]
     pub index: u32,
     pub message: ChatMessage,
-    #[serde(default)]
     pub finish_reason: Option<String>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+deserialize_with_extra!(Choice, "Choice",
+    fields {
+        "index" => index = 0,
+        "finish_reason" => finish_reason = None,
+    }
+    required { "message" => message }
+    skipped {}
+);
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Usage {
@@ -326,18 +515,27 @@ impl StreamChunk {
 }
 
 /// `POST /v1/embeddings` body.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct EmbeddingsRequest {
     #[serde(skip_serializing)]
     pub model: String,
     pub input: EmbeddingInput,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    #[serde(default, skip_serializing)]
+    #[serde(skip_serializing)]
     pub sluice: Option<SluiceExtras>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
+
+deserialize_with_extra!(EmbeddingsRequest, "EmbeddingsRequest",
+    fields {
+        "user" => user = None,
+        "sluice" => sluice = None,
+    }
+    required { "model" => model, "input" => input }
+    skipped {}
+);
 
 /// What the gateway sends upstream for embeddings.
 #[derive(Serialize)]
@@ -383,22 +581,26 @@ impl EmbeddingInput {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct EmbeddingsResponse {
-    #[serde(default = "list_object")]
     pub object: String,
     pub data: Vec<Value>,
-    #[serde(default)]
     pub model: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<EmbeddingsUsage>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
-fn list_object() -> String {
-    "list".into()
-}
+deserialize_with_extra!(EmbeddingsResponse, "EmbeddingsResponse",
+    fields {
+        "object" => object = "list".into(),
+        "model" => model = String::new(),
+        "usage" => usage = None,
+    }
+    required { "data" => data }
+    skipped {}
+);
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct EmbeddingsUsage {
@@ -459,6 +661,72 @@ mod tests {
         }
         let e = StreamChunk::peek(r#"{"error":{"message":"boom"}}"#.into()).unwrap();
         assert!(matches!(e, PeekedChunk::Error(_)));
+    }
+
+    #[test]
+    fn wire_structs_keep_unknown_fields_and_refuse_bad_shapes() {
+        // An escaped key is the same key; unknown ones land in `extra` as they came.
+        let answer: ChatResponse = serde_json::from_str(
+            r#"{"id":"c1","choices":[{"message":{"role":"assistant","content":"hi","refusal":null},"logprobs":{"x":1}}],"mod\u0065l":"m","system_fingerprint":"fp","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (answer.model.as_str(), answer.object.as_str()),
+            ("m", "chat.completion")
+        );
+        assert_eq!(
+            answer.extra,
+            json!({"system_fingerprint": "fp"})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
+        assert_eq!(answer.choices[0].extra["logprobs"], json!({"x": 1}));
+        assert_eq!(answer.choices[0].message.extra["refusal"], Value::Null);
+        assert_eq!(
+            answer.choices[0].message.content,
+            Some(Content::Text("hi".into()))
+        );
+        assert_eq!(answer.usage, Some(Usage::new(1, 2)));
+        assert!(answer.raw.is_none());
+
+        let error = |body: &str| {
+            serde_json::from_str::<ChatRequest>(body)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(error(r#"{"messages":[{"content":"x"}]}"#).contains("missing field `role`"));
+        assert!(error(r#"{"model":"a","model":"b"}"#).contains("duplicate field `model`"));
+        assert!(
+            error(r#"{"messages":[{"role":"user","content":7}]}"#)
+                .contains("a string or an array of content parts")
+        );
+        assert!(error(r#"{"stop":{"a":1}}"#).contains("a string or an array of strings"));
+        assert!(error(r#"[1]"#).contains("struct ChatRequest"));
+        assert!(
+            serde_json::from_str::<ChatResponse>(r#"{"id":"c"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("missing field `choices`")
+        );
+
+        let req: ChatRequest = serde_json::from_str(
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"}]}],"stop":["x","y"],"stream_options":{"include_usage":true,"later":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(req.model, "");
+        assert_eq!(
+            req.stop.as_ref().map(Stop::to_vec),
+            Some(vec!["x".into(), "y".into()])
+        );
+        assert!(req.wants_stream_usage());
+        assert_eq!(req.stream_options.as_ref().unwrap().extra["later"], 1);
+        assert_eq!(req.messages[0].text(), "a");
+        let one: ChatRequest =
+            serde_json::from_str(r#"{"stop":"z","messages":[{"role":"user","content":null}]}"#)
+                .unwrap();
+        assert_eq!(one.stop.map(|s| s.to_vec()), Some(vec!["z".to_string()]));
+        assert_eq!(one.messages[0].content, None);
     }
 
     #[test]
