@@ -2,7 +2,6 @@
 //! same thing again soon, a sign the first answer was not good enough) and the input
 //! hash they are detected by. Feedback itself is stored by the `/v1/feedback` handler.
 
-use std::collections::HashMap;
 use std::hash::Hasher as _;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -38,8 +37,8 @@ pub struct Regenerations {
 struct Generations {
     /// When `current` began.
     started: Instant,
-    current: HashMap<u64, Seen>,
-    previous: HashMap<u64, Seen>,
+    current: foldhash::HashMap<u64, Seen>,
+    previous: foldhash::HashMap<u64, Seen>,
 }
 
 /// One input's last sighting: the request (its UUID's two halves, not one `u128`,
@@ -75,8 +74,8 @@ impl Regenerations {
             origin: Instant::now(),
             generations: Mutex::new(Generations {
                 started: Instant::now(),
-                current: HashMap::new(),
-                previous: HashMap::new(),
+                current: foldhash::HashMap::default(),
+                previous: foldhash::HashMap::default(),
             }),
         }
     }

@@ -3,7 +3,6 @@
 //! endpoint, model, provider, feature, outcome. Never end users (cardinality): per-user
 //! figures come from the store.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -40,7 +39,7 @@ pub struct Metrics {
     series: Mutex<SeriesCache>,
     /// Handles of the cache tiers' counters, whose labels are all fixed strings, by name
     /// and labels: a `counter!` call costs ~2k instructions, a lookup here a tenth.
-    fixed: Mutex<HashMap<FixedKey, Counter>>,
+    fixed: Mutex<foldhash::HashMap<FixedKey, Counter>>,
     cache_memory: OnceLock<metrics::Gauge>,
 }
 
@@ -71,7 +70,7 @@ struct Series {
 struct SeriesCache {
     /// Scratch for the lookup key, kept to save an allocation per request.
     key: Vec<u8>,
-    map: HashMap<Vec<u8>, Arc<Series>>,
+    map: foldhash::HashMap<Vec<u8>, Arc<Series>>,
 }
 
 /// Kinds of request whose handles are kept (see [`Series`]).

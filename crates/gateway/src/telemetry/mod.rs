@@ -5,7 +5,6 @@
 mod logging;
 mod metrics;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -244,11 +243,11 @@ struct RecorderInner {
     /// Request id -> key id of the records queued and not yet written, so feedback can
     /// check ownership before the batch reaches the store (it asks the store after).
     /// Removed once written (or dropped), so it holds at most the queue and a batch.
-    unwritten: Mutex<HashMap<String, Option<String>>>,
+    unwritten: Mutex<foldhash::HashMap<String, Option<String>>>,
 }
 
 impl RecorderInner {
-    fn unwritten(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<String, Option<String>>> {
         // A panic elsewhere while holding the lock leaves the map whole: keep going.
         self.unwritten
             .lock()
@@ -274,7 +273,7 @@ impl Recorder {
         let inner = Arc::new(RecorderInner {
             dropped: AtomicU64::new(0),
             last_drop_log: AtomicU64::new(0),
-            unwritten: Mutex::new(HashMap::new()),
+            unwritten: Mutex::default(),
         });
         let writer = inner.clone();
         tasks.spawn(async move {
