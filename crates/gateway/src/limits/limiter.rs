@@ -92,21 +92,35 @@ pub const OPENAI_RATE_HEADERS: [[HeaderName; 3]; 2] = [
 ];
 
 /// A duration the way OpenAI's reset headers write it: `20ms`, `1.5s`, `6m0s`, `1h2m3s`.
+/// Whole numbers only, written into one string: two run on every limited request.
 pub fn format_reset(d: Duration) -> String {
+    use std::fmt::Write as _;
     let ms = d.as_millis();
+    let mut out = String::with_capacity(16);
+    // Writing to a String cannot fail.
     if ms < 1000 {
-        return format!("{ms}ms");
+        let _ = write!(out, "{ms}ms");
+        return out;
     }
     let total = d.as_secs();
     let (h, m) = (total / 3600, (total % 3600) / 60);
-    let secs = (ms % 60_000) as f64 / 1000.0;
-    let secs = format!("{secs:.3}");
-    let secs = secs.trim_end_matches('0').trim_end_matches('.');
-    match (h, m) {
-        (0, 0) => format!("{secs}s"),
-        (0, m) => format!("{m}m{secs}s"),
-        (h, m) => format!("{h}h{m}m{secs}s"),
+    if h > 0 {
+        let _ = write!(out, "{h}h");
     }
+    if h > 0 || m > 0 {
+        let _ = write!(out, "{m}m");
+    }
+    let in_minute = ms % 60_000;
+    let _ = write!(out, "{}", in_minute / 1000);
+    // The milliseconds as a decimal fraction without trailing zeros: .5, .25, .125.
+    match in_minute % 1000 {
+        0 => {}
+        f if f % 100 == 0 => _ = write!(out, ".{}", f / 100),
+        f if f % 10 == 0 => _ = write!(out, ".{:02}", f / 10),
+        f => _ = write!(out, ".{f:03}"),
+    }
+    out.push('s');
+    out
 }
 
 /// Who a request is for, as far as limits go.
@@ -463,7 +477,7 @@ impl Limiter {
             let name = SIGNALS[i];
             self.signals[i].fetch_add(1, Ordering::Relaxed);
             let signal = Signal {
-                counter_key: format!("a:{}:{name}", scope(owner, user)),
+                counter_key: format!("{}:{name}", scope("a:", owner, user)),
                 window: abuse.window,
                 threshold,
                 penalty_key: penalty_key(owner, user),
@@ -565,12 +579,14 @@ fn escape(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn scope(owner: Option<&str>, user: &str) -> String {
-    format!("{}:{}", escape(owner.unwrap_or("-")), escape(user))
+/// `{prefix}{owner}:{user}`, both escaped; joined without the formatting machinery, as
+/// every request with a user builds one.
+fn scope(prefix: &str, owner: Option<&str>, user: &str) -> String {
+    [prefix, &escape(owner.unwrap_or("-")), ":", &escape(user)].concat()
 }
 
 fn penalty_key(owner: Option<&str>, user: &str) -> String {
-    format!("p:{}", scope(owner, user))
+    scope("p:", owner, user)
 }
 
 /// The charges and leases for one request under `tier`.
@@ -582,13 +598,13 @@ fn plan(subject: &Subject<'_>, tier: Option<&Tier>, penalty_key: Option<String>)
     let Some(tier) = tier else {
         return check;
     };
-    let key = format!("k:{}", escape(subject.key_id.unwrap_or("-")));
+    let key = ["k:", &escape(subject.key_id.unwrap_or("-"))].concat();
     add_scope(&mut check, &key, &tier.per_key, subject);
     if let Some(user) = subject.user {
-        let scope = format!("u:{}", scope(subject.owner, user));
+        let scope = scope("u:", subject.owner, user);
         add_scope(&mut check, &scope, &tier.per_user, subject);
     }
-    let total = format!("t:{}", escape(&tier.name));
+    let total = ["t:", &escape(&tier.name)].concat();
     add_scope(&mut check, &total, &tier.total, subject);
     check
 }
@@ -747,11 +763,16 @@ mod tests {
         assert_eq!(format_reset(Duration::from_secs(1)), "1s");
         assert_eq!(format_reset(Duration::from_secs(360)), "6m0s");
         assert_eq!(format_reset(Duration::from_secs(3723)), "1h2m3s");
+        assert_eq!(format_reset(Duration::from_millis(2250)), "2.25s");
+        assert_eq!(format_reset(Duration::from_millis(1050)), "1.05s");
+        assert_eq!(format_reset(Duration::from_millis(60_001)), "1m0.001s");
+        assert_eq!(format_reset(Duration::from_millis(3_600_120)), "1h0m0.12s");
+        assert_eq!(format_reset(Duration::from_micros(999_999)), "999ms");
     }
 
     #[test]
     fn user_ids_cannot_forge_scopes() {
-        assert_ne!(scope(Some("a:b"), "c"), scope(Some("a"), "b:c"));
+        assert_ne!(scope("", Some("a:b"), "c"), scope("", Some("a"), "b:c"));
         assert_eq!(escape("50%:x"), "50%25%3Ax");
     }
 }
