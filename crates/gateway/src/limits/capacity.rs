@@ -769,6 +769,14 @@ impl UpstreamLimits {
 
     fn from_headers_at(headers: &http::HeaderMap, now: SystemTime) -> Option<UpstreamLimits> {
         use http::HeaderName as N;
+        // Many upstreams (self-hosted, most compatible servers) send none of these: one
+        // pass over an answer's few header names instead of fifteen lookups that miss.
+        if !headers.keys().any(|n| {
+            let n = n.as_str();
+            n.starts_with("x-ratelimit-") || n.starts_with("anthropic-ratelimit-")
+        }) {
+            return None;
+        }
         // Names built once: looking a header up by `&str` parses the name every time,
         // and this runs on every upstream answer.
         const ANTHROPIC_REQUESTS: [N; 3] = [
@@ -776,12 +784,12 @@ impl UpstreamLimits {
             N::from_static("anthropic-ratelimit-requests-remaining"),
             N::from_static("anthropic-ratelimit-requests-reset"),
         ];
-        const ANTHROPIC_TOKENS: [N; 3] = [
+        static ANTHROPIC_TOKENS: [N; 3] = [
             N::from_static("anthropic-ratelimit-tokens-limit"),
             N::from_static("anthropic-ratelimit-tokens-remaining"),
             N::from_static("anthropic-ratelimit-tokens-reset"),
         ];
-        const ANTHROPIC_INPUT_TOKENS: [N; 3] = [
+        static ANTHROPIC_INPUT_TOKENS: [N; 3] = [
             N::from_static("anthropic-ratelimit-input-tokens-limit"),
             N::from_static("anthropic-ratelimit-input-tokens-remaining"),
             N::from_static("anthropic-ratelimit-input-tokens-reset"),
@@ -804,23 +812,29 @@ impl UpstreamLimits {
             [limit_tokens, remaining_tokens, reset_tokens],
         ] = &super::limiter::OPENAI_RATE_HEADERS;
         let [a_limit_requests, a_remaining_requests, a_reset_requests] = &ANTHROPIC_REQUESTS;
-        let [a_limit_tokens, a_remaining_tokens, a_reset_tokens] =
-            if ANTHROPIC_TOKENS.iter().any(|n| headers.contains_key(n)) {
-                &ANTHROPIC_TOKENS
-            } else {
-                &ANTHROPIC_INPUT_TOKENS
-            };
+        // Which of Anthropic's token families answers, asked only once an OpenAI
+        // token header is missing (an OpenAI answer has them all).
+        let family = std::cell::OnceCell::new();
+        let a_tokens = |i: usize| {
+            &family.get_or_init(|| {
+                if ANTHROPIC_TOKENS.iter().any(|n| headers.contains_key(n)) {
+                    &ANTHROPIC_TOKENS
+                } else {
+                    &ANTHROPIC_INPUT_TOKENS
+                }
+            })[i]
+        };
         let limits = UpstreamLimits {
             limit_requests: count(limit_requests).or_else(|| count(a_limit_requests)),
             remaining_requests: count(remaining_requests).or_else(|| count(a_remaining_requests)),
             reset_requests: text(reset_requests)
                 .and_then(parse_go_duration)
                 .or_else(|| until(a_reset_requests)),
-            limit_tokens: count(limit_tokens).or_else(|| count(a_limit_tokens)),
-            remaining_tokens: count(remaining_tokens).or_else(|| count(a_remaining_tokens)),
+            limit_tokens: count(limit_tokens).or_else(|| count(a_tokens(0))),
+            remaining_tokens: count(remaining_tokens).or_else(|| count(a_tokens(1))),
             reset_tokens: text(reset_tokens)
                 .and_then(parse_go_duration)
-                .or_else(|| until(a_reset_tokens)),
+                .or_else(|| until(a_tokens(2))),
         };
         (limits != UpstreamLimits::default()).then_some(limits)
     }
