@@ -29,7 +29,8 @@
 //! pttl_ms}` when penalized, else the string `1 now_us refused tat...` (one reply
 //! value, not 3 + n; see [`decimals`](crate::redis_conn::decimals)) with `refused` the
 //! 0-based index of the first refusing charge or lease (-1 for none) and, per charge,
-//! the TAT it was charged against; [`gcra::charge`] on those gives the exact bucket
+//! the TAT it was charged against (0 for one at or before now: an idle bucket, which
+//! charges from now either way); [`gcra::charge`] on those gives the exact bucket
 //! states here, so the script does no multiplication that a double could round.
 //!
 //! Not for Redis Cluster: one check's keys belong to different users and tiers, so they
