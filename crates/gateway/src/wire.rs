@@ -222,28 +222,55 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
-/// A string or an array of strings, read in one pass (serde's `untagged` buffers the
-/// value and tries each variant in turn).
 impl<'de> Deserialize<'de> for Stop {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Stop;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or an array of strings")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
-                Ok(Stop::One(v.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Stop, E> {
-                Ok(Stop::One(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Stop, A::Error> {
-                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Stop::Many)
-            }
-        }
-        deserializer.deserialize_any(V)
+        string_or_seq(
+            deserializer,
+            "a string or an array of strings",
+            Stop::One,
+            Stop::Many,
+        )
     }
+}
+
+/// A value that is a string (`one`) or an array (`many`), read in one pass: serde's
+/// `untagged` buffers the value (a copy of a message's whole text) and tries each
+/// variant in turn.
+fn string_or_seq<'de, D, T, E>(
+    deserializer: D,
+    expecting: &'static str,
+    one: fn(String) -> T,
+    many: fn(Vec<E>) -> T,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    E: Deserialize<'de>,
+{
+    struct V<T, E> {
+        expecting: &'static str,
+        one: fn(String) -> T,
+        many: fn(Vec<E>) -> T,
+    }
+    impl<'de, T, E: Deserialize<'de>> Visitor<'de> for V<T, E> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<Er: de::Error>(self, v: &str) -> Result<T, Er> {
+            Ok((self.one)(v.to_owned()))
+        }
+        fn visit_string<Er: de::Error>(self, v: String) -> Result<T, Er> {
+            Ok((self.one)(v))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<T, A::Error> {
+            Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(self.many)
+        }
+    }
+    deserializer.deserialize_any(V {
+        expecting,
+        one,
+        many,
+    })
 }
 
 impl Stop {
@@ -335,27 +362,14 @@ pub enum Content {
     Parts(Vec<Value>),
 }
 
-/// A string or an array of parts, read in one pass (serde's `untagged` buffers the
-/// value, a copy of every message's text, and tries each variant in turn).
 impl<'de> Deserialize<'de> for Content {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Content;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or an array of content parts")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Content, E> {
-                Ok(Content::Text(v.to_owned()))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Content, E> {
-                Ok(Content::Text(v))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
-                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Content::Parts)
-            }
-        }
-        deserializer.deserialize_any(V)
+        string_or_seq(
+            deserializer,
+            "a string or an array of content parts",
+            Content::Text,
+            Content::Parts,
+        )
     }
 }
 
