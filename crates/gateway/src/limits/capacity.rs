@@ -769,7 +769,7 @@ impl UpstreamLimits {
 
     fn from_headers_at(headers: &http::HeaderMap, now: SystemTime) -> Option<UpstreamLimits> {
         use http::HeaderName as N;
-        // Many upstreams (self-hosted, most compatible servers) send none of these: one
+        // An upstream that sends none of these (self-hosted servers often don't): one
         // pass over an answer's few header names instead of fifteen lookups that miss.
         if !headers.keys().any(|n| {
             let n = n.as_str();
