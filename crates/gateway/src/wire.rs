@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 /// twice is an error, as with serde's derive.
 macro_rules! deserialize_with_extra {
     (
-        $ty:ident, $name:literal,
+        $ty:ident,
         fields { $($key:literal => $field:ident = $default:expr),* $(,)? }
         required { $($rkey:literal => $rfield:ident),* $(,)? }
         skipped { $($sfield:ident = $svalue:expr),* $(,)? }
@@ -31,7 +31,7 @@ macro_rules! deserialize_with_extra {
                 impl<'de> Visitor<'de> for V {
                     type Value = $ty;
                     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str(concat!("struct ", $name))
+                        f.write_str(concat!("struct ", stringify!($ty)))
                     }
                     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
                         $(let mut $field = None;)*
@@ -138,7 +138,7 @@ pub struct ChatRequest {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(ChatRequest, "ChatRequest",
+deserialize_with_extra!(ChatRequest,
     fields {
         "model" => model = String::new(),
         "messages" => messages = Vec::new(),
@@ -209,7 +209,7 @@ pub struct StreamOptions {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(StreamOptions, "StreamOptions",
+deserialize_with_extra!(StreamOptions,
     fields { "include_usage" => include_usage = None }
     required {}
     skipped {}
@@ -316,7 +316,7 @@ pub struct ChatMessage {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(ChatMessage, "ChatMessage",
+deserialize_with_extra!(ChatMessage,
     fields {
         "content" => content = None,
         "name" => name = None,
@@ -393,7 +393,7 @@ pub struct ChatResponse {
     pub raw: Option<bytes::Bytes>,
 }
 
-deserialize_with_extra!(ChatResponse, "ChatResponse",
+deserialize_with_extra!(ChatResponse,
     fields {
         "object" => object = "chat.completion".into(),
         "created" => created = 0,
@@ -413,7 +413,7 @@ pub struct Choice {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(Choice, "Choice",
+deserialize_with_extra!(Choice,
     fields {
         "index" => index = 0,
         "finish_reason" => finish_reason = None,
@@ -542,7 +542,7 @@ pub struct EmbeddingsRequest {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(EmbeddingsRequest, "EmbeddingsRequest",
+deserialize_with_extra!(EmbeddingsRequest,
     fields {
         "user" => user = None,
         "sluice" => sluice = None,
@@ -606,7 +606,7 @@ pub struct EmbeddingsResponse {
     pub extra: Map<String, Value>,
 }
 
-deserialize_with_extra!(EmbeddingsResponse, "EmbeddingsResponse",
+deserialize_with_extra!(EmbeddingsResponse,
     fields {
         "object" => object = "list".into(),
         "model" => model = String::new(),
