@@ -629,6 +629,18 @@ elif [[ $(redis-cli -u "$REDIS_URL" ping 2>/dev/null) != PONG ]]; then
 else
   REDIS_USED=1
   REDIS_NOTE="$REDIS_URL, key prefix \`$REDIS_PREFIX\` (deleted on exit)"
+  # Which Redis, and where it runs: a Redis on the gateway's CPU or on the other one
+  # moves the one-connection Redis figures by up to half (RESULTS.md, Run 37).
+  redis_info=$(redis-cli -u "$REDIS_URL" info server 2>/dev/null | tr -d '\r')
+  redis_version=$(awk -F: '$1 == "redis_version" { print $2 }' <<<"$redis_info")
+  redis_pid=$(awk -F: '$1 == "process_id" { print $2 }' <<<"$redis_info")
+  redis_cpus="(not a process on this machine)"
+  # A Redis in a container reports the pid of its own namespace: only a redis process
+  # under that pid here is the one.
+  if [[ -n $redis_pid ]] && grep -qs redis "/proc/$redis_pid/comm" && command -v taskset >/dev/null; then
+    redis_cpus="on CPUs $(taskset -pc "$redis_pid" 2>/dev/null | sed 's/.*: //') (its affinity)"
+  fi
+  REDIS_NOTE+="; Redis ${redis_version:-of unknown version} $redis_cpus"
   run_gateway full-redis full_config redis
   if [[ -n $REDIS_SYNC ]]; then
     run_gateway full-redis-sync full_config redis-sync
